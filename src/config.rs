@@ -1,0 +1,542 @@
+//! Configuration: the `gateway.yaml` schema, its defaults, loading through figment
+//! (defaults < YAML file < `WSGATE_` environment with `__` nesting) and validation.
+//!
+//! Invariants: a [`Config`] that passed [`Config::validate`] has a parseable upstream URL,
+//! at least one account, non-zero pool and relay limits, and either client keys or a
+//! loopback listener. Secrets never live in a [`Config`]: it names where they come from
+//! (`*_env`, `*_file`); [`Config::resolve_secrets`] reads them into [`Secrets`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Top-level keys; environment variables `WSGATE_<KEY>[__<SUB>...]` are only read for these,
+/// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen", "paths", "clients", "upstream", "accounts", "pool", "relay", "log",
+];
+
+/// The whole gateway configuration (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the listener binds. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// URL paths that accept the WebSocket upgrade. Default
+    /// `[/v1/responses, /responses, /backend-api/codex/responses]`.
+    pub paths: Vec<String>,
+    /// Gateway API keys accepted as `Authorization: Bearer`. Empty = no auth (loopback only).
+    pub clients: Vec<ClientKeyConfig>,
+    /// Where and how to dial the upstream.
+    pub upstream: UpstreamConfig,
+    /// Upstream credentials. At least one.
+    pub accounts: Vec<AccountConfig>,
+    /// Pool limits.
+    pub pool: PoolConfig,
+    /// Relay buffers and frame limits.
+    pub relay: RelayConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// One gateway API key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKeyConfig {
+    /// Name shown in logs (never the key).
+    pub name: String,
+    /// Environment variable holding the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// File holding the key (trailing whitespace trimmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Upstream endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `ws://` or `wss://` URL of the Responses WebSocket endpoint.
+    /// Default `wss://api.openai.com/v1/responses`.
+    pub url: String,
+    /// TCP + TLS + WebSocket handshake deadline. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Extra PEM roots trusted beside the webpki roots. Default none.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// One upstream account. Exactly one credential source: an API key, or a ChatGPT access token
+/// (with `chatgpt_account_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// Stable id used in pool keys and logs.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token_file: Option<PathBuf>,
+    /// Sent upstream as `chatgpt-account-id` (ChatGPT-auth upstreams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chatgpt_account_id: Option<String>,
+}
+
+/// Pool limits (DESIGN §1, §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// `false` = every session dials its own one-shot upstream (`bypass reason=disabled`).
+    pub enabled: bool,
+    /// A pooled connection this old is never handed out (upstream kills them at 60m). Default `55m`.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// An idle pooled connection is closed after this long unused. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Pooled connections (idle + busy + dialing) per account. Default 8.
+    pub max_per_account: usize,
+    /// Pooled connections in total, dials in progress included. Default 256.
+    pub max_total: usize,
+    /// Remembered recent evictions (so the next `new` says why). Default 1024.
+    pub max_tombstones: usize,
+}
+
+/// Relay limits (DESIGN §1 "Pump").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Frames buffered between an upstream's pump and the client writer. Default 64.
+    pub buffer_frames: usize,
+    /// Largest WebSocket message accepted from either side. Default `32MiB`.
+    pub max_message_size: ByteSize,
+    /// Largest single WebSocket frame. Default: same as `max_message_size`.
+    pub max_frame_size: Option<ByteSize>,
+    /// Per-socket read buffer. Default `16KiB`.
+    pub read_buffer_size: ByteSize,
+    /// Client frames held while a turn is in flight before the session is closed (1008). Default 16.
+    pub max_queued_frames: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` (one human line per event) or `json` (one JSON object per line).
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` itself overrides it. Default `info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+// === impl Defaults ===
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            paths: vec![
+                "/v1/responses".into(),
+                "/responses".into(),
+                "/backend-api/codex/responses".into(),
+            ],
+            clients: vec![ClientKeyConfig {
+                name: "dev".into(),
+                key_env: Some("WSGATE_CLIENT_KEY".into()),
+                key_file: None,
+            }],
+            upstream: UpstreamConfig::default(),
+            accounts: vec![AccountConfig {
+                id: "main".into(),
+                api_key_env: Some("OPENAI_API_KEY".into()),
+                api_key_file: None,
+                access_token_env: None,
+                access_token_file: None,
+                chatgpt_account_id: None,
+            }],
+            pool: PoolConfig::default(),
+            relay: RelayConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "wss://api.openai.com/v1/responses".into(),
+            connect_timeout: Duration::from_secs(10),
+            ca_file: None,
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: true,
+            max_age: Duration::from_secs(55 * 60),
+            idle_timeout: Duration::from_secs(10 * 60),
+            max_per_account: 8,
+            max_total: 256,
+            max_tombstones: 1024,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            buffer_frames: 64,
+            max_message_size: ByteSize::mib(32),
+            max_frame_size: None,
+            read_buffer_size: ByteSize::kib(16),
+            max_queued_frames: 16,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Loads defaults < `path` (if it exists, or always when `required`) < `WSGATE_` env,
+    /// then validates.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        if required && !path.exists() {
+            return Err(ConfigError::Missing(path.to_path_buf()));
+        }
+        Self::from_figment(Self::figment(path))
+    }
+
+    /// The figment used by [`Config::load`]; exposed so tests can extend it.
+    pub fn figment(path: &Path) -> Figment {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Yaml::file(path))
+            .merge(
+                Env::prefixed("WSGATE_")
+                    .split("__")
+                    .filter(|k| TOP_LEVEL_KEYS.iter().any(|t| k.as_str().starts_with(t))),
+            )
+    }
+
+    /// Parses YAML text over the defaults (no environment); used by tests and the demo.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(text)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(ConfigError::from_figment)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field rules that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, msg: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                msg,
+            })
+        };
+        if self.paths.is_empty() {
+            return invalid("paths", "at least one path is required".into());
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            if !p.starts_with('/') || p.len() < 2 {
+                return invalid(&format!("paths[{i}]"), format!("`{p}` must start with `/`"));
+            }
+        }
+        if self.clients.is_empty() && !self.listen.ip().is_loopback() {
+            return invalid(
+                "clients",
+                format!(
+                    "an empty list disables client authentication, which is only allowed when \
+                     `listen` is a loopback address (listen is {})",
+                    self.listen
+                ),
+            );
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.key_env.is_some() == c.key_file.is_some() {
+                return invalid(
+                    &format!("clients[{i}]"),
+                    "set exactly one of `key_env` or `key_file`".into(),
+                );
+            }
+        }
+        match crate::upstream::UpstreamUrl::parse(&self.upstream.url) {
+            Ok(_) => {}
+            Err(msg) => return invalid("upstream.url", msg),
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            return invalid("upstream.connect_timeout", "must be greater than 0".into());
+        }
+        if self.accounts.is_empty() {
+            return invalid("accounts", "at least one account is required".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let key = format!("accounts[{i}]");
+            if a.id.is_empty() || a.id.contains(char::is_whitespace) {
+                return invalid(
+                    &format!("{key}.id"),
+                    "must be non-empty without spaces".into(),
+                );
+            }
+            if !seen.insert(a.id.as_str()) {
+                return invalid(
+                    &format!("{key}.id"),
+                    format!("duplicate account id `{}`", a.id),
+                );
+            }
+            let sources = [
+                a.api_key_env.is_some(),
+                a.api_key_file.is_some(),
+                a.access_token_env.is_some(),
+                a.access_token_file.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return invalid(
+                    &key,
+                    "set exactly one of `api_key_env`, `api_key_file`, `access_token_env`, \
+                     `access_token_file`"
+                        .into(),
+                );
+            }
+        }
+        let p = &self.pool;
+        if p.max_age.is_zero() {
+            return invalid("pool.max_age", "must be greater than 0".into());
+        }
+        if p.idle_timeout.is_zero() {
+            return invalid("pool.idle_timeout", "must be greater than 0".into());
+        }
+        if p.max_per_account == 0 {
+            return invalid("pool.max_per_account", "must be at least 1".into());
+        }
+        if p.max_total == 0 {
+            return invalid("pool.max_total", "must be at least 1".into());
+        }
+        let r = &self.relay;
+        if r.buffer_frames == 0 {
+            return invalid("relay.buffer_frames", "must be at least 1".into());
+        }
+        if r.max_message_size.as_u64() < 1024 {
+            return invalid("relay.max_message_size", "must be at least 1KiB".into());
+        }
+        if let Some(f) = r.max_frame_size
+            && (f.as_u64() < 1024 || f > r.max_message_size)
+        {
+            return invalid(
+                "relay.max_frame_size",
+                "must be between 1KiB and relay.max_message_size".into(),
+            );
+        }
+        if r.read_buffer_size.as_u64() < 512 {
+            return invalid("relay.read_buffer_size", "must be at least 512B".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Reads every secret the config names, through `lookup` for environment variables.
+    pub fn resolve_secrets(
+        &self,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Secrets, ConfigError> {
+        let read = |key: String, env: &Option<String>, file: &Option<PathBuf>| {
+            let value = if let Some(var) = env {
+                lookup(var).ok_or_else(|| ConfigError::Invalid {
+                    key: key.clone(),
+                    msg: format!("environment variable `{var}` is not set"),
+                })?
+            } else if let Some(path) = file {
+                std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                    key: key.clone(),
+                    msg: format!("cannot read `{}`: {e}", path.display()),
+                })?
+            } else {
+                return Ok(None);
+            };
+            let value = value.trim().to_string();
+            if value.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    msg: "the secret is empty".into(),
+                });
+            }
+            Ok(Some(value))
+        };
+        let mut clients = Vec::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let key = read(format!("clients[{i}]"), &c.key_env, &c.key_file)?;
+            clients.push((c.name.clone(), key.unwrap_or_default()));
+        }
+        let mut accounts = HashMap::new();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let k = format!("accounts[{i}]");
+            let cred = if let Some(v) = read(k.clone(), &a.api_key_env, &a.api_key_file)? {
+                v
+            } else {
+                read(k, &a.access_token_env, &a.access_token_file)?.unwrap_or_default()
+            };
+            accounts.insert(a.id.clone(), cred);
+        }
+        Ok(Secrets { clients, accounts })
+    }
+
+    /// Max frame size in bytes (defaults to the message size).
+    pub fn max_frame_bytes(&self) -> usize {
+        self.relay
+            .max_frame_size
+            .unwrap_or(self.relay.max_message_size)
+            .as_u64() as usize
+    }
+}
+
+/// Secrets read at startup. `Debug` is redacted.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `(client name, key)` pairs.
+    pub clients: Vec<(String, String)>,
+    /// account id -> bearer credential.
+    pub accounts: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field(
+                "clients",
+                &self.clients.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("accounts", &self.accounts.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid_and_match_design() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.pool.max_age, Duration::from_secs(3300));
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.relay.buffer_frames, 64);
+        assert_eq!(c.relay.max_message_size, ByteSize::mib(32));
+    }
+
+    #[test]
+    fn yaml_env_layering_and_humantime() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "gateway.yaml",
+                "listen: 127.0.0.1:9000\npool:\n  max_age: 30m\n  max_total: 10\nrelay:\n  max_message_size: 1MiB\n",
+            )?;
+            jail.set_env("WSGATE_POOL__MAX_TOTAL", "12");
+            jail.set_env("WSGATE_CLIENT_KEY", "not-a-config-key");
+            let c = Config::load(Path::new("gateway.yaml"), true).expect("loads");
+            assert_eq!(c.listen.port(), 9000);
+            assert_eq!(c.pool.max_age, Duration::from_secs(1800));
+            assert_eq!(c.pool.max_total, 12, "env beats yaml");
+            assert_eq!(c.relay.max_message_size, ByteSize::mib(1));
+            assert_eq!(c.pool.max_per_account, 8, "defaults fill the rest");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_yaml("pool:\n  max_aeg: 3m\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_aeg"), "{err}");
+        assert!(err.contains("pool"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = Config::from_yaml("pool:\n  max_age: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_age"), "{err}");
+    }
+
+    #[test]
+    fn empty_clients_only_on_loopback() {
+        Config::from_yaml("clients: []\n").unwrap();
+        let err = Config::from_yaml("listen: 0.0.0.0:8080\nclients: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clients"), "{err}");
+    }
+
+    #[test]
+    fn upstream_url_and_accounts_are_checked() {
+        let err = Config::from_yaml("upstream:\n  url: http://x/v1/responses\n").unwrap_err();
+        assert!(err.to_string().contains("upstream.url"), "{err}");
+        let err = Config::from_yaml("accounts: []\n").unwrap_err();
+        assert!(err.to_string().contains("accounts"), "{err}");
+        let err = Config::from_yaml(
+            "accounts:\n  - id: a\n    api_key_env: A\n  - id: a\n    api_key_env: B\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("duplicate"), "{err}");
+    }
+
+    #[test]
+    fn secrets_resolve_and_redact() {
+        let c = Config::from_yaml("accounts:\n  - id: a\n    api_key_env: KEY_A\n").unwrap();
+        let s = c
+            .resolve_secrets(&|k| match k {
+                "KEY_A" => Some("sk-secret".into()),
+                "WSGATE_CLIENT_KEY" => Some("client-secret".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(s.accounts["a"], "sk-secret");
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("sk-secret") && !dbg.contains("client-secret"),
+            "{dbg}"
+        );
+        let err = c.resolve_secrets(&|_| None).unwrap_err().to_string();
+        assert!(err.contains("WSGATE_CLIENT_KEY"), "{err}");
+    }
+}

@@ -1,0 +1,233 @@
+//! Frame inspection: event-type sniffing on the hot path, the few client fields the gateway
+//! needs, terminal-event detection, and the gateway's own `error` events.
+//!
+//! Frames are forwarded verbatim; nothing here rewrites them.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// Client event types that start a turn.
+pub const RESPONSE_CREATE: &str = "response.create";
+
+/// Client events meant for a response that is in flight: forwarded at once, never held.
+pub const IN_TURN_EVENTS: &[&str] = &["response.steer", "response.inject"];
+
+/// Upstream events that end a turn (DESIGN §1).
+pub fn is_terminal(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        "response.completed" | "response.failed" | "response.incomplete" | "error"
+    )
+}
+
+/// Reads the `type` of an event. Fast path: the upstream writes `{"type":"…"` first, so the
+/// common case costs a prefix compare and one `memchr`-like scan; anything else falls back
+/// to a streaming parse that skips every other value.
+pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
+    const PREFIX: &str = "{\"type\":\"";
+    if let Some(rest) = text.strip_prefix(PREFIX)
+        && let Some(end) = rest.find('"')
+    {
+        let ty = &rest[..end];
+        if !ty.contains('\\') {
+            return Some(Cow::Borrowed(ty));
+        }
+    }
+    #[derive(Deserialize)]
+    struct TypeOnly<'a> {
+        #[serde(rename = "type", borrow, default)]
+        kind: Option<Cow<'a, str>>,
+    }
+    serde_json::from_str::<TypeOnly<'_>>(text)
+        .ok()
+        .and_then(|t| t.kind)
+}
+
+/// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.
+#[derive(Debug, Deserialize)]
+pub struct ClientEvent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub prompt_cache_key: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub previous_response_id: Option<Cow<'a, str>>,
+}
+
+/// Why a client frame was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ClientFrameError {
+    #[error("frame is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("event has no string `type` field")]
+    MissingType,
+}
+
+impl<'a> ClientEvent<'a> {
+    pub fn parse(text: &'a str) -> Result<ClientEvent<'a>, ClientFrameError> {
+        let ev: ClientEvent<'a> =
+            serde_json::from_str(text).map_err(|e| ClientFrameError::InvalidJson(e.to_string()))?;
+        match ev.kind.as_deref() {
+            Some(t) if !t.is_empty() => Ok(ev),
+            _ => Err(ClientFrameError::MissingType),
+        }
+    }
+
+    pub fn kind(&self) -> &str {
+        self.kind.as_deref().unwrap_or_default()
+    }
+
+    pub fn is_create(&self) -> bool {
+        self.kind() == RESPONSE_CREATE
+    }
+
+    pub fn is_in_turn_event(&self) -> bool {
+        IN_TURN_EVENTS.contains(&self.kind())
+    }
+
+    /// A `response.create` with a `previous_response_id` continues a response that only the
+    /// upstream connection that produced it knows (store=false).
+    pub fn is_continuation(&self) -> bool {
+        self.previous_response_id
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+    }
+}
+
+/// The error `code` of an upstream `error` / `response.failed` event, if any.
+pub fn error_code(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Inner {
+        #[serde(default)]
+        code: Option<String>,
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Resp {
+        #[serde(default)]
+        error: Option<Inner>,
+    }
+    #[derive(Deserialize)]
+    struct Ev {
+        #[serde(default)]
+        error: Option<Inner>,
+        #[serde(default)]
+        response: Option<Resp>,
+    }
+    let ev: Ev = serde_json::from_str(text).ok()?;
+    let inner = ev.error.or(ev.response.and_then(|r| r.error))?;
+    inner.code.or(inner.kind)
+}
+
+/// An `error` event from the gateway itself. `status` is top-level, as Codex requires
+/// (an `error` without it is ignored and the turn hangs).
+pub fn error_event(status: u16, code: &str, message: &str) -> String {
+    let kind = match status {
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    };
+    serde_json::json!({
+        "type": "error",
+        "status": status,
+        "error": { "type": kind, "code": code, "message": message },
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniff_fast_and_slow_paths() {
+        assert_eq!(
+            sniff_type(r#"{"type":"response.output_text.delta","delta":"x"}"#).unwrap(),
+            "response.output_text.delta"
+        );
+        assert_eq!(
+            sniff_type(r#"{ "sequence_number": 3, "type" : "error" }"#).unwrap(),
+            "error"
+        );
+        assert_eq!(sniff_type(r#"{"type":"a\"b"}"#).unwrap(), "a\"b");
+        assert!(sniff_type("not json").is_none());
+        assert!(sniff_type(r#"{"x":1}"#).is_none());
+    }
+
+    #[test]
+    fn terminal_events() {
+        for t in [
+            "response.completed",
+            "response.failed",
+            "response.incomplete",
+            "error",
+        ] {
+            assert!(is_terminal(t), "{t}");
+        }
+        for t in [
+            "response.created",
+            "response.output_text.delta",
+            "codex.rate_limits",
+            "response.done",
+        ] {
+            assert!(!is_terminal(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn client_event_parse() {
+        let ev = ClientEvent::parse(
+            r#"{"type":"response.create","input":[{"a":[1,2]}],"prompt_cache_key":"conv-1","previous_response_id":"resp_1","stream":true}"#,
+        )
+        .unwrap();
+        assert!(ev.is_create() && ev.is_continuation());
+        assert_eq!(ev.prompt_cache_key.as_deref(), Some("conv-1"));
+        let ev = ClientEvent::parse(r#"{"type":"response.create","previous_response_id":null}"#)
+            .unwrap();
+        assert!(!ev.is_continuation());
+        assert!(
+            ClientEvent::parse(r#"{"type":"response.steer"}"#)
+                .unwrap()
+                .is_in_turn_event()
+        );
+        assert!(matches!(
+            ClientEvent::parse("{nope"),
+            Err(ClientFrameError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            ClientEvent::parse("[1,2]"),
+            Err(ClientFrameError::InvalidJson(_))
+        ));
+        assert_eq!(
+            ClientEvent::parse(r#"{"input":[]}"#).unwrap_err(),
+            ClientFrameError::MissingType
+        );
+        assert_eq!(
+            ClientEvent::parse(r#"{"type":""}"#).unwrap_err(),
+            ClientFrameError::MissingType
+        );
+    }
+
+    #[test]
+    fn error_codes_and_events() {
+        assert_eq!(
+            error_code(r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"previous_response_not_found"}}"#).as_deref(),
+            Some("previous_response_not_found")
+        );
+        assert_eq!(
+            error_code(
+                r#"{"type":"response.failed","response":{"error":{"code":"server_error"}}}"#
+            )
+            .as_deref(),
+            Some("server_error")
+        );
+        let ev: serde_json::Value =
+            serde_json::from_str(&error_event(502, "upstream_closed", "gone")).unwrap();
+        assert_eq!(ev["type"], "error");
+        assert_eq!(ev["status"], 502);
+        assert_eq!(ev["error"]["code"], "upstream_closed");
+        assert_eq!(ev["error"]["type"], "server_error");
+    }
+}

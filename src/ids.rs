@@ -1,0 +1,76 @@
+//! Newtype ids shared by the pool, sessions and logs. Cheap to clone (`Arc<str>`).
+
+use std::fmt;
+use std::sync::Arc;
+
+/// An upstream account id from `accounts[].id`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(Arc<str>);
+
+/// A conversation (Codex thread) id, from headers or `prompt_cache_key` (DESIGN §2).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConversationId(Arc<str>);
+
+macro_rules! str_id {
+    ($t:ident) => {
+        impl $t {
+            pub fn new(s: impl Into<Arc<str>>) -> Self {
+                $t(s.into())
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+        impl From<&str> for $t {
+            fn from(s: &str) -> Self {
+                $t(s.into())
+            }
+        }
+    };
+}
+str_id!(AccountId);
+str_id!(ConversationId);
+
+/// Longest conversation id accepted from a client.
+pub const MAX_CONVERSATION_ID_LEN: usize = 256;
+
+impl ConversationId {
+    /// Validates a client-supplied id: 1..=256 visible ASCII characters.
+    pub fn parse(s: &str) -> Result<ConversationId, String> {
+        if s.is_empty() {
+            return Err("is empty".into());
+        }
+        if s.len() > MAX_CONVERSATION_ID_LEN {
+            return Err(format!(
+                "is longer than {MAX_CONVERSATION_ID_LEN} characters"
+            ));
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be visible ASCII without spaces".into());
+        }
+        Ok(ConversationId::new(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn conversation_id_rules() {
+        assert!(ConversationId::parse("5d0c2f7e-1b7a").is_ok());
+        assert!(ConversationId::parse("").is_err());
+        assert!(ConversationId::parse("a b").is_err());
+        assert!(ConversationId::parse(&"x".repeat(257)).is_err());
+        assert!(ConversationId::parse("é").is_err());
+    }
+}

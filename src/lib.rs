@@ -1,0 +1,48 @@
+//! wsgate: a WebSocket-first gateway for Codex-style clients of the OpenAI Responses API
+//! WebSocket mode. Each client session rides a pooled upstream WebSocket keyed by
+//! `(account, conversation)`, so `previous_response_id` continuations and the prompt cache
+//! survive client reconnects.
+//!
+//! # Layout
+//! - [`config`]: `gateway.yaml` schema, figment loading, validation, secrets.
+//! - [`telemetry`]: tracing subscriber (pretty / JSON).
+//! - [`error`]: typed errors per boundary.
+//! - [`ids`]: `AccountId`, `ConversationId`.
+//! - [`accounts`]: upstream credentials, usability, conversation -> account assignment.
+//! - [`headers`]: conversation-id resolution, header forwarding rules.
+//! - [`event`]: frame sniffing, terminal events, gateway `error` events.
+//! - [`close`]: the close-code policy.
+//! - [`tls`]: the upstream rustls config (ring).
+//! - [`upstream`]: dialing, `UpstreamConn`.
+//! - [`pump`]: the upstream reader task and its bounded channel.
+//! - [`pool`]: `Pool`, `PoolKey`, `Pooled`, decisions, evictions, the reaper.
+//! - [`gateway`]: shared state and the acquire path.
+//! - `session`: one client WebSocket and its turn loop.
+//! - [`server`]: axum routes, authentication, the upgrade, shutdown drain.
+//! - [`mock`]: the built-in mock upstream.
+//! - [`client`]: a small WebSocket client for the demo and tests.
+//! - [`demo`]: the offline demo.
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod client;
+pub mod close;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod event;
+pub mod gateway;
+pub mod headers;
+pub mod ids;
+pub mod mock;
+pub mod pool;
+pub mod pump;
+pub mod server;
+mod session;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use gateway::Gateway;
+pub use server::serve;

@@ -1,0 +1,158 @@
+//! The `wsgate` binary: parse the command line, load config, init telemetry, bind, serve.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use wsgate::config::Config;
+use wsgate::mock::{MockConfig, MockUpstream};
+
+/// Exit code for invalid configuration (EX_CONFIG-like, as linkerd uses 64).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "WebSocket-first gateway for Codex / Responses API WebSocket mode"
+)]
+struct Cli {
+    /// Config file (default ./gateway.yaml; a missing default file means built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Offline demo: built-in mock upstream + gateway + scripted client.
+    Demo,
+    /// Run the mock upstream alone.
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: std::net::SocketAddr,
+    },
+    /// Validate and print the effective config (secrets are never printed).
+    CheckConfig,
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("gateway.yaml"), false),
+    };
+    Config::load(&path, required).map_err(|e| {
+        eprintln!("wsgate: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    wsgate::tls::install_ring_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        None | Some(Command::Run) => {
+            let config = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime.block_on(run(config))
+        }
+        Some(Command::CheckConfig) => {
+            let config = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(e) = config.resolve_secrets(&|k| std::env::var(k).ok()) {
+                eprintln!("wsgate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            match serde_json::to_string_pretty(&config) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("wsgate: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Some(Command::Demo) => {
+            wsgate::telemetry::init(&Default::default());
+            match runtime.block_on(wsgate::demo::run()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wsgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::MockUpstream { listen }) => {
+            wsgate::telemetry::init(&Default::default());
+            runtime.block_on(async move {
+                match MockUpstream::start(MockConfig {
+                    listen,
+                    ..MockConfig::default()
+                })
+                .await
+                {
+                    Ok(mock) => {
+                        println!("mock upstream listening on {}", mock.url());
+                        let _ = tokio::signal::ctrl_c().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("wsgate: cannot start the mock upstream on {listen}: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    wsgate::telemetry::init(&config.log);
+    let secrets = match config.resolve_secrets(&|k| std::env::var(k).ok()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listen = config.listen;
+    let gateway = match wsgate::Gateway::new(config, secrets) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsgate: cannot bind {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match wsgate::serve(gateway, listener, shutdown, Duration::from_secs(30)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

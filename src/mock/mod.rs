@@ -1,0 +1,621 @@
+//! The built-in mock upstream: a Responses API WebSocket server that behaves like the real one
+//! where it matters to a gateway, plus test hooks.
+//!
+//! - response ids `resp_<conn>_<n>`; a connection-local cache of the last `cache_depth`
+//!   responses (default 1, like the real upstream): an unknown `previous_response_id` gets
+//!   `error` status 400 `previous_response_not_found`;
+//! - one turn at a time per connection: creates that arrive while a turn streams are queued,
+//!   and counted as overlaps ([`MockUpstream::overlaps`]) so tests can prove serialization;
+//! - streamed deltas, tool-call turns, `generate:false` prewarm, `response.failed`, `error`;
+//! - `usage.input_tokens_details.cached_tokens` grows per connection (0 on a fresh
+//!   connection), so cache locality is observable;
+//! - hooks from `[[mock: ...]]` directives in the last user message (see [`script`]): close
+//!   with a code or drop the TCP connection before/mid/after a turn, stall, slow deltas;
+//! - counters of accepted and open connections, and each connection's upgrade headers.
+
+pub mod script;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::debug;
+
+use script::{CloseKind, Directives, Fixture, FixtureName, Phase, Vars};
+
+/// Mock settings.
+#[derive(Clone)]
+pub struct MockConfig {
+    pub listen: SocketAddr,
+    /// Responses remembered per connection for `previous_response_id`. Default 1.
+    pub cache_depth: usize,
+    /// Wait this long before answering each upgrade (to test concurrent dials).
+    pub handshake_delay: Duration,
+    /// Serve wss:// with this config.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Extra headers on the 101 (e.g. `x-codex-turn-state`, `openai-model`).
+    pub response_headers: Vec<(String, String)>,
+    /// Answer every upgrade with this HTTP status instead of 101.
+    pub reject_status: Option<u16>,
+    /// Largest message accepted.
+    pub max_message_size: usize,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cache_depth: 1,
+            handshake_delay: Duration::ZERO,
+            tls: None,
+            response_headers: vec![
+                ("openai-model".into(), "mock-model".into()),
+                ("x-models-etag".into(), "mock-etag".into()),
+            ],
+            reject_status: None,
+            max_message_size: 64 << 20,
+        }
+    }
+}
+
+/// What the mock saw of one connection.
+#[derive(Debug)]
+pub struct ConnRecord {
+    pub id: u64,
+    /// Upgrade request headers, lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// `response.create` frames received.
+    pub creates: AtomicUsize,
+}
+
+impl ConnRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct MockState {
+    config: MockConfig,
+    accepted: AtomicU64,
+    open: AtomicUsize,
+    overlaps: AtomicUsize,
+    /// Last 1024 connections.
+    conns: Mutex<VecDeque<Arc<ConnRecord>>>,
+}
+
+/// A running mock upstream; stops when dropped.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    tls: bool,
+    state: Arc<MockState>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl MockUpstream {
+    pub async fn start(config: MockConfig) -> std::io::Result<MockUpstream> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let tls = config.tls.is_some();
+        let state = Arc::new(MockState {
+            config,
+            accepted: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            overlaps: AtomicUsize::new(0),
+            conns: Mutex::new(VecDeque::new()),
+        });
+        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        Ok(MockUpstream {
+            addr,
+            tls,
+            state,
+            _task: AbortOnDropHandle::new(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL to put in `upstream.url`.
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}/v1/responses",
+            if self.tls { "wss" } else { "ws" },
+            self.addr
+        )
+    }
+
+    /// WebSocket connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Acquire)
+    }
+
+    /// WebSocket connections open now.
+    pub fn open(&self) -> usize {
+        self.state.open.load(Ordering::Acquire)
+    }
+
+    /// `response.create` frames that arrived while another turn was in flight on the same
+    /// connection.
+    pub fn overlaps(&self) -> usize {
+        self.state.overlaps.load(Ordering::Acquire)
+    }
+
+    /// The record of connection `id` (ids start at 1, in accept order).
+    pub fn connection(&self, id: u64) -> Option<Arc<ConnRecord>> {
+        self.state
+            .conns
+            .lock()
+            .ok()?
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+    }
+
+    pub fn connections(&self) -> Vec<Arc<ConnRecord>> {
+        self.state
+            .conns
+            .lock()
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<MockState>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            if !state.config.handshake_delay.is_zero() {
+                tokio::time::sleep(state.config.handshake_delay).await;
+            }
+            if let Some(tls) = state.config.tls.clone() {
+                match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
+                    Ok(stream) => serve_conn(state, stream).await,
+                    Err(e) => debug!(error = %e, "mock TLS accept failed"),
+                }
+            } else {
+                serve_conn::<TcpStream>(state, tcp).await;
+            }
+        });
+    }
+}
+
+/// Decrements the open counter when the connection ends.
+struct OpenGuard(Arc<MockState>);
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve_conn<S>(state: Arc<MockState>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut seen_headers = Vec::new();
+    let reject = state.config.reject_status;
+    let extra = state.config.response_headers.clone();
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        for (k, v) in req.headers() {
+            seen_headers.push((k.as_str().to_string(), v.to_str().unwrap_or("").to_string()));
+        }
+        if let Some(status) = reject {
+            let mut err = ErrorResponse::new(Some(format!("mock rejects with {status}")));
+            *err.status_mut() =
+                http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+            return Err(err);
+        }
+        for (k, v) in &extra {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+        Ok(resp)
+    };
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(state.config.max_message_size))
+        .max_frame_size(Some(state.config.max_message_size));
+    let ws =
+        match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
+            .await
+        {
+            Ok(ws) => ws,
+            Err(e) => {
+                debug!(error = %e, "mock handshake failed");
+                return;
+            }
+        };
+    let id = state.accepted.fetch_add(1, Ordering::AcqRel) + 1;
+    state.open.fetch_add(1, Ordering::AcqRel);
+    let _open = OpenGuard(state.clone());
+    let record = Arc::new(ConnRecord {
+        id,
+        headers: seen_headers,
+        creates: AtomicUsize::new(0),
+    });
+    if let Ok(mut conns) = state.conns.lock() {
+        conns.push_back(record.clone());
+        while conns.len() > 1024 {
+            conns.pop_front();
+        }
+    }
+
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::channel::<String>(256);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (pending, state, record) = (pending.clone(), state.clone(), record.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                match msg {
+                    Message::Text(t) => {
+                        if script_is_create(&t) {
+                            record.creates.fetch_add(1, Ordering::AcqRel);
+                            if pending.fetch_add(1, Ordering::AcqRel) > 0 {
+                                state.overlaps.fetch_add(1, Ordering::AcqRel);
+                            }
+                        }
+                        if tx.send(t.to_string()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        }))
+    };
+    let mut conn = ConnState {
+        id,
+        next: 0,
+        cache: VecDeque::new(),
+        last_context: 0,
+    };
+    while let Some(text) = rx.recv().await {
+        match serve_frame(&state, &mut conn, &pending, &text, &mut sink).await {
+            Outcome::Continue => {}
+            Outcome::Close(code) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: format!("mock close {code}").into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                // Give the peer a moment to answer the close before the socket drops.
+                let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                break;
+            }
+            Outcome::Eof | Outcome::Gone => break,
+        }
+    }
+    drop(reader);
+    drop(sink);
+}
+
+fn script_is_create(text: &str) -> bool {
+    crate::event::sniff_type(text).is_some_and(|t| t == crate::event::RESPONSE_CREATE)
+}
+
+/// Per-connection upstream state.
+struct ConnState {
+    id: u64,
+    next: u64,
+    /// `(response id, context tokens)` of the last responses, newest last.
+    cache: VecDeque<(String, u64)>,
+    /// Context tokens of the last request served on this connection (the prompt-cache model).
+    last_context: u64,
+}
+
+enum Outcome {
+    Continue,
+    Close(u16),
+    Eof,
+    /// The gateway went away.
+    Gone,
+}
+
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+
+/// Sends events with increasing `sequence_number`.
+struct Emitter<'a, S> {
+    sink: &'a mut Sink<S>,
+    seq: u64,
+    pending: &'a AtomicUsize,
+    terminal_sent: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
+    async fn emit(&mut self, mut v: Value) -> bool {
+        if let Some(o) = v.as_object_mut()
+            && o.get("type").and_then(Value::as_str) != Some("error")
+        {
+            o.insert("sequence_number".into(), json!(self.seq));
+        }
+        self.seq += 1;
+        if crate::event::is_terminal(v.get("type").and_then(Value::as_str).unwrap_or("")) {
+            // The turn is over before the client can possibly send the next create.
+            self.end();
+        }
+        self.sink.send(Message::text(v.to_string())).await.is_ok()
+    }
+
+    fn end(&mut self) {
+        if !self.terminal_sent {
+            self.terminal_sent = true;
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn tokens(text_len: usize) -> u64 {
+    (text_len as u64 / 4).max(1)
+}
+
+async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &MockState,
+    conn: &mut ConnState,
+    pending: &AtomicUsize,
+    text: &str,
+    sink: &mut Sink<S>,
+) -> Outcome {
+    let is_create = script_is_create(text);
+    let mut em = Emitter {
+        sink,
+        seq: 0,
+        pending,
+        terminal_sent: !is_create,
+    };
+    let outcome = serve_create(state, conn, text, &mut em).await;
+    em.end();
+    outcome
+}
+
+async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &MockState,
+    conn: &mut ConnState,
+    text: &str,
+    em: &mut Emitter<'_, S>,
+) -> Outcome {
+    let body: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = crate::event::error_event(400, "invalid_json", &format!("mock: {e}"));
+            return if em
+                .emit(serde_json::from_str(&err).unwrap_or(Value::Null))
+                .await
+            {
+                Outcome::Continue
+            } else {
+                Outcome::Gone
+            };
+        }
+    };
+    if body.get("type").and_then(Value::as_str) != Some("response.create") {
+        return Outcome::Continue; // e.g. response.processed: accepted silently
+    }
+    let d = Directives::parse(&script::last_user_text(&body));
+    let close_at = |p: Phase| match d.close {
+        Some((CloseKind::Code(c), phase)) if phase == p => Some(Outcome::Close(c)),
+        Some((CloseKind::Eof, phase)) if phase == p => Some(Outcome::Eof),
+        _ => None,
+    };
+    if let Some(o) = close_at(Phase::Before) {
+        return o;
+    }
+    let prev = body
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    let mut parent_context = 0;
+    if let Some(p) = &prev {
+        match conn.cache.iter().find(|(id, _)| id == p) {
+            Some((_, ctx)) => parent_context = *ctx,
+            None => {
+                let f = Fixture::load(FixtureName::PreviousResponseNotFound);
+                let ok = em
+                    .emit(f.render(0, &Vars(vec![("previous_response_id", json!(p))])))
+                    .await;
+                return if ok { Outcome::Continue } else { Outcome::Gone };
+            }
+        }
+    }
+    conn.next += 1;
+    let id = format!("resp_{}_{}", conn.id, conn.next);
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_string();
+    let input_len = body.get("input").map(|i| i.to_string().len()).unwrap_or(0);
+    let input_tokens = parent_context + tokens(input_len);
+    let cached = if conn.last_context > 0 {
+        conn.last_context.min(input_tokens)
+    } else {
+        0
+    };
+    let generate = body.get("generate").and_then(Value::as_bool) != Some(false);
+
+    let base = |usage: Value| -> Vec<(&'static str, Value)> {
+        vec![
+            ("id", json!(id)),
+            ("model", json!(model)),
+            (
+                "previous_response_id",
+                prev.as_ref().map(|p| json!(p)).unwrap_or(Value::Null),
+            ),
+            ("usage", usage),
+        ]
+    };
+    let usage = |output: u64| {
+        json!({
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output,
+        })
+    };
+
+    let mut output_tokens = 0;
+    let sent = if !generate {
+        let f = Fixture::load(FixtureName::Prewarm);
+        let vars = Vars(base(usage(0)));
+        let mut ok = true;
+        for i in 0..f.events().len() {
+            ok = ok && em.emit(f.render(i, &vars)).await;
+        }
+        ok
+    } else if let Some((status, code)) = &d.error {
+        let err = crate::event::error_event(*status, code, &format!("mock error {code}"));
+        em.emit(serde_json::from_str(&err).unwrap_or(Value::Null))
+            .await
+    } else if let Some(code) = &d.fail {
+        let f = Fixture::load(FixtureName::FailedTurn);
+        let mut vars = base(usage(0));
+        vars.push(("code", json!(code)));
+        let vars = Vars(vars);
+        let mut ok = true;
+        for i in 0..f.events().len() {
+            ok = ok && em.emit(f.render(i, &vars)).await;
+        }
+        ok
+    } else if d.tool && script::function_call_output(&body).is_none() {
+        let (name, args) = script::choose_tool(&body);
+        let call_id = format!("call_{}_{}", conn.id, conn.next);
+        let item_id = format!("fc_{}_{}", conn.id, conn.next);
+        let item = json!({"id": item_id, "type": "function_call", "status": "completed", "call_id": call_id, "name": name, "arguments": args});
+        output_tokens = tokens(args.len());
+        let mut vars = base(usage(output_tokens));
+        vars.extend([
+            ("item_id", json!(item_id)),
+            ("call_id", json!(call_id)),
+            ("tool_name", json!(name)),
+            ("arguments", json!(args)),
+            ("item", item),
+        ]);
+        let f = Fixture::load(FixtureName::ToolCall);
+        let vars = Vars(vars);
+        let mut ok = true;
+        for i in 0..f.events().len() {
+            ok = ok && em.emit(f.render(i, &vars)).await;
+        }
+        ok
+    } else {
+        let reply = script::function_call_output(&body)
+            .map(|o| format!("tool output: {}", o.chars().take(500).collect::<String>()));
+        let (deltas, size) = if reply.is_some() {
+            (1, 0)
+        } else {
+            (d.deltas, d.delta_size)
+        };
+        let delta_text = |i: usize| -> String {
+            if let Some(r) = &reply {
+                return r.clone();
+            }
+            if size == 0 {
+                format!("{id} delta {i}. ")
+            } else {
+                let mut s = format!("{id}:{i:08}|");
+                s.extend(std::iter::repeat_n('x', size.saturating_sub(s.len())));
+                s
+            }
+        };
+        let total: usize = if size == 0 {
+            (0..deltas).map(|i| delta_text(i).len()).sum()
+        } else {
+            deltas * size.max(1)
+        };
+        let full = if total <= 64 * 1024 {
+            (0..deltas).map(delta_text).collect::<String>()
+        } else {
+            format!("[{total} bytes streamed by {id}]")
+        };
+        output_tokens = tokens(total);
+        let item_id = format!("msg_{}_{}", conn.id, conn.next);
+        let item = json!({"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": full, "annotations": []}]});
+        let mut vars = base(usage(output_tokens));
+        vars.extend([
+            ("item_id", json!(item_id)),
+            ("text", json!(full)),
+            ("item", item),
+        ]);
+        let vars = Vars(vars);
+        let f = Fixture::load(FixtureName::TextTurn);
+        let mut ok = true;
+        'events: for (i, ev) in f.events().iter().enumerate() {
+            let is_delta =
+                ev.get("type").and_then(Value::as_str) == Some("response.output_text.delta");
+            if !is_delta {
+                ok = ok && em.emit(f.render(i, &vars)).await;
+                if i == 0 && !d.stall.is_zero() {
+                    tokio::time::sleep(d.stall).await;
+                }
+                if !ok {
+                    break;
+                }
+                continue;
+            }
+            for n in 0..deltas {
+                if n == deltas / 2
+                    && let Some(o) = close_at(Phase::Mid)
+                {
+                    return o;
+                }
+                let mut v = f.render(i, &vars);
+                v["delta"] = json!(delta_text(n));
+                if !em.emit(v).await {
+                    ok = false;
+                    break 'events;
+                }
+                if !d.interval.is_zero() {
+                    tokio::time::sleep(d.interval).await;
+                }
+            }
+            if deltas == 0
+                && let Some(o) = close_at(Phase::Mid)
+            {
+                return o;
+            }
+        }
+        ok
+    };
+    if !sent {
+        return Outcome::Gone;
+    }
+    if let Some(o) = close_at(Phase::Mid) {
+        // Turns without deltas close "mid" right after their events.
+        if !generate || d.tool || d.error.is_some() || d.fail.is_some() {
+            return o;
+        }
+    }
+    conn.cache.push_back((id, input_tokens + output_tokens));
+    while conn.cache.len() > state.config.cache_depth.max(1) {
+        conn.cache.pop_front();
+    }
+    conn.last_context = input_tokens + output_tokens;
+    close_at(Phase::After).unwrap_or(Outcome::Continue)
+}

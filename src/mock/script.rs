@@ -1,0 +1,332 @@
+//! What the mock does for one `response.create`: directives parsed from the last user message,
+//! and the events built from the fixtures in `fixtures/mock/`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const PREWARM: &str = include_str!("../../fixtures/mock/prewarm.jsonl");
+const TEXT_TURN: &str = include_str!("../../fixtures/mock/text_turn.jsonl");
+const TOOL_CALL: &str = include_str!("../../fixtures/mock/tool_call.jsonl");
+const FAILED_TURN: &str = include_str!("../../fixtures/mock/failed_turn.jsonl");
+const PREV_NOT_FOUND: &str =
+    include_str!("../../fixtures/mock/error_previous_response_not_found.json");
+
+/// The command the mock's tool-call turn asks the client to run.
+pub const TOOL_COMMAND: &str = "echo wsgate-tool-ok";
+
+/// When a scripted close happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// After the create arrived, before any event.
+    Before,
+    /// After `response.created` and half of the deltas.
+    Mid,
+    /// Right after the terminal event.
+    After,
+}
+
+/// How a scripted close happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// A close frame with this code.
+    Code(u16),
+    /// Drop the TCP connection without a close frame (1006 on the other side).
+    Eof,
+}
+
+/// Parsed `[[mock: ...]]` directives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Directives {
+    pub deltas: usize,
+    pub delta_size: usize,
+    pub interval: Duration,
+    pub stall: Duration,
+    pub tool: bool,
+    pub close: Option<(CloseKind, Phase)>,
+    pub fail: Option<String>,
+    pub error: Option<(u16, String)>,
+}
+
+impl Default for Directives {
+    fn default() -> Self {
+        Directives {
+            deltas: 3,
+            delta_size: 0,
+            interval: Duration::ZERO,
+            stall: Duration::ZERO,
+            tool: false,
+            close: None,
+            fail: None,
+            error: None,
+        }
+    }
+}
+
+impl Directives {
+    /// Parses every `[[mock: k=v, ...]]` block in `text`. Unknown keys are ignored.
+    ///
+    /// Keys: `deltas=N`, `size=BYTES` (per delta), `interval=MS` (between deltas),
+    /// `stall=MS` (after `response.created`), `tool` (a function-call turn),
+    /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after),
+    /// `fail=CODE` (`response.failed`), `error=STATUS:CODE` (an `error` event).
+    pub fn parse(text: &str) -> Directives {
+        let mut d = Directives::default();
+        let mut rest = text;
+        while let Some(start) = rest.find("[[mock:") {
+            let after = &rest[start + 7..];
+            let Some(end) = after.find("]]") else { break };
+            for part in after[..end].split(',') {
+                let part = part.trim();
+                let (k, v) = part.split_once('=').unwrap_or((part, ""));
+                let ms = |v: &str| Duration::from_millis(v.parse().unwrap_or(0));
+                match k.trim() {
+                    "deltas" => d.deltas = v.parse().unwrap_or(d.deltas).min(10_000_000),
+                    "size" => d.delta_size = v.parse().unwrap_or(0).min(16 * 1024 * 1024),
+                    "interval" => d.interval = ms(v),
+                    "stall" => d.stall = ms(v),
+                    "tool" => d.tool = true,
+                    "fail" => d.fail = Some(v.to_string()),
+                    "error" => {
+                        if let Some((s, c)) = v.split_once(':') {
+                            d.error = Some((s.parse().unwrap_or(400), c.to_string()));
+                        }
+                    }
+                    "close" => {
+                        let (what, phase) = v.split_once('@').unwrap_or((v, "mid"));
+                        let phase = match phase {
+                            "before" => Phase::Before,
+                            "after" => Phase::After,
+                            _ => Phase::Mid,
+                        };
+                        let kind = match what {
+                            "eof" => Some(CloseKind::Eof),
+                            code => code.parse().ok().map(CloseKind::Code),
+                        };
+                        d.close = kind.map(|k| (k, phase));
+                    }
+                    _ => {}
+                }
+            }
+            rest = &after[end..];
+        }
+        d
+    }
+}
+
+/// The text of the last user message in a `response.create` body.
+pub fn last_user_text(body: &Value) -> String {
+    let Some(items) = body.get("input").and_then(Value::as_array) else {
+        return String::new();
+    };
+    for item in items.iter().rev() {
+        if item.get("role").and_then(Value::as_str) == Some("user") {
+            return match item.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => String::new(),
+            };
+        }
+    }
+    String::new()
+}
+
+/// The output of the last `function_call_output` item in the input, if any.
+pub fn function_call_output(body: &Value) -> Option<String> {
+    body.get("input")?
+        .as_array()?
+        .iter()
+        .rev()
+        .find_map(|item| {
+            (item.get("type").and_then(Value::as_str) == Some("function_call_output")).then(|| {
+                match item.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                    None => String::new(),
+                }
+            })
+        })
+}
+
+/// A tool call the client can run: `(tool name, arguments JSON text)`, chosen from the tools
+/// the request offers (Codex 0.169 offers `exec_command` with `{"cmd": ...}`).
+pub fn choose_tool(body: &Value) -> (String, String) {
+    let names: Vec<&str> = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.contains(&"exec_command") {
+        (
+            "exec_command".into(),
+            json!({ "cmd": TOOL_COMMAND }).to_string(),
+        )
+    } else if names.contains(&"shell_command") {
+        (
+            "shell_command".into(),
+            json!({ "command": TOOL_COMMAND }).to_string(),
+        )
+    } else if names.contains(&"shell") || names.is_empty() {
+        (
+            "shell".into(),
+            json!({ "command": ["bash", "-lc", TOOL_COMMAND] }).to_string(),
+        )
+    } else {
+        (names[0].to_string(), "{}".into())
+    }
+}
+
+/// Substitution values for a fixture.
+pub struct Vars(pub Vec<(&'static str, Value)>);
+
+impl Vars {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+}
+
+fn substitute(v: &mut Value, vars: &Vars) {
+    match v {
+        Value::String(s) => {
+            if let Some(name) = s.strip_prefix("{{").and_then(|r| r.strip_suffix("}}"))
+                && let Some(val) = vars.get(name)
+            {
+                *v = val.clone();
+                return;
+            }
+            if s.contains("{{") {
+                for (k, val) in &vars.0 {
+                    let pat = format!("{{{{{k}}}}}");
+                    if s.contains(&pat) {
+                        let text = match val {
+                            Value::String(t) => t.clone(),
+                            other => other.to_string(),
+                        };
+                        *s = s.replace(&pat, &text);
+                    }
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| substitute(x, vars)),
+        Value::Object(o) => o.values_mut().for_each(|x| substitute(x, vars)),
+        _ => {}
+    }
+}
+
+/// A fixture: its events, each a JSON value with placeholders.
+pub struct Fixture(Vec<Value>);
+
+#[derive(Clone, Copy)]
+pub enum FixtureName {
+    Prewarm,
+    TextTurn,
+    ToolCall,
+    FailedTurn,
+    PreviousResponseNotFound,
+}
+
+impl Fixture {
+    pub fn load(name: FixtureName) -> Fixture {
+        let text = match name {
+            FixtureName::Prewarm => PREWARM,
+            FixtureName::TextTurn => TEXT_TURN,
+            FixtureName::ToolCall => TOOL_CALL,
+            FixtureName::FailedTurn => FAILED_TURN,
+            FixtureName::PreviousResponseNotFound => PREV_NOT_FOUND,
+        };
+        Fixture(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| json!({"type": "error", "status": 500, "error": {"message": format!("bad fixture line: {e}")}})))
+                .collect(),
+        )
+    }
+
+    pub fn events(&self) -> &[Value] {
+        &self.0
+    }
+
+    /// Renders event `i` with `vars`.
+    pub fn render(&self, i: usize, vars: &Vars) -> Value {
+        let mut v = self.0[i].clone();
+        substitute(&mut v, vars);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives() {
+        let d = Directives::parse(
+            "hello [[mock: deltas=7, size=100, close=1012@mid, tool, interval=5]] x",
+        );
+        assert_eq!(d.deltas, 7);
+        assert_eq!(d.delta_size, 100);
+        assert_eq!(d.interval, Duration::from_millis(5));
+        assert!(d.tool);
+        assert_eq!(d.close, Some((CloseKind::Code(1012), Phase::Mid)));
+        let d =
+            Directives::parse("[[mock: close=eof@before]] [[mock: error=429:usage_limit_reached]]");
+        assert_eq!(d.close, Some((CloseKind::Eof, Phase::Before)));
+        assert_eq!(d.error, Some((429, "usage_limit_reached".into())));
+        assert_eq!(Directives::parse("plain"), Directives::default());
+    }
+
+    #[test]
+    fn fixtures_parse_and_substitute() {
+        for name in [
+            FixtureName::Prewarm,
+            FixtureName::TextTurn,
+            FixtureName::ToolCall,
+            FixtureName::FailedTurn,
+            FixtureName::PreviousResponseNotFound,
+        ] {
+            let f = Fixture::load(name);
+            assert!(!f.events().is_empty());
+            assert!(f.events().iter().all(|e| e.get("type").is_some()));
+        }
+        let f = Fixture::load(FixtureName::PreviousResponseNotFound);
+        let v = f.render(0, &Vars(vec![("previous_response_id", json!("resp_9"))]));
+        assert_eq!(
+            v["error"]["message"],
+            "Previous response with id 'resp_9' not found."
+        );
+        let f = Fixture::load(FixtureName::Prewarm);
+        let v = f.render(
+            1,
+            &Vars(vec![
+                ("id", json!("r")),
+                ("usage", json!({"input_tokens": 1})),
+            ]),
+        );
+        assert_eq!(v["response"]["usage"]["input_tokens"], 1);
+    }
+
+    #[test]
+    fn user_text_and_tools() {
+        let body = json!({"input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "dev"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi [[mock: tool]]"}]},
+            {"type": "function_call_output", "call_id": "c", "output": "wsgate-tool-ok"}
+        ], "tools": [{"type": "function", "name": "exec_command"}]});
+        assert_eq!(last_user_text(&body), "hi [[mock: tool]]");
+        assert_eq!(
+            function_call_output(&body).as_deref(),
+            Some("wsgate-tool-ok")
+        );
+        let (name, args) = choose_tool(&body);
+        assert_eq!(name, "exec_command");
+        assert!(args.contains("cmd"));
+    }
+}

@@ -1,0 +1,802 @@
+//! The pool of upstream connections, keyed by `(account, conversation)` (DESIGN §1-§3).
+//!
+//! Invariants:
+//! - At most one pooled connection per [`PoolKey`]. Its slot is `Dialing`, `Busy` (checked out
+//!   by exactly one session) or `Idle` (owned by the pool). A second session of a busy key gets
+//!   an unpooled one-shot connection (`bypass reason=busy`).
+//! - Every slot counts toward `max_per_account` and `max_total` from the moment it is reserved
+//!   (dials in progress included) until it is removed; counts are released exactly once, when
+//!   the slot is removed.
+//! - A connection is handed out only if it is open, quiet and younger than `max_age`; age is
+//!   checked at checkout and at return, never mid-turn.
+//! - A [`Pooled`] guard returns its connection only if the holder marked it reusable (the last
+//!   turn ended cleanly); dropped without that, the connection is discarded (poisoned).
+//! - Every map here is bounded: slots by `max_total`, per-account counts by the number of
+//!   accounts, tombstones by `max_tombstones`.
+//!
+//! Every acquire logs one `pool decision` line and every removal one `pool evict` line, at INFO.
+
+mod reaper;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::config::PoolConfig;
+use crate::ids::{AccountId, ConversationId};
+
+pub use reaper::spawn_reaper;
+
+/// The pool key: the real values, not a hash.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub account: AccountId,
+    pub conversation: ConversationId,
+}
+
+/// What the pool needs from a connection. Implemented by
+/// [`UpstreamConn`](crate::upstream::UpstreamConn) and by fakes in tests.
+pub trait PoolConn: Send + Sync + 'static {
+    fn id(&self) -> u64;
+    fn created_at(&self) -> Instant;
+    /// Non-blocking check of an idle connection: did anything happen while it sat in the pool?
+    fn check_idle(&mut self) -> Health;
+}
+
+/// Result of [`PoolConn::check_idle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// The connection must not be used again; the reason is logged.
+    Dead(EvictReason),
+}
+
+/// The three decisions (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Reuse,
+    New(NewReason),
+    Bypass(BypassReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewReason {
+    /// Nothing pooled for the key.
+    Miss,
+    /// The pooled connection reached `max_age`.
+    Expired,
+    /// The key's connection was evicted (1012/1013, account change).
+    Evicted,
+    /// The pooled connection died while idle.
+    Dead,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BypassReason {
+    /// Another session holds the key's connection.
+    Busy,
+    /// `max_per_account` or `max_total` reached.
+    Cap,
+    /// `pool.enabled: false`.
+    Disabled,
+    /// No conversation id.
+    NoKey,
+}
+
+/// Why a pooled connection left the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictReason {
+    Close1012,
+    Close1013,
+    AccountChanged,
+    MaxAge,
+    IdleTimeout,
+    /// Closed, failed, or sent data while idle; or failed mid-turn.
+    Dead,
+    /// Poisoned: the turn did not end cleanly (e.g. the client left mid-turn).
+    Discarded,
+    Shutdown,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Decision::Reuse => "reuse",
+            Decision::New(_) => "new",
+            Decision::Bypass(_) => "bypass",
+        })
+    }
+}
+
+impl Decision {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Decision::Reuse => "-",
+            Decision::New(r) => match r {
+                NewReason::Miss => "miss",
+                NewReason::Expired => "expired",
+                NewReason::Evicted => "evicted",
+                NewReason::Dead => "dead",
+            },
+            Decision::Bypass(r) => match r {
+                BypassReason::Busy => "busy",
+                BypassReason::Cap => "cap",
+                BypassReason::Disabled => "disabled",
+                BypassReason::NoKey => "no_key",
+            },
+        }
+    }
+}
+
+impl fmt::Display for EvictReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EvictReason::Close1012 => "close_1012",
+            EvictReason::Close1013 => "close_1013",
+            EvictReason::AccountChanged => "account_changed",
+            EvictReason::MaxAge => "max_age",
+            EvictReason::IdleTimeout => "idle_timeout",
+            EvictReason::Dead => "dead",
+            EvictReason::Discarded => "discarded",
+            EvictReason::Shutdown => "shutdown",
+        })
+    }
+}
+
+impl EvictReason {
+    /// What the next `new` of the same key says about why nothing was reusable.
+    fn next_new_reason(self) -> NewReason {
+        match self {
+            EvictReason::MaxAge => NewReason::Expired,
+            EvictReason::Close1012 | EvictReason::Close1013 | EvictReason::AccountChanged => {
+                NewReason::Evicted
+            }
+            EvictReason::Dead => NewReason::Dead,
+            EvictReason::IdleTimeout | EvictReason::Discarded | EvictReason::Shutdown => {
+                NewReason::Miss
+            }
+        }
+    }
+}
+
+/// A snapshot of the pool's counters (tests, status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub total: usize,
+    pub idle: usize,
+    pub busy: usize,
+    pub dialing: usize,
+    pub tombstones: usize,
+}
+
+// === impl Pool ===
+
+/// Shared handle to the pool.
+pub struct Pool<C: PoolConn> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C: PoolConn> Clone for Pool<C> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<C> {
+    slots: DashMap<PoolKey, Slot<C>>,
+    /// Reserved slots per account; entries are removed when they reach zero.
+    per_account: Mutex<HashMap<AccountId, usize>>,
+    total: AtomicUsize,
+    tombstones: Mutex<Tombstones>,
+    limits: RwLock<PoolConfig>,
+    next_id: AtomicU64,
+    /// Woken when an idle connection may have died, so the reaper looks at once.
+    wake: Arc<Notify>,
+    closed: AtomicBool,
+}
+
+struct Slot<C> {
+    /// The id of the connection this slot holds (or is dialing).
+    conn_id: u64,
+    state: SlotState<C>,
+    /// Set when the slot was evicted while checked out: its guard discards on return.
+    evicted: bool,
+}
+
+enum SlotState<C> {
+    Dialing,
+    Busy,
+    Idle { conn: C, since: Instant },
+}
+
+/// What a checkout produced: the decision (already logged) and the guard.
+pub struct Checkout<C: PoolConn> {
+    pub decision: Decision,
+    pub pooled: Pooled<C>,
+}
+
+impl<C: PoolConn> Pool<C> {
+    pub fn new(limits: PoolConfig) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                slots: DashMap::new(),
+                per_account: Mutex::new(HashMap::new()),
+                total: AtomicUsize::new(0),
+                tombstones: Mutex::new(Tombstones::default()),
+                limits: RwLock::new(limits),
+                next_id: AtomicU64::new(1),
+                wake: Arc::new(Notify::new()),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The notifier a connection pokes when it dies, so the reaper evicts it promptly.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.inner.wake.clone()
+    }
+
+    pub fn limits(&self) -> PoolConfig {
+        self.inner.limits().clone()
+    }
+
+    /// Replaces the limits; they apply to the next checkout.
+    pub fn set_limits(&self, limits: PoolConfig) {
+        if let Ok(mut l) = self.inner.limits.write() {
+            *l = limits;
+        }
+    }
+
+    /// Acquires a connection for `key` (or an unpooled one when `key` is `None`).
+    ///
+    /// For [`Decision::Reuse`] the guard holds the connection. Otherwise the guard holds a
+    /// fresh upstream id ([`Pooled::id`]); the caller dials and [`Pooled::attach`]es, or drops
+    /// the guard on failure, which releases the reservation.
+    pub fn checkout(&self, key: Option<PoolKey>, account: &AccountId) -> Checkout<C> {
+        let inner = &self.inner;
+        let limits = inner.limits().clone();
+        let now = Instant::now();
+        let (decision, pooled) = match key {
+            None => (
+                Decision::Bypass(BypassReason::NoKey),
+                self.unpooled(account),
+            ),
+            Some(_) if !limits.enabled || inner.closed.load(Ordering::Acquire) => (
+                Decision::Bypass(BypassReason::Disabled),
+                self.unpooled(account),
+            ),
+            Some(key) => self.checkout_key(key, &limits, now),
+        };
+        let conversation = pooled.key.as_ref().map(|k| k.conversation.to_string());
+        let conversation = conversation.as_deref().unwrap_or("-");
+        match (&decision, &pooled.conn) {
+            (Decision::Reuse, Some(c)) => {
+                let age = now.saturating_duration_since(c.created_at()).as_millis() as u64;
+                info!(
+                    decision = %decision,
+                    reason = %decision.reason(),
+                    account = %account,
+                    conversation = %conversation,
+                    upstream.id = pooled.id,
+                    upstream.age_ms = age,
+                    "pool decision"
+                );
+            }
+            _ => info!(
+                decision = %decision,
+                reason = %decision.reason(),
+                account = %account,
+                conversation = %conversation,
+                upstream.id = pooled.id,
+                "pool decision"
+            ),
+        }
+        Checkout { decision, pooled }
+    }
+
+    fn unpooled(&self, account: &AccountId) -> Pooled<C> {
+        Pooled {
+            conn: None,
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            key: None,
+            account: account.clone(),
+            pool: Weak::new(),
+            reusable: false,
+            reused: false,
+        }
+    }
+
+    fn checkout_key(
+        &self,
+        key: PoolKey,
+        limits: &PoolConfig,
+        now: Instant,
+    ) -> (Decision, Pooled<C>) {
+        let inner = &self.inner;
+        // Connections taken out of the pool are dropped after the shard lock is released.
+        let mut doomed: Option<C> = None;
+        let outcome = match inner.slots.entry(key.clone()) {
+            Entry::Occupied(mut e) => {
+                let slot = e.get_mut();
+                match &mut slot.state {
+                    SlotState::Dialing | SlotState::Busy => {
+                        Err(Decision::Bypass(BypassReason::Busy))
+                    }
+                    SlotState::Idle { conn, .. } => {
+                        let verdict =
+                            if now.saturating_duration_since(conn.created_at()) >= limits.max_age {
+                                Health::Dead(EvictReason::MaxAge)
+                            } else {
+                                conn.check_idle()
+                            };
+                        let old_id = slot.conn_id;
+                        match verdict {
+                            Health::Ok => {
+                                let SlotState::Idle { conn, .. } =
+                                    std::mem::replace(&mut slot.state, SlotState::Busy)
+                                else {
+                                    unreachable!("matched Idle above")
+                                };
+                                Ok((Decision::Reuse, Some(conn), old_id))
+                            }
+                            Health::Dead(reason) => {
+                                // The slot (and its reservation) passes to the replacement dial.
+                                let SlotState::Idle { conn, .. } =
+                                    std::mem::replace(&mut slot.state, SlotState::Dialing)
+                                else {
+                                    unreachable!("matched Idle above")
+                                };
+                                doomed = Some(conn);
+                                log_evict(reason, &key, old_id);
+                                let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                                slot.conn_id = id;
+                                Ok((Decision::New(reason.next_new_reason()), None, id))
+                            }
+                        }
+                    }
+                }
+            }
+            Entry::Vacant(v) => {
+                if inner.reserve(&key.account, limits) {
+                    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                    v.insert(Slot {
+                        conn_id: id,
+                        state: SlotState::Dialing,
+                        evicted: false,
+                    });
+                    let reason = inner
+                        .tombstones
+                        .lock()
+                        .ok()
+                        .and_then(|mut t| t.take(&key))
+                        .map(EvictReason::next_new_reason)
+                        .unwrap_or(NewReason::Miss);
+                    Ok((Decision::New(reason), None, id))
+                } else {
+                    Err(Decision::Bypass(BypassReason::Cap))
+                }
+            }
+        };
+        drop(doomed);
+        match outcome {
+            Ok((decision, conn, id)) => {
+                let reused = conn.is_some();
+                let pooled = Pooled {
+                    conn,
+                    id,
+                    account: key.account.clone(),
+                    key: Some(key),
+                    pool: Arc::downgrade(inner),
+                    reusable: false,
+                    reused,
+                };
+                (decision, pooled)
+            }
+            Err(decision) => {
+                let mut p = self.unpooled(&key.account);
+                // Bypass connections are unpooled but the log still names the conversation.
+                p.key = Some(key);
+                (decision, p)
+            }
+        }
+    }
+
+    /// Evicts every pooled connection of `account` (account change). Idle ones are closed
+    /// now; busy ones finish their session and are discarded on return.
+    pub fn evict_account(&self, account: &AccountId, reason: EvictReason) -> usize {
+        let keys: Vec<PoolKey> = self
+            .inner
+            .slots
+            .iter()
+            .filter(|e| &e.key().account == account)
+            .map(|e| e.key().clone())
+            .collect();
+        keys.iter()
+            .filter(|k| self.inner.evict_key(k, reason, None))
+            .count()
+    }
+
+    /// Evicts the pooled connection of `key`, whatever its state.
+    pub fn evict_key(&self, key: &PoolKey, reason: EvictReason) -> bool {
+        self.inner.evict_key(key, reason, None)
+    }
+
+    /// Closes the pool: idle connections are evicted (`shutdown`), busy ones are discarded on
+    /// return, and every later checkout is `bypass reason=disabled`.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let keys: Vec<PoolKey> = self.inner.slots.iter().map(|e| e.key().clone()).collect();
+        for k in keys {
+            self.inner
+                .evict_idle_if(&k, |_, _| Some(EvictReason::Shutdown));
+        }
+    }
+
+    /// Looks at every idle connection: expired, idle too long, or dead ones are evicted.
+    pub fn reap(&self) {
+        self.inner.reap(Instant::now());
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let mut s = PoolStats {
+            total: self.inner.total.load(Ordering::Acquire),
+            ..Default::default()
+        };
+        for e in self.inner.slots.iter() {
+            match e.value().state {
+                SlotState::Dialing => s.dialing += 1,
+                SlotState::Busy => s.busy += 1,
+                SlotState::Idle { .. } => s.idle += 1,
+            }
+        }
+        s.tombstones = self
+            .inner
+            .tombstones
+            .lock()
+            .map(|t| t.map.len())
+            .unwrap_or(0);
+        s
+    }
+
+    /// Reserved slots per account (tests, status).
+    pub fn account_count(&self, account: &AccountId) -> usize {
+        self.inner
+            .per_account
+            .lock()
+            .ok()
+            .and_then(|m| m.get(account).copied())
+            .unwrap_or(0)
+    }
+
+    /// The reaper's period for the current limits.
+    pub fn reap_interval(&self) -> Duration {
+        let l = self.inner.limits();
+        (l.idle_timeout.min(l.max_age) / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    fn downgrade(&self) -> Weak<Inner<C>> {
+        Arc::downgrade(&self.inner)
+    }
+}
+
+impl<C: PoolConn> Inner<C> {
+    fn limits(&self) -> std::sync::RwLockReadGuard<'_, PoolConfig> {
+        self.limits.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves one slot for `account`, or reports the cap.
+    fn reserve(&self, account: &AccountId, limits: &PoolConfig) -> bool {
+        let Ok(mut per) = self.per_account.lock() else {
+            return false;
+        };
+        let n = per.get(account).copied().unwrap_or(0);
+        if n >= limits.max_per_account {
+            return false;
+        }
+        if self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t < limits.max_total).then_some(t + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        per.insert(account.clone(), n + 1);
+        true
+    }
+
+    /// Releases one slot of `account` (a slot was removed).
+    fn release(&self, account: &AccountId) {
+        if let Ok(mut per) = self.per_account.lock() {
+            if let Some(n) = per.get_mut(account) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(account);
+                }
+            }
+        }
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn tombstone(&self, key: &PoolKey, reason: EvictReason) {
+        let cap = self.limits().max_tombstones;
+        if let Ok(mut t) = self.tombstones.lock() {
+            t.put(key.clone(), reason, cap);
+        }
+    }
+
+    /// Evicts `key`'s slot. Idle: removed and closed now. Dialing/busy: marked, discarded by its
+    /// guard. `only_conn` restricts the eviction to one connection id.
+    fn evict_key(&self, key: &PoolKey, reason: EvictReason, only_conn: Option<u64>) -> bool {
+        let mut doomed = None;
+        let mut hit = false;
+        if let Entry::Occupied(mut e) = self.slots.entry(key.clone()) {
+            let slot = e.get_mut();
+            if only_conn.is_none_or(|id| id == slot.conn_id) {
+                hit = true;
+                log_evict(reason, key, slot.conn_id);
+                self.tombstone(key, reason);
+                if matches!(slot.state, SlotState::Idle { .. }) {
+                    if let SlotState::Idle { conn, .. } = e.remove().state {
+                        doomed = Some(conn);
+                    }
+                    self.release(&key.account);
+                } else {
+                    slot.evicted = true;
+                }
+            }
+        }
+        drop(doomed);
+        hit
+    }
+
+    /// Evicts `key`'s slot if it is idle and `why` says so.
+    fn evict_idle_if(
+        &self,
+        key: &PoolKey,
+        why: impl FnOnce(&mut C, Instant) -> Option<EvictReason>,
+    ) {
+        let mut doomed = None;
+        if let Entry::Occupied(mut e) = self.slots.entry(key.clone()) {
+            let slot = e.get_mut();
+            let conn_id = slot.conn_id;
+            if let SlotState::Idle { conn, since } = &mut slot.state
+                && let Some(reason) = why(conn, *since)
+            {
+                log_evict(reason, key, conn_id);
+                self.tombstone(key, reason);
+                if let SlotState::Idle { conn, .. } = e.remove().state {
+                    doomed = Some(conn);
+                }
+                self.release(&key.account);
+            }
+        }
+        drop(doomed);
+    }
+
+    fn reap(&self, now: Instant) {
+        let limits = self.limits().clone();
+        let keys: Vec<PoolKey> = self
+            .slots
+            .iter()
+            .filter(|e| matches!(e.value().state, SlotState::Idle { .. }))
+            .map(|e| e.key().clone())
+            .collect();
+        for key in keys {
+            self.evict_idle_if(&key, |conn, since| {
+                if now.saturating_duration_since(conn.created_at()) >= limits.max_age {
+                    Some(EvictReason::MaxAge)
+                } else if now.saturating_duration_since(since) >= limits.idle_timeout {
+                    Some(EvictReason::IdleTimeout)
+                } else {
+                    match conn.check_idle() {
+                        Health::Ok => None,
+                        Health::Dead(r) => Some(r),
+                    }
+                }
+            });
+        }
+    }
+
+    /// A guard came back. Puts the connection back to idle, or removes the slot.
+    fn put_back(&self, key: &PoolKey, conn_id: u64, conn: Option<C>, reusable: bool) {
+        let now = Instant::now();
+        let max_age = self.limits().max_age;
+        let closed = self.closed.load(Ordering::Acquire);
+        let mut doomed = None;
+        if let Entry::Occupied(mut e) = self.slots.entry(key.clone()) {
+            let slot = e.get_mut();
+            if slot.conn_id != conn_id {
+                // Not our slot any more (cannot happen while we held it; be safe).
+                drop(e);
+                drop(conn);
+                return;
+            }
+            let keep = match conn {
+                Some(conn) if reusable && !slot.evicted => {
+                    let reason = if closed {
+                        Some(EvictReason::Shutdown)
+                    } else if now.saturating_duration_since(conn.created_at()) >= max_age {
+                        Some(EvictReason::MaxAge)
+                    } else {
+                        None
+                    };
+                    match reason {
+                        None => {
+                            slot.state = SlotState::Idle { conn, since: now };
+                            debug!(account = %key.account, conversation = %key.conversation, upstream.id = conn_id, "pooled");
+                            true
+                        }
+                        Some(reason) => {
+                            log_evict(reason, key, conn_id);
+                            self.tombstone(key, reason);
+                            doomed = Some(conn);
+                            false
+                        }
+                    }
+                }
+                Some(conn) => {
+                    if !slot.evicted {
+                        log_evict(EvictReason::Discarded, key, conn_id);
+                        self.tombstone(key, EvictReason::Discarded);
+                    }
+                    doomed = Some(conn);
+                    false
+                }
+                // Dial failed or the connection was already evicted by its holder.
+                None => false,
+            };
+            if !keep {
+                e.remove();
+                self.release(&key.account);
+            }
+        }
+        drop(doomed);
+    }
+}
+
+fn log_evict(reason: EvictReason, key: &PoolKey, conn_id: u64) {
+    info!(
+        reason = %reason,
+        account = %key.account,
+        conversation = %key.conversation,
+        upstream.id = conn_id,
+        "pool evict"
+    );
+}
+
+// === impl Pooled ===
+
+/// The checked-out connection. Poisoned unless the holder marks it reusable: dropped, it goes
+/// back to the pool only if `reusable`, the slot was not evicted meanwhile, and it is younger
+/// than `max_age`. Unpooled (bypass) guards just close their connection. `Drop` never blocks.
+pub struct Pooled<C: PoolConn> {
+    conn: Option<C>,
+    id: u64,
+    /// `None` for unpooled connections without a conversation; for bypass connections of a
+    /// known conversation it is set but `pool` is empty.
+    key: Option<PoolKey>,
+    account: AccountId,
+    pool: Weak<Inner<C>>,
+    reusable: bool,
+    reused: bool,
+}
+
+impl<C: PoolConn> Pooled<C> {
+    /// The upstream id (known before the dial for new connections).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn account(&self) -> &AccountId {
+        &self.account
+    }
+
+    pub fn key(&self) -> Option<&PoolKey> {
+        self.key.as_ref()
+    }
+
+    /// True if the connection lives in the pool (not a bypass one-shot).
+    pub fn is_pooled(&self) -> bool {
+        self.pool.strong_count() > 0
+    }
+
+    /// True if this checkout reused an idle pooled connection.
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
+    pub fn attach(&mut self, conn: C) {
+        self.conn = Some(conn);
+    }
+
+    pub fn conn(&self) -> Option<&C> {
+        self.conn.as_ref()
+    }
+
+    pub fn conn_mut(&mut self) -> Option<&mut C> {
+        self.conn.as_mut()
+    }
+
+    /// Marks whether the connection may go back to the pool (true between clean turns).
+    pub fn set_reusable(&mut self, reusable: bool) {
+        self.reusable = reusable;
+    }
+
+    pub fn is_reusable(&self) -> bool {
+        self.reusable
+    }
+
+    /// Evicts this connection's key (logged with `reason`) and closes the connection.
+    pub fn evict(mut self, reason: EvictReason) {
+        let conn = self.conn.take();
+        if let (Some(pool), Some(key)) = (self.pool.upgrade(), self.key.as_ref()) {
+            pool.evict_key(key, reason, Some(self.id));
+        }
+        drop(conn);
+    }
+
+    /// Returns the connection to the pool (if reusable) or closes it; same as dropping.
+    pub fn release(self) {}
+}
+
+impl<C: PoolConn> Drop for Pooled<C> {
+    fn drop(&mut self) {
+        let conn = self.conn.take();
+        if let (Some(pool), Some(key)) = (self.pool.upgrade(), self.key.as_ref()) {
+            pool.put_back(key, self.id, conn, self.reusable);
+        }
+    }
+}
+
+// === impl Tombstones ===
+
+/// Recent evictions, so the next `new` of a key can say why. FIFO-bounded.
+#[derive(Default)]
+struct Tombstones {
+    map: HashMap<PoolKey, (EvictReason, u64)>,
+    order: VecDeque<(PoolKey, u64)>,
+    seq: u64,
+}
+
+impl Tombstones {
+    fn put(&mut self, key: PoolKey, reason: EvictReason, cap: usize) {
+        if cap == 0 {
+            return;
+        }
+        self.seq += 1;
+        self.map.insert(key.clone(), (reason, self.seq));
+        self.order.push_back((key, self.seq));
+        while self.order.len() > cap {
+            if let Some((k, s)) = self.order.pop_front()
+                && self.map.get(&k).is_some_and(|(_, cur)| *cur == s)
+            {
+                self.map.remove(&k);
+            }
+        }
+        // Entries superseded by a newer put leave stale order records; compact when they pile up.
+        if self.order.len() > 2 * self.map.len() + 16 {
+            let map = &self.map;
+            self.order
+                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
+        }
+    }
+
+    fn take(&mut self, key: &PoolKey) -> Option<EvictReason> {
+        self.map.remove(key).map(|(r, _)| r)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,295 @@
+//! The listener: axum routes `/healthz` and the upgrade paths; the upgrade itself is ours, so
+//! the upstream is acquired *before* answering the client (its 101 headers are copied onto
+//! ours, and an upstream refusal becomes the client's HTTP status).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use hyper_util::rt::TokioIo;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tracing::{Instrument, debug, field, info, info_span, warn};
+
+use crate::gateway::Gateway;
+use crate::headers::{ForwardHeaders, conversation_from_headers};
+use crate::session::{Session, SessionStart};
+
+/// Serves `gateway` on `listener` until `shutdown` resolves, then drains: idle sessions are
+/// closed with 1012, sessions with a turn in flight get `grace` to finish.
+pub async fn serve(
+    gateway: Gateway,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let shared = gateway.shared.clone();
+    let mut router = Router::new().route("/healthz", get(healthz));
+    for path in &shared.config.paths {
+        router = router.route(path, any(upgrade));
+    }
+    let app = router.fallback(not_found).with_state(gateway.clone());
+    let addr = listener.local_addr()?;
+    info!(addr = %addr, "wsgate listening");
+    let token = shared.shutdown.clone();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => token.cancel(),
+                _ = token.cancelled() => {}
+            }
+        }
+    });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(token.cancelled_owned())
+    .await?;
+    shared.sessions.close();
+    if tokio::time::timeout(grace, shared.sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = shared.sessions.len(),
+            "shutdown grace expired with sessions still running"
+        );
+    }
+    shared.pool.close();
+    info!("wsgate stopped");
+    Ok(())
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "not_found", "no such path")
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Checks `Authorization: Bearer <key>` against the configured client keys in constant time.
+/// Returns the client's name.
+fn authenticate<'a>(
+    keys: &'a [(String, Vec<u8>)],
+    headers: &HeaderMap,
+) -> Result<Option<&'a str>, ()> {
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("");
+    let mut found = None;
+    for (name, key) in keys {
+        // Compare every key, whatever matched, so timing says nothing about which one did.
+        if bool::from(presented.as_bytes().ct_eq(key)) {
+            found = Some(name.as_str());
+        }
+    }
+    found.map(Some).ok_or(())
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    has_token(header::CONNECTION, "upgrade")
+        && has_token(header::UPGRADE, "websocket")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13")
+        && headers.contains_key(header::SEC_WEBSOCKET_KEY)
+}
+
+async fn upgrade(
+    State(gw): State<Gateway>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    let shared = &gw.shared;
+    let headers = req.headers();
+    let client = match authenticate(&shared.client_keys, headers) {
+        Ok(name) => name.unwrap_or("-").to_string(),
+        Err(()) => {
+            debug!(client.addr = %peer, "rejected client key");
+            let mut r = json_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "missing or wrong gateway API key",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    };
+    if req.method() != Method::GET || !is_websocket_upgrade(headers) {
+        let mut r = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            "this endpoint serves the Responses API over WebSocket only (GET with Upgrade: websocket)",
+        );
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return r;
+    }
+    if shared.shutdown.is_cancelled() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "gateway is shutting down",
+        );
+    }
+    let conversation = match conversation_from_headers(headers) {
+        Ok(c) => c,
+        Err(msg) => return json_error(StatusCode::BAD_REQUEST, "invalid_conversation_id", &msg),
+    };
+    let forward = ForwardHeaders::from_client(headers);
+    let accept = derive_accept_key(
+        headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default(),
+    );
+    let id = shared.next_session_id();
+    let span = info_span!(
+        "session",
+        session.id = id,
+        client.addr = %peer,
+        client.name = %client,
+        account = field::Empty,
+        conversation = field::Empty,
+    );
+    if let Some(c) = &conversation {
+        span.record("conversation", field::display(c));
+    }
+
+    // With a conversation id the upstream is acquired before the client's 101.
+    let mut upstream = None;
+    if let Some(c) = &conversation {
+        match shared
+            .acquire(Some(c), &id.to_string(), &forward)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(p) => {
+                span.record("account", field::display(p.account()));
+                upstream = Some(p);
+            }
+            Err(e) => {
+                let status =
+                    StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+                return json_error(status, e.code(), &e.to_string());
+            }
+        }
+    }
+
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "upgrade_unavailable",
+            "connection cannot be upgraded",
+        );
+    };
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(conn) = upstream
+        .as_ref()
+        .and_then(|p| p.conn().map(|c| (p.is_reused(), c)))
+    {
+        let (reused, conn) = conn;
+        for (name, value) in conn.response_headers() {
+            // A turn-state token belongs to the turn that opened the connection.
+            if reused && name == "x-codex-turn-state" {
+                continue;
+            }
+            h.insert(name.clone(), value.clone());
+        }
+    }
+
+    let start = SessionStart {
+        id,
+        span: span.clone(),
+        conversation,
+        headers: forward,
+        upstream,
+    };
+    let ws_config = shared.ws_config;
+    let shared = shared.clone();
+    shared.sessions.clone().spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(ws_config),
+                    )
+                    .await;
+                    Session::new(shared, ws, start).run().await;
+                }
+                // The client went away before the upgrade completed: `start` drops, and with it
+                // the upstream, which goes back to the pool (it is clean).
+                Err(e) => debug!(error = %e, "client upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_rules() {
+        let keys = vec![
+            ("a".to_string(), b"k1".to_vec()),
+            ("b".to_string(), b"k2".to_vec()),
+        ];
+        let mut h = HeaderMap::new();
+        assert!(authenticate(&keys, &h).is_err());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k2"));
+        assert_eq!(authenticate(&keys, &h), Ok(Some("b")));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k3"));
+        assert!(authenticate(&keys, &h).is_err());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        assert!(
+            authenticate(&keys, &h).is_err(),
+            "prefix of a key is not the key"
+        );
+        assert_eq!(authenticate(&[], &HeaderMap::new()), Ok(None));
+    }
+}

@@ -1,0 +1,524 @@
+//! One client WebSocket session: its turn loop over one upstream connection at a time.
+//!
+//! Invariants:
+//! - At most one turn in flight: a `response.create` (or any frame but `response.steer` /
+//!   `response.inject`) arriving during a turn is held, bounded by `relay.max_queued_frames`,
+//!   and sent after the upstream's terminal event. Frames are never reordered.
+//! - The upstream connection is marked reusable only between clean turns; if the session
+//!   ends mid-turn, or the upstream fails, it is discarded and never pooled.
+//! - Rotation (max-age, account change) happens only at the start of a turn, and only for full
+//!   requests: a continuation (`previous_response_id`) stays on the connection that owns it.
+//! - Upstream frames are relayed verbatim and in order; the client writer is the back-pressure
+//!   point (the pump's channel fills, the pump stops reading).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tracing::{Instrument, Span, debug, info, info_span};
+
+use crate::close::{self, Disposition};
+use crate::event::{self, ClientEvent, ClientFrameError};
+use crate::gateway::Shared;
+use crate::headers::ForwardHeaders;
+use crate::ids::ConversationId;
+use crate::pool::{EvictReason, Pooled};
+use crate::pump::PumpEvent;
+use crate::upstream::UpstreamConn;
+
+pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Frames relayed to the client per flush at most (batching under load).
+const MAX_BATCH: usize = 64;
+
+/// Whether the session loop goes on.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The turn in flight.
+struct Turn {
+    seq: u64,
+    span: Span,
+    started: Instant,
+    frames: u64,
+}
+
+/// Everything the handshake resolved, handed to the session.
+pub(crate) struct SessionStart {
+    pub id: u64,
+    pub span: Span,
+    pub conversation: Option<ConversationId>,
+    pub headers: ForwardHeaders,
+    pub upstream: Option<Pooled<UpstreamConn>>,
+}
+
+pub(crate) struct Session {
+    gw: Arc<Shared>,
+    id: u64,
+    span: Span,
+    client: ClientWs,
+    conversation: Option<ConversationId>,
+    /// True once the conversation can no longer change (first turn started).
+    keyed: bool,
+    headers: ForwardHeaders,
+    upstream: Option<Pooled<UpstreamConn>>,
+    turn: Option<Turn>,
+    held: VecDeque<Utf8Bytes>,
+    turn_seq: u64,
+}
+
+impl Session {
+    pub fn new(gw: Arc<Shared>, client: ClientWs, start: SessionStart) -> Session {
+        Session {
+            gw,
+            id: start.id,
+            span: start.span,
+            client,
+            keyed: start.upstream.is_some(),
+            conversation: start.conversation,
+            headers: start.headers,
+            upstream: start.upstream,
+            turn: None,
+            held: VecDeque::new(),
+            turn_seq: 0,
+        }
+    }
+
+    /// Runs the session to its end. The caller instruments it with the session span.
+    pub async fn run(mut self) {
+        self.gw.active_sessions.fetch_add(1, Ordering::AcqRel);
+        debug!("session started");
+        loop {
+            if self.turn.is_none()
+                && let Some(text) = self.held.pop_front()
+            {
+                if self.client_text(text).await == Flow::Stop {
+                    break;
+                }
+                continue;
+            }
+            let idle = self.turn.is_none();
+            let flow = tokio::select! {
+                biased;
+                _ = self.gw.shutdown.cancelled(), if idle => {
+                    self.close_client(close::client::RESTART, "gateway shutting down").await;
+                    Flow::Stop
+                }
+                ev = next_upstream(&mut self.upstream) => self.upstream_event(ev).await,
+                msg = self.client.next() => self.client_message(msg).await,
+            };
+            if flow == Flow::Stop {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    /// Ends the session: the upstream goes back to the pool only if no turn was in flight.
+    fn finish(&mut self) {
+        if let Some(mut up) = self.upstream.take() {
+            if let Some(turn) = self.turn.take() {
+                info!(parent: &turn.span, upstream.id = up.id(), "client left mid-turn; upstream discarded");
+                up.set_reusable(false);
+            }
+            drop(up);
+        }
+        self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
+        debug!(turns = self.turn_seq, "session ended");
+    }
+
+    // === client side ===
+
+    async fn client_message(&mut self, msg: Option<Result<Message, tungstenite::Error>>) -> Flow {
+        match msg {
+            Some(Ok(Message::Text(text))) => self.client_text(text).await,
+            Some(Ok(Message::Binary(_))) => {
+                self.close_client(
+                    close::client::UNSUPPORTED_DATA,
+                    "binary frames are not supported; send JSON text frames",
+                )
+                .await;
+                Flow::Stop
+            }
+            Some(Ok(Message::Close(_))) | None => Flow::Stop,
+            Some(Ok(_)) => Flow::Continue, // ping/pong: tungstenite answers pings
+            Some(Err(tungstenite::Error::Capacity(e))) => {
+                let reason = format!("message too big: {e}");
+                self.close_client(close::client::TOO_BIG, &reason).await;
+                Flow::Stop
+            }
+            Some(Err(tungstenite::Error::Utf8(_))) => {
+                self.close_client(1007, "text frame is not valid UTF-8")
+                    .await;
+                Flow::Stop
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "client connection failed");
+                Flow::Stop
+            }
+        }
+    }
+
+    async fn client_text(&mut self, text: Utf8Bytes) -> Flow {
+        let parsed = match ClientEvent::parse(&text) {
+            Ok(ev) => (
+                ev.is_create(),
+                ev.is_in_turn_event(),
+                ev.is_continuation(),
+                ev.prompt_cache_key.map(|c| c.into_owned()),
+            ),
+            Err(e) => {
+                let code = match e {
+                    ClientFrameError::InvalidJson(_) => "invalid_json",
+                    ClientFrameError::MissingType => "missing_type",
+                };
+                return self.send_error(400, code, &e.to_string()).await;
+            }
+        };
+        let (is_create, in_turn_event, continuation, cache_key) = parsed;
+        if self.turn.is_some() && !in_turn_event {
+            if self.held.len() >= self.gw.config.relay.max_queued_frames {
+                self.close_client(
+                    close::client::POLICY,
+                    "too many frames queued behind the response in flight",
+                )
+                .await;
+                return Flow::Stop;
+            }
+            self.held.push_back(text);
+            return Flow::Continue;
+        }
+        if is_create {
+            self.start_turn(text, continuation, cache_key).await
+        } else {
+            self.forward_other(text).await
+        }
+    }
+
+    /// A client event that does not start a turn (`response.steer`, unknown types).
+    async fn forward_other(&mut self, text: Utf8Bytes) -> Flow {
+        let Some(up) = self.upstream.as_mut().and_then(Pooled::conn_mut) else {
+            return self
+                .send_error(
+                    400,
+                    "no_active_connection",
+                    "send response.create before other events on this connection",
+                )
+                .await;
+        };
+        if let Err(e) = up.send(Message::Text(text)).await {
+            debug!(error = %e, "upstream send failed");
+            return self.upstream_ended(None, &e.to_string()).await;
+        }
+        Flow::Continue
+    }
+
+    async fn start_turn(
+        &mut self,
+        text: Utf8Bytes,
+        continuation: bool,
+        cache_key: Option<String>,
+    ) -> Flow {
+        if !self.keyed {
+            self.keyed = true;
+            if self.conversation.is_none()
+                && let Some(key) = cache_key
+            {
+                match ConversationId::parse(&key) {
+                    Ok(c) => {
+                        self.span
+                            .record("conversation", tracing::field::display(&c));
+                        self.conversation = Some(c);
+                    }
+                    Err(e) => {
+                        self.keyed = false;
+                        return self
+                            .send_error(
+                                400,
+                                "invalid_prompt_cache_key",
+                                &format!("prompt_cache_key {e}"),
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+        self.rotate_if_needed(continuation);
+        if self.upstream.is_none() {
+            if continuation {
+                return self
+                    .send_error(
+                        400,
+                        "previous_response_not_found",
+                        "the upstream connection that holds previous_response_id is gone; resend the full context without previous_response_id",
+                    )
+                    .await;
+            }
+            let routing = self.id.to_string();
+            let acquired = self
+                .gw
+                .acquire(self.conversation.as_ref(), &routing, &self.headers)
+                .instrument(self.span.clone())
+                .await;
+            match acquired {
+                Ok(p) => {
+                    self.span
+                        .record("account", tracing::field::display(p.account()));
+                    self.upstream = Some(p);
+                }
+                Err(e) => {
+                    return self
+                        .send_error(e.http_status(), e.code(), &e.to_string())
+                        .await;
+                }
+            }
+        }
+        let Some(up) = self.upstream.as_mut() else {
+            return Flow::Continue;
+        };
+        self.turn_seq += 1;
+        let span = info_span!(
+            parent: &self.span,
+            "turn",
+            turn.seq = self.turn_seq,
+            upstream.id = up.id(),
+            upstream.reused = up.is_reused(),
+        );
+        up.set_reusable(false);
+        let Some(conn) = up.conn_mut() else {
+            return Flow::Continue;
+        };
+        if let Err(e) = conn.send(Message::Text(text)).await {
+            debug!(parent: &span, error = %e, "upstream send failed");
+            // The turn never reached the upstream: treat it as failed mid-turn.
+            self.turn = Some(Turn {
+                seq: self.turn_seq,
+                span,
+                started: Instant::now(),
+                frames: 0,
+            });
+            return self.upstream_ended(None, &e.to_string()).await;
+        }
+        debug!(parent: &span, "turn started");
+        self.turn = Some(Turn {
+            seq: self.turn_seq,
+            span,
+            started: Instant::now(),
+            frames: 0,
+        });
+        Flow::Continue
+    }
+
+    /// Between turns: drop the held upstream if it may not serve this turn. A continuation
+    /// keeps its connection (only it knows the parent response) unless that connection is gone.
+    fn rotate_if_needed(&mut self, continuation: bool) {
+        let Some(up) = self.upstream.as_ref() else {
+            return;
+        };
+        let Some(conn) = up.conn() else {
+            self.upstream = None;
+            return;
+        };
+        let account_gone = !self.gw.account_usable(conn.account());
+        let expired = conn.age() >= self.gw.pool.limits().max_age;
+        if (account_gone || expired) && !continuation {
+            debug!(
+                upstream.id = up.id(),
+                account_gone, expired, "rotating upstream between turns"
+            );
+            // Dropped while reusable: the pool logs `max_age` (or discards an evicted slot).
+            self.upstream = None;
+        }
+    }
+
+    // === upstream side ===
+
+    async fn upstream_event(&mut self, ev: Option<PumpEvent>) -> Flow {
+        let mut next = ev;
+        let mut sent = 0usize;
+        // Relay a batch of ready frames, flushing once.
+        loop {
+            match next {
+                Some(PumpEvent::Frame(Message::Text(text))) => {
+                    let terminal = self.turn.is_some()
+                        && event::sniff_type(&text).is_some_and(|t| event::is_terminal(&t));
+                    if let Err(e) = self.client.feed(Message::Text(text)).await {
+                        debug!(error = %e, "client write failed");
+                        return Flow::Stop;
+                    }
+                    sent += 1;
+                    if let Some(t) = self.turn.as_mut() {
+                        t.frames += 1;
+                    }
+                    if terminal {
+                        self.end_turn();
+                        break;
+                    }
+                    if sent >= MAX_BATCH {
+                        break;
+                    }
+                    match self
+                        .upstream
+                        .as_mut()
+                        .and_then(Pooled::conn_mut)
+                        .map(UpstreamConn::try_recv)
+                    {
+                        Some(Some(ev)) => next = Some(ev),
+                        _ => break,
+                    }
+                }
+                Some(PumpEvent::Frame(_)) => {
+                    self.flush_client(sent).await;
+                    return self
+                        .upstream_ended(None, "upstream sent a binary frame")
+                        .await;
+                }
+                Some(PumpEvent::Closed(frame)) => {
+                    self.flush_client(sent).await;
+                    let code = frame.as_ref().map(|f| f.code);
+                    let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                    return self.upstream_ended(code, &reason).await;
+                }
+                Some(PumpEvent::Failed(e)) => {
+                    self.flush_client(sent).await;
+                    return self.upstream_ended(None, &e).await;
+                }
+                None => {
+                    self.flush_client(sent).await;
+                    return self.upstream_ended(None, "upstream connection ended").await;
+                }
+            }
+        }
+        if sent > 0 && self.client.flush().await.is_err() {
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    async fn flush_client(&mut self, sent: usize) {
+        if sent > 0 {
+            let _ = self.client.flush().await;
+        }
+    }
+
+    fn end_turn(&mut self) {
+        if let Some(turn) = self.turn.take() {
+            debug!(
+                parent: &turn.span,
+                turn.seq = turn.seq,
+                frames = turn.frames,
+                duration_ms = turn.started.elapsed().as_millis() as u64,
+                "turn ended"
+            );
+        }
+        if let Some(up) = self.upstream.as_mut() {
+            up.set_reusable(true);
+        }
+    }
+
+    /// The upstream connection ended (close frame with `code`, or failure when `None`).
+    async fn upstream_ended(&mut self, code: Option<CloseCode>, detail: &str) -> Flow {
+        let in_turn = self.turn.is_some();
+        let Some(up) = self.upstream.take() else {
+            return Flow::Continue;
+        };
+        let id = up.id();
+        match close::upstream_ended(code, in_turn) {
+            Disposition::EvictAndForward { code, reason } => {
+                self.evict(up, reason);
+                self.turn = None;
+                let why = format!(
+                    "upstream closed with {code}{}{detail}",
+                    if detail.is_empty() { "" } else { ": " }
+                );
+                self.close_client(code, &why).await;
+                Flow::Stop
+            }
+            Disposition::FailTurn { status, code } => {
+                self.evict(up, EvictReason::Dead);
+                self.turn = None;
+                let msg = format!(
+                    "upstream connection {id} failed before the response completed: {}",
+                    fallback(detail)
+                );
+                self.send_error(status, code, &msg).await
+            }
+            Disposition::Discard => {
+                debug!(upstream.id = id, detail, "upstream ended between turns");
+                self.evict(up, EvictReason::Dead);
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Evicts every pooled connection of this session's key, including `up`.
+    fn evict(&self, up: Pooled<UpstreamConn>, reason: EvictReason) {
+        if up.is_pooled() {
+            up.evict(reason);
+        } else {
+            // A bypass connection: still evict whatever the pool holds for the key.
+            if let Some(key) = up.key().cloned() {
+                drop(up);
+                self.gw.pool.evict_key(&key, reason);
+            }
+        }
+    }
+
+    // === helpers ===
+
+    async fn send_error(&mut self, status: u16, code: &str, message: &str) -> Flow {
+        debug!(status, code, message, "error event to client");
+        match self
+            .client
+            .send(Message::text(event::error_event(status, code, message)))
+            .await
+        {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    async fn close_client(&mut self, code: u16, reason: &str) {
+        // Close reasons are limited to 123 bytes by the protocol.
+        let mut reason = reason.to_string();
+        while reason.len() > 123 {
+            reason.pop();
+        }
+        info!(code, reason = %reason, "closing client");
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let closing = async {
+            let _ = self.client.send(Message::Close(Some(frame))).await;
+            // Drain until the client answers the close (bounded below).
+            while let Some(Ok(_)) = self.client.next().await {}
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
+    }
+}
+
+fn fallback(detail: &str) -> &str {
+    if detail.is_empty() {
+        "connection closed"
+    } else {
+        detail
+    }
+}
+
+async fn next_upstream(up: &mut Option<Pooled<UpstreamConn>>) -> Option<PumpEvent> {
+    match up.as_mut().and_then(Pooled::conn_mut) {
+        Some(conn) => conn.recv().await,
+        None => std::future::pending().await,
+    }
+}

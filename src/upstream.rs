@@ -1,0 +1,294 @@
+//! Dialing the upstream (ws:// or wss:// with rustls), and [`UpstreamConn`]: one upstream
+//! WebSocket with its pump.
+//!
+//! Ownership: the pump task owns the read half for the connection's whole life (while a
+//! session holds it and while it idles in the pool), so upstream pings are always answered
+//! and a close while idle is seen at once. The write half lives in the `UpstreamConn`, with
+//! whoever holds it. Dropping the `UpstreamConn` aborts the pump and closes the socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt};
+use http::{HeaderName, HeaderValue, Uri};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::debug;
+
+use crate::accounts::Account;
+use crate::config::{Config, RelayConfig};
+use crate::error::{DialError, StartError};
+use crate::headers::{ForwardHeaders, response_copy};
+use crate::ids::AccountId;
+use crate::pool::{EvictReason, Health, PoolConn};
+use crate::pump::{self, PumpEvent};
+
+pub type UpstreamStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A validated upstream URL.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub uri: Uri,
+}
+
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
+        let uri: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("ws") | Some("wss") => {}
+            _ => return Err(format!("`{s}` must start with ws:// or wss://")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("`{s}` has no host"));
+        }
+        Ok(UpstreamUrl { uri })
+    }
+}
+
+/// tungstenite limits from config; used for both client and upstream sockets.
+pub fn ws_config(config: &Config) -> WebSocketConfig {
+    let r: &RelayConfig = &config.relay;
+    let max_message = r.max_message_size.as_u64() as usize;
+    let buf = r.read_buffer_size.as_u64() as usize;
+    WebSocketConfig::default()
+        .read_buffer_size(buf)
+        .write_buffer_size(buf)
+        .max_write_buffer_size(max_message + 2 * buf)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(config.max_frame_bytes()))
+}
+
+// === impl Dialer ===
+
+/// Everything needed to open an upstream connection.
+pub struct Dialer {
+    url: UpstreamUrl,
+    tls: Arc<rustls::ClientConfig>,
+    ws_config: WebSocketConfig,
+    connect_timeout: Duration,
+    buffer_frames: usize,
+    waker: Arc<Notify>,
+}
+
+impl Dialer {
+    pub fn new(config: &Config, waker: Arc<Notify>) -> Result<Dialer, StartError> {
+        let url = UpstreamUrl::parse(&config.upstream.url).map_err(|msg| {
+            crate::error::ConfigError::Invalid {
+                key: "upstream.url".into(),
+                msg,
+            }
+        })?;
+        Ok(Dialer {
+            url,
+            tls: crate::tls::client_config(config.upstream.ca_file.as_deref())?,
+            ws_config: ws_config(config),
+            connect_timeout: config.upstream.connect_timeout,
+            buffer_frames: config.relay.buffer_frames,
+            waker,
+        })
+    }
+
+    /// Opens upstream connection `id` for `account`, forwarding the client's `headers`.
+    pub async fn dial(
+        &self,
+        id: u64,
+        account: &Account,
+        headers: &ForwardHeaders,
+    ) -> Result<UpstreamConn, DialError> {
+        let mut req = self
+            .url
+            .uri
+            .clone()
+            .into_client_request()
+            .map_err(|e| DialError::Protocol(e.to_string()))?;
+        let h = req.headers_mut();
+        for (name, value) in headers.iter() {
+            h.append(name.clone(), value.clone());
+        }
+        let auth = HeaderValue::from_str(&account.authorization()).map_err(|_| {
+            DialError::Protocol("account credential is not a valid header value".into())
+        })?;
+        h.insert(http::header::AUTHORIZATION, auth);
+        if let Some(acct) = &account.chatgpt_account_id
+            && let Ok(v) = HeaderValue::from_str(acct)
+        {
+            h.insert(HeaderName::from_static("chatgpt-account-id"), v);
+        }
+        let started = Instant::now();
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            req,
+            Some(self.ws_config),
+            true,
+            Some(Connector::Rustls(self.tls.clone())),
+        );
+        let (ws, response) = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Err(_) => return Err(DialError::Timeout(self.connect_timeout)),
+            Ok(Err(e)) => return Err(map_dial_error(e)),
+            Ok(Ok(ok)) => ok,
+        };
+        debug!(upstream.id = id, account = %account.id, dial_ms = started.elapsed().as_millis() as u64, "upstream connected");
+        Ok(UpstreamConn::start(
+            id,
+            account.id.clone(),
+            ws,
+            response_copy(response.headers()),
+            self.buffer_frames,
+            self.waker.clone(),
+        ))
+    }
+}
+
+fn map_dial_error(e: tungstenite::Error) -> DialError {
+    match e {
+        tungstenite::Error::Http(resp) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned())
+                .unwrap_or_default();
+            DialError::Status {
+                status: resp.status().as_u16(),
+                body,
+            }
+        }
+        tungstenite::Error::Io(io) => {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                DialError::Tls(tls.to_string())
+            } else {
+                DialError::Connect(io.to_string())
+            }
+        }
+        tungstenite::Error::Tls(t) => DialError::Tls(t.to_string()),
+        other => DialError::Protocol(other.to_string()),
+    }
+}
+
+// === impl UpstreamConn ===
+
+/// One upstream WebSocket: its write half, and the bounded channel its pump fills.
+pub struct UpstreamConn {
+    id: u64,
+    created_at: Instant,
+    account: AccountId,
+    /// Headers of the upstream's 101, replayed on the client's 101.
+    response_headers: Vec<(HeaderName, HeaderValue)>,
+    sink: SplitSink<UpstreamStream, Message>,
+    /// Filled by the pump; `relay.buffer_frames` deep. A full channel stops upstream reads.
+    events: mpsc::Receiver<PumpEvent>,
+    /// The pump; aborted when this connection is dropped.
+    _pump: AbortOnDropHandle<()>,
+}
+
+impl std::fmt::Debug for UpstreamConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConn")
+            .field("id", &self.id)
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamConn {
+    fn start(
+        id: u64,
+        account: AccountId,
+        ws: UpstreamStream,
+        response_headers: Vec<(HeaderName, HeaderValue)>,
+        buffer_frames: usize,
+        waker: Arc<Notify>,
+    ) -> UpstreamConn {
+        let (sink, stream) = ws.split();
+        let (tx, events) = mpsc::channel(buffer_frames);
+        let pump = tokio::spawn(pump::run(stream, tx, waker));
+        UpstreamConn {
+            id,
+            created_at: Instant::now(),
+            account,
+            response_headers,
+            sink,
+            events,
+            _pump: AbortOnDropHandle::new(pump),
+        }
+    }
+
+    pub fn account(&self) -> &AccountId {
+        &self.account
+    }
+
+    pub fn response_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.response_headers
+    }
+
+    pub fn age(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.created_at)
+    }
+
+    /// Sends one frame upstream (flushed).
+    pub async fn send(&mut self, msg: Message) -> Result<(), tungstenite::Error> {
+        self.sink.send(msg).await
+    }
+
+    /// The next pump event; `None` once the pump has ended and everything was read.
+    pub async fn recv(&mut self) -> Option<PumpEvent> {
+        self.events.recv().await
+    }
+
+    /// The next pump event if one is ready.
+    pub fn try_recv(&mut self) -> Option<PumpEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// Sends a close frame (best effort, bounded by `timeout`) and drops the connection.
+    pub async fn close(mut self, code: CloseCode, reason: &str, timeout: Duration) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.to_string().into(),
+        };
+        let _ = tokio::time::timeout(timeout, self.sink.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+impl PoolConn for UpstreamConn {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn created_at(&self) -> Instant {
+        self.created_at
+    }
+
+    fn check_idle(&mut self) -> Health {
+        match self.events.try_recv() {
+            Err(mpsc::error::TryRecvError::Empty) => Health::Ok,
+            Ok(PumpEvent::Closed(Some(f))) if f.code == CloseCode::Restart => {
+                Health::Dead(EvictReason::Close1012)
+            }
+            Ok(PumpEvent::Closed(Some(f))) if f.code == CloseCode::Again => {
+                Health::Dead(EvictReason::Close1013)
+            }
+            // Closed, failed, or unexpected data while idle: never hand it out.
+            Ok(_) | Err(mpsc::error::TryRecvError::Disconnected) => Health::Dead(EvictReason::Dead),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_rules() {
+        assert!(UpstreamUrl::parse("wss://api.openai.com/v1/responses").is_ok());
+        assert!(UpstreamUrl::parse("ws://127.0.0.1:9/v1/responses").is_ok());
+        assert!(UpstreamUrl::parse("https://api.openai.com/v1/responses").is_err());
+        assert!(UpstreamUrl::parse("not a url").is_err());
+    }
+}
