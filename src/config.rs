@@ -240,11 +240,13 @@ impl Config {
     pub fn figment(path: &Path) -> Figment {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Yaml::file(path))
-            .merge(
-                Env::prefixed("WSGATE_")
-                    .split("__")
-                    .filter(|k| TOP_LEVEL_KEYS.iter().any(|t| k.as_str().starts_with(t))),
-            )
+            .merge(Env::prefixed("WSGATE_").split("__").filter(|k| {
+                let k = k.as_str().to_ascii_lowercase();
+                let first = k.split(['.', '_']).next().unwrap_or("");
+                let first = if k.starts_with("__") { "" } else { first };
+                TOP_LEVEL_KEYS.contains(&first)
+                    && (k.len() == first.len() || k[first.len()..].starts_with(['.', '_']))
+            }))
     }
 
     /// Parses YAML text over the defaults (no environment); used by tests and the demo.
@@ -463,6 +465,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail signature
     fn yaml_env_layering_and_humantime() {
         Jail::expect_with(|jail| {
             jail.create_file(

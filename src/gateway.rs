@@ -85,6 +85,14 @@ impl Gateway {
         self.shared.active_sessions.load(Ordering::Acquire)
     }
 
+    /// The account a conversation (or routing key) is assigned to now.
+    pub fn assigned_account(&self, conversation: &str) -> Option<String> {
+        self.shared
+            .accounts
+            .assign(conversation)
+            .map(|a| a.id.to_string())
+    }
+
     /// Marks an account unusable: its conversations move to other accounts, and its pooled
     /// connections are evicted (`pool evict reason=account_changed`). Returns how many.
     pub fn disable_account(&self, id: &str) -> usize {

@@ -216,6 +216,7 @@ where
     let mut seen_headers = Vec::new();
     let reject = state.config.reject_status;
     let extra = state.config.response_headers.clone();
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback type
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         for (k, v) in req.headers() {
             seen_headers.push((k.as_str().to_string(), v.to_str().unwrap_or("").to_string()));

@@ -518,12 +518,12 @@ impl<C: PoolConn> Inner<C> {
 
     /// Releases one slot of `account` (a slot was removed).
     fn release(&self, account: &AccountId) {
-        if let Ok(mut per) = self.per_account.lock() {
-            if let Some(n) = per.get_mut(account) {
-                *n -= 1;
-                if *n == 0 {
-                    per.remove(account);
-                }
+        if let Ok(mut per) = self.per_account.lock()
+            && let Some(n) = per.get_mut(account)
+        {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(account);
             }
         }
         self.total.fetch_sub(1, Ordering::AcqRel);

@@ -118,7 +118,7 @@ async fn poisoned_guard_is_discarded_not_returned() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn busy_key_bypasses_and_dial_failure_releases() {
-    let pool = Pool::new(limits());
+    let pool = Pool::<FakeConn>::new(limits());
     let k = key("a", "c1");
     let first = pool.checkout(Some(k.clone()), &k.account);
     assert_eq!(first.decision, Decision::New(NewReason::Miss));

@@ -1,0 +1,222 @@
+//! Shared helpers for integration tests: a gateway on 127.0.0.1:0 in front of the mock
+//! upstream, log capture, unique ids, and polling.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wsgate::client::Client;
+use wsgate::config::{Config, Secrets};
+use wsgate::mock::MockUpstream;
+use wsgate::{Gateway, serve};
+
+pub const CLIENT_KEY: &str = "test-client-key";
+
+static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+
+struct Capture;
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("WSGATE_TEST_LOG").is_some() {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        LOGS.get_or_init(Default::default)
+            .lock()
+            .unwrap()
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the log capture (once per test binary) and the ring TLS provider.
+pub fn init() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        wsgate::tls::install_ring_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("wsgate=debug")
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .try_init();
+    });
+}
+
+/// Captured log lines that contain every one of `needles`.
+pub fn log_lines(needles: &[&str]) -> Vec<String> {
+    let logs = LOGS.get_or_init(Default::default).lock().unwrap();
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `pool decision` lines of one conversation, as `decision reason` pairs, in order.
+pub fn decisions(conversation: &str) -> Vec<String> {
+    log_lines(&["pool decision", &format!("conversation={conversation} ")])
+        .iter()
+        .map(|l| {
+            let field = |name: &str| {
+                l.split(&format!(" {name}="))
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            format!("{} {}", field("decision"), field("reason"))
+        })
+        .collect()
+}
+
+/// The `pool evict` reasons logged for one conversation.
+pub fn evictions(conversation: &str) -> Vec<String> {
+    log_lines(&["pool evict", &format!("conversation={conversation} ")])
+        .iter()
+        .filter_map(|l| {
+            l.split(" reason=")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// A unique id for this test run (conversation ids must not collide across tests).
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Test config: the mock as upstream, one client key, accounts `acct-a`, `acct-b`, ...
+pub fn config(upstream_url: &str, accounts: &[&str]) -> (Config, Secrets) {
+    let mut yaml = format!(
+        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {upstream_url}\n  connect_timeout: 5s\naccounts:\n"
+    );
+    for a in accounts {
+        yaml.push_str(&format!(
+            "  - id: {a}\n    api_key_env: KEY_{}\n",
+            a.to_uppercase().replace('-', "_")
+        ));
+    }
+    let config = Config::from_yaml(&yaml).expect("test config");
+    let secrets = config
+        .resolve_secrets(&|k| match k {
+            "TEST_CLIENT_KEY" => Some(CLIENT_KEY.into()),
+            k => k
+                .strip_prefix("KEY_")
+                .map(|a| format!("sk-{}", a.to_lowercase().replace('_', "-"))),
+        })
+        .expect("test secrets");
+    (config, secrets)
+}
+
+/// The credential the test config gives `account`.
+pub fn account_key(account: &str) -> String {
+    format!("Bearer sk-{account}")
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestGateway {
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/responses", self.addr)
+    }
+
+    /// Connects as Codex does for `conversation` (session-id header) with the client key.
+    pub async fn connect(&self, conversation: &str) -> Client {
+        Client::connect(&self.url(), &self.codex_headers(conversation))
+            .await
+            .expect("connect to gateway")
+    }
+
+    pub fn codex_headers<'a>(&self, conversation: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("authorization", "Bearer test-client-key"),
+            ("session-id", conversation),
+            ("thread-id", conversation),
+            ("x-client-request-id", conversation),
+            ("openai-beta", "responses_websockets=2026-02-06"),
+            ("originator", "codex_exec"),
+        ]
+    }
+
+    /// Which account the gateway assigns to `conversation`.
+    pub fn account_of(&self, conversation: &str) -> String {
+        self.gateway
+            .assigned_account(conversation)
+            .expect("a usable account")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// Starts a gateway for `mock` with `accounts`, after `tweak` edits the config.
+pub async fn start_gateway(
+    mock: &MockUpstream,
+    accounts: &[&str],
+    tweak: impl FnOnce(&mut Config),
+) -> TestGateway {
+    init();
+    let (mut config, secrets) = config(&mock.url(), accounts);
+    tweak(&mut config);
+    start_with(config, secrets).await
+}
+
+pub async fn start_with(config: Config, secrets: Secrets) -> TestGateway {
+    init();
+    let gateway = Gateway::new(config, secrets).expect("gateway");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        gateway.clone(),
+        listener,
+        async {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    TestGateway {
+        addr,
+        gateway,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
