@@ -96,6 +96,8 @@ struct MockState {
     accepted: AtomicU64,
     open: AtomicUsize,
     overlaps: AtomicUsize,
+    /// Bytes of event frames written to gateways.
+    bytes_sent: AtomicU64,
     /// Last 1024 connections.
     conns: Mutex<VecDeque<Arc<ConnRecord>>>,
 }
@@ -118,6 +120,7 @@ impl MockUpstream {
             accepted: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             overlaps: AtomicUsize::new(0),
+            bytes_sent: AtomicU64::new(0),
             conns: Mutex::new(VecDeque::new()),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
@@ -156,6 +159,11 @@ impl MockUpstream {
     /// connection.
     pub fn overlaps(&self) -> usize {
         self.state.overlaps.load(Ordering::Acquire)
+    }
+
+    /// Bytes of event frames written so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.state.bytes_sent.load(Ordering::Acquire)
     }
 
     /// The record of connection `id` (ids start at 1, in accept order).
@@ -343,6 +351,7 @@ type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 /// Sends events with increasing `sequence_number`.
 struct Emitter<'a, S> {
     sink: &'a mut Sink<S>,
+    bytes_sent: &'a AtomicU64,
     seq: u64,
     pending: &'a AtomicUsize,
     terminal_sent: bool,
@@ -360,7 +369,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
             // The turn is over before the client can possibly send the next create.
             self.end();
         }
-        self.sink.send(Message::text(v.to_string())).await.is_ok()
+        let text = v.to_string();
+        let len = text.len() as u64;
+        let ok = self.sink.send(Message::text(text)).await.is_ok();
+        self.bytes_sent.fetch_add(len, Ordering::AcqRel);
+        ok
     }
 
     fn end(&mut self) {
@@ -385,6 +398,7 @@ async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
     let is_create = script_is_create(text);
     let mut em = Emitter {
         sink,
+        bytes_sent: &state.bytes_sent,
         seq: 0,
         pending,
         terminal_sent: !is_create,

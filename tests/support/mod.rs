@@ -220,3 +220,85 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
     cond()
 }
+
+/// The gateway binary running as its own process (so its memory can be measured).
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub stderr: std::sync::Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts `wsgate run --config <yaml>` with the test secrets in its environment.
+    pub fn start(yaml: &str) -> GatewayProcess {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["--config", path.to_str().unwrap(), "run"])
+            .env("TEST_CLIENT_KEY", CLIENT_KEY)
+            .env("KEY_ACCT_A", "sk-acct-a")
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn wsgate");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line.split("wsgate listening addr=").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().ok());
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| {
+                panic!(
+                    "gateway did not report its address: {}",
+                    log.lock().unwrap()
+                )
+            });
+        GatewayProcess {
+            child,
+            addr,
+            stderr: log,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/responses", self.addr)
+    }
+
+    /// Resident set size of the gateway process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,255 @@
+//! Close-code policy and failure tests (issue 2): 1012/1013 evict and pass through, other
+//! upstream failures become `error` events with a top-level status, a client that leaves
+//! mid-turn poisons its upstream, and an account change evicts.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use wsgate::client::create_body;
+use wsgate::mock::{MockConfig, MockUpstream};
+
+async fn mock() -> MockUpstream {
+    MockUpstream::start(MockConfig::default()).await.unwrap()
+}
+
+async fn restart_code_is_forwarded_and_evicts(code: u16) {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique(&format!("close{code}"));
+    // A healthy first session puts the connection in the pool.
+    let mut s1 = gw.connect(&conv).await;
+    assert!(
+        s1.turn(&create_body(Some(&conv), "hi", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    s1.close().await;
+    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+
+    // The reused connection is closed by the upstream mid-turn.
+    let mut s2 = gw.connect(&conv).await;
+    let err = s2
+        .turn(&create_body(
+            Some(&conv),
+            &format!("[[mock: deltas=8, close={code}@mid]]"),
+            None,
+        ))
+        .await
+        .expect_err("the turn is cut by the upstream");
+    assert_eq!(err.close_code(), Some(code), "{err}");
+    assert_eq!(evictions(&conv), [format!("close_{code}")]);
+
+    // Never reused: the next session dials a new connection and says why.
+    let mut s3 = gw.connect(&conv).await;
+    assert!(
+        s3.turn(&create_body(Some(&conv), "full context", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    assert_eq!(decisions(&conv), ["new miss", "reuse -", "new evicted"]);
+    assert_eq!(mock.accepted(), 2);
+    s3.close().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_1012_mid_turn_is_forwarded_and_evicts() {
+    restart_code_is_forwarded_and_evicts(1012).await;
+}
+
+#[tokio::test]
+async fn upstream_1013_mid_turn_is_forwarded_and_evicts() {
+    restart_code_is_forwarded_and_evicts(1013).await;
+}
+
+async fn failure_becomes_error_event(directive: &str) {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("fail");
+    let mut s1 = gw.connect(&conv).await;
+    let t = s1
+        .turn(&create_body(Some(&conv), directive, None))
+        .await
+        .expect("an error event, not a close");
+    let ev = t.terminal();
+    assert_eq!(ev["type"], "error", "{ev}");
+    assert_eq!(ev["status"], 502, "top-level status so Codex retries: {ev}");
+    assert_eq!(ev["error"]["code"], "upstream_closed");
+    assert!(
+        t.events.iter().any(|e| e["type"] == "response.created"),
+        "events before the failure were relayed"
+    );
+    assert_eq!(evictions(&conv), ["dead"]);
+
+    // The session stays usable: a full request goes to a fresh connection.
+    let t2 = s1
+        .turn(&create_body(Some(&conv), "retry with full context", None))
+        .await
+        .unwrap();
+    assert!(t2.is_completed());
+    // A continuation of the dead connection's response is refused, never sent elsewhere.
+    let t3 = s1
+        .turn(&create_body(Some(&conv), "continue", Some("resp_1_1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        t3.terminal()["error"]["code"],
+        "previous_response_not_found"
+    );
+    s1.close().await;
+
+    let mut s2 = gw.connect(&conv).await;
+    assert!(
+        s2.turn(&create_body(Some(&conv), "again", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    s2.close().await;
+    assert_eq!(decisions(&conv), ["new miss", "new dead", "reuse -"]);
+    assert_eq!(mock.accepted(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_1011_mid_turn_becomes_error_event_and_is_not_reused() {
+    failure_becomes_error_event("[[mock: deltas=6, close=1011@mid]]").await;
+}
+
+#[tokio::test]
+async fn upstream_eof_mid_turn_becomes_error_event_and_is_not_reused() {
+    failure_becomes_error_event("[[mock: deltas=6, close=eof@mid]]").await;
+}
+
+#[tokio::test]
+async fn client_leaving_mid_turn_discards_the_upstream_and_late_frames_never_leak() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("leave");
+    let mut s1 = gw.connect(&conv).await;
+    s1.send_json(&create_body(
+        Some(&conv),
+        "[[mock: deltas=200, interval=10]]",
+        None,
+    ))
+    .await
+    .unwrap();
+    let mut first_id = None;
+    for _ in 0..4 {
+        let ev = s1.recv().await.unwrap();
+        if ev["type"] == "response.created" {
+            first_id = ev["response"]["id"].as_str().map(str::to_string);
+        }
+    }
+    let first_id = first_id.expect("saw response.created");
+    s1.abort();
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.open() == 0).await,
+        "upstream closed"
+    );
+    assert_eq!(evictions(&conv), ["discarded"]);
+
+    let mut s2 = gw.connect(&conv).await;
+    let t = s2
+        .turn(&create_body(Some(&conv), "fresh", None))
+        .await
+        .unwrap();
+    assert!(t.is_completed());
+    let mine = t.response_id().unwrap().to_string();
+    assert_ne!(mine, first_id);
+    for ev in &t.events {
+        assert!(
+            !ev.to_string().contains(&first_id),
+            "late frame of the abandoned turn leaked: {ev}"
+        );
+    }
+    assert_eq!(decisions(&conv), ["new miss", "new miss"]);
+    assert_eq!(mock.accepted(), 2);
+    s2.close().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn account_change_evicts_and_moves_the_conversation() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    let conv = unique("move");
+    let first = gw.account_of(&conv);
+    let mut s1 = gw.connect(&conv).await;
+    assert!(
+        s1.turn(&create_body(Some(&conv), "hi", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    s1.close().await;
+    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+
+    assert_eq!(gw.gateway.disable_account(&first), 1);
+    assert_eq!(evictions(&conv), ["account_changed"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.open() == 0).await,
+        "the old connection is closed"
+    );
+
+    let second = gw.account_of(&conv);
+    assert_ne!(first, second);
+    let mut s2 = gw.connect(&conv).await;
+    assert!(
+        s2.turn(&create_body(Some(&conv), "hi again", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    s2.close().await;
+    assert_eq!(decisions(&conv), ["new miss", "new miss"]);
+    let lines = log_lines(&["pool decision", &format!("conversation={conv} ")]);
+    assert!(
+        lines[0].contains(&format!("account={first} "))
+            && lines[1].contains(&format!("account={second} ")),
+        "{lines:?}"
+    );
+    assert_eq!(
+        mock.connection(2).unwrap().header("authorization").unwrap(),
+        account_key(&second)
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn account_change_during_a_session_rotates_full_requests_only() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    let conv = unique("live");
+    let first = gw.account_of(&conv);
+    let mut s = gw.connect(&conv).await;
+    let t1 = s.turn(&create_body(Some(&conv), "hi", None)).await.unwrap();
+    gw.gateway.disable_account(&first);
+    // A continuation stays on the connection that owns its parent.
+    let t2 = s
+        .turn(&create_body(Some(&conv), "continue", t1.response_id()))
+        .await
+        .unwrap();
+    assert!(t2.is_completed(), "{:?}", t2.terminal());
+    // A full request moves to the new account.
+    let t3 = s
+        .turn(&create_body(Some(&conv), "full", None))
+        .await
+        .unwrap();
+    assert!(t3.is_completed());
+    assert!(t3.response_id().unwrap().starts_with("resp_2_"));
+    assert_eq!(
+        mock.connection(2).unwrap().header("authorization").unwrap(),
+        account_key(&gw.account_of(&conv))
+    );
+    s.close().await;
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.open() == 1).await,
+        "the evicted connection was not pooled"
+    );
+    gw.stop().await;
+}

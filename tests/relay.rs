@@ -1,0 +1,368 @@
+//! Relay tests (issue 2): back-pressure with a slow client, strict turn serialization, bad
+//! client input, header forwarding.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use wsgate::client::{Client, ClientError, create_body};
+use wsgate::mock::{MockConfig, MockUpstream};
+
+#[tokio::test]
+async fn slow_client_back_pressures_the_upstream_with_bounded_gateway_memory() {
+    init();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {}\naccounts:\n  - id: acct-a\n    api_key_env: KEY_ACCT_A\nrelay:\n  buffer_frames: 4\n",
+        mock.url()
+    );
+    let gw = GatewayProcess::start(&yaml);
+    let conv = unique("slow");
+    let headers = [
+        ("authorization", "Bearer test-client-key"),
+        ("session-id", conv.as_str()),
+    ];
+    let mut c = Client::connect(&gw.url(), &headers).await.unwrap();
+    assert!(
+        c.turn(&create_body(Some(&conv), "warm up", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = gw.rss_kib();
+
+    // 800 deltas of 64 KiB = 50 MiB, read slowly.
+    const DELTAS: usize = 800;
+    const SIZE: usize = 64 * 1024;
+    let total = (DELTAS * SIZE) as u64;
+    let sent_before = mock.bytes_sent();
+    c.send_json(&create_body(
+        Some(&conv),
+        &format!("[[mock: deltas={DELTAS}, size={SIZE}]]"),
+        None,
+    ))
+    .await
+    .unwrap();
+    let mut events = vec![c.recv().await.unwrap(), c.recv().await.unwrap()];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stalled_at = mock.bytes_sent() - sent_before;
+    let mut peak = gw.rss_kib();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let still_at = mock.bytes_sent() - sent_before;
+    peak = peak.max(gw.rss_kib());
+    assert!(
+        stalled_at < total / 2,
+        "upstream was not back-pressured: {stalled_at} of {total} bytes sent"
+    );
+    assert!(
+        still_at - stalled_at < 1 << 20,
+        "upstream kept streaming while the client stalled"
+    );
+    let growth_kib = peak.saturating_sub(baseline);
+    assert!(
+        growth_kib < 16 * 1024,
+        "gateway grew by {growth_kib} KiB while holding a stalled 50 MiB stream"
+    );
+
+    // Now drain: every frame arrives, in order.
+    c.set_timeout(Duration::from_secs(60));
+    loop {
+        let ev = c.recv().await.unwrap();
+        let done = ev["type"] == "response.completed";
+        events.push(ev);
+        if done {
+            break;
+        }
+    }
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "sequence numbers in order"
+    );
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas.len(), DELTAS);
+    for (i, d) in deltas.iter().enumerate() {
+        assert!(d.contains(&format!(":{i:08}|")), "delta {i} out of order");
+        assert_eq!(d.len(), SIZE);
+    }
+    eprintln!(
+        "slow client: baseline {baseline} KiB, peak {peak} KiB, upstream stalled at {stalled_at} bytes"
+    );
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_second_create_during_a_turn_is_held_not_interleaved() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("held");
+    let mut c = gw.connect(&conv).await;
+    c.send_json(&create_body(
+        Some(&conv),
+        "[[mock: deltas=20, interval=10]]",
+        None,
+    ))
+    .await
+    .unwrap();
+    c.send_json(&create_body(Some(&conv), "second", None))
+        .await
+        .unwrap();
+    let first = c.read_turn().await.unwrap();
+    let second = c.read_turn().await.unwrap();
+    assert!(first.is_completed() && second.is_completed());
+    let id_of = |e: &Value| e["response"]["id"].as_str().map(str::to_string);
+    assert_eq!(first.response_id(), Some("resp_1_1"));
+    assert_eq!(second.response_id(), Some("resp_1_2"));
+    assert!(
+        first
+            .events
+            .iter()
+            .filter_map(id_of)
+            .all(|id| id == "resp_1_1")
+    );
+    assert_eq!(
+        mock.overlaps(),
+        0,
+        "the upstream never saw two creates in flight"
+    );
+    assert_eq!(
+        mock.connection(1)
+            .unwrap()
+            .creates
+            .load(std::sync::atomic::Ordering::Acquire),
+        2
+    );
+    c.close().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_other_sessions_are_unaffected() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.relay.max_message_size = bytesize::ByteSize::kib(64)
+    })
+    .await;
+    // A bystander session streams the whole time.
+    let bystander = unique("bystander");
+    let mut by = gw.connect(&bystander).await;
+    by.send_json(&create_body(
+        Some(&bystander),
+        "[[mock: deltas=40, interval=10]]",
+        None,
+    ))
+    .await
+    .unwrap();
+
+    // Wrong or missing key: HTTP 401 before the upgrade.
+    for auth in ["Bearer wrong-key", "Basic dGVzdA==", ""] {
+        let conv = unique("auth");
+        let mut h = vec![("session-id", conv.as_str())];
+        if !auth.is_empty() {
+            h.push(("authorization", auth));
+        }
+        match Client::connect(&gw.url(), &h).await {
+            Err(ClientError::Refused { status, body }) => {
+                assert_eq!(status, 401);
+                assert!(body.contains("invalid_api_key"), "{body}");
+            }
+            other => panic!("expected 401, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    // Malformed JSON and a missing type: an error event with status 400; the session lives on.
+    let conv = unique("bad");
+    let mut c = gw.connect(&conv).await;
+    c.send_text("{\"type\": \"response.create\", oops")
+        .await
+        .unwrap();
+    let ev = c.recv().await.unwrap();
+    assert_eq!(
+        (ev["type"].as_str(), ev["status"].as_u64()),
+        (Some("error"), Some(400)),
+        "{ev}"
+    );
+    assert_eq!(ev["error"]["code"], "invalid_json");
+    c.send_text("{\"input\": []}").await.unwrap();
+    assert_eq!(c.recv().await.unwrap()["error"]["code"], "missing_type");
+    assert!(
+        c.turn(&create_body(Some(&conv), "valid now", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+
+    // A binary frame: close 1003 with a reason.
+    c.send_message(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    let err = c.recv().await.unwrap_err();
+    assert_eq!(err.close_code(), Some(1003), "{err}");
+
+    // An oversize message: close 1009.
+    let conv2 = unique("big");
+    let mut big = gw.connect(&conv2).await;
+    big.send_text(&create_body(Some(&conv2), &"x".repeat(100 * 1024), None).to_string())
+        .await
+        .unwrap();
+    let err = big.recv().await.unwrap_err();
+    assert_eq!(err.close_code(), Some(1009), "{err}");
+
+    let t = by.read_turn().await.unwrap();
+    assert!(t.is_completed());
+    assert_eq!(
+        t.events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .count(),
+        40
+    );
+    by.close().await;
+    assert!(wait_until(Duration::from_secs(5), || gw.gateway.active_sessions() == 0).await);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn headers_are_forwarded_replaced_and_copied_back() {
+    let mock = MockUpstream::start(MockConfig {
+        response_headers: vec![
+            ("x-codex-turn-state".into(), "ts-1".into()),
+            ("openai-model".into(), "mock-model".into()),
+            ("x-models-etag".into(), "etag-1".into()),
+            ("set-cookie".into(), "upstream=1".into()),
+        ],
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("hdr");
+    let mut h = gw.codex_headers(&conv);
+    h.extend([
+        ("x-codex-turn-metadata", "{\"turn_id\":\"t1\"}"),
+        (
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits",
+        ),
+        ("cookie", "secret=1"),
+        ("chatgpt-account-id", "client-supplied"),
+    ]);
+    let c = Client::connect(&gw.url(), &h).await.unwrap();
+    let r = &c.response_headers;
+    assert_eq!(r.get("openai-model").unwrap(), "mock-model");
+    assert_eq!(r.get("x-models-etag").unwrap(), "etag-1");
+    assert_eq!(r.get("x-codex-turn-state").unwrap(), "ts-1");
+    assert!(r.get("set-cookie").is_none());
+    assert!(
+        r.get("sec-websocket-extensions").is_none(),
+        "permessage-deflate is declined"
+    );
+    c.close().await;
+
+    let up = mock.connection(1).unwrap();
+    assert_eq!(
+        up.header("authorization"),
+        Some(account_key("acct-a").as_str()),
+        "client key replaced"
+    );
+    for (k, v) in [
+        ("openai-beta", "responses_websockets=2026-02-06"),
+        ("originator", "codex_exec"),
+        ("session-id", conv.as_str()),
+        ("thread-id", conv.as_str()),
+        ("x-client-request-id", conv.as_str()),
+        ("x-codex-turn-metadata", "{\"turn_id\":\"t1\"}"),
+    ] {
+        assert_eq!(up.header(k), Some(v), "{k}");
+    }
+    for k in ["cookie", "chatgpt-account-id", "sec-websocket-extensions"] {
+        assert!(up.header(k).is_none(), "{k} must not be forwarded");
+    }
+
+    // A reused connection replays the 101 headers, but not a stale turn-state token.
+    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+    let c2 = gw.connect(&conv).await;
+    assert_eq!(
+        c2.response_headers.get("openai-model").unwrap(),
+        "mock-model"
+    );
+    assert!(c2.response_headers.get("x-codex-turn-state").is_none());
+    c2.close().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn chatgpt_accounts_send_their_account_id() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    init();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nclients: []\nupstream:\n  url: {}\naccounts:\n  - id: team\n    access_token_env: TOKEN\n    chatgpt_account_id: ws-123\n",
+        mock.url()
+    );
+    let config = wsgate::Config::from_yaml(&yaml).unwrap();
+    let secrets = config
+        .resolve_secrets(&|_| Some("at-secret".into()))
+        .unwrap();
+    let gw = start_with(config, secrets).await;
+    let conv = unique("cgpt");
+    let c = Client::connect(&gw.url(), &[("session-id", conv.as_str())])
+        .await
+        .unwrap();
+    c.close().await;
+    let up = mock.connection(1).unwrap();
+    assert_eq!(up.header("authorization"), Some("Bearer at-secret"));
+    assert_eq!(up.header("chatgpt-account-id"), Some("ws-123"));
+    assert!(
+        log_lines(&["at-secret"]).is_empty(),
+        "credentials never logged"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn healthz_and_non_websocket_requests() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let get = |path: &'static str, auth: bool| {
+        let addr = gw.addr;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let auth = if auth {
+                "Authorization: Bearer test-client-key\r\n"
+            } else {
+                ""
+            };
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    assert!(get("/healthz", false).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        get("/v1/responses", false)
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
+    assert!(get("/v1/responses", true).await.starts_with("HTTP/1.1 426"));
+    assert!(get("/nope", false).await.starts_with("HTTP/1.1 404"));
+    assert_eq!(mock.accepted(), 0);
+    gw.stop().await;
+}
