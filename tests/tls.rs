@@ -1,0 +1,109 @@
+//! wss:// upstream with a private CA via `upstream.ca_file` (rcgen certificate, ring provider).
+
+mod support;
+
+use std::sync::Arc;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use support::*;
+use wsgate::client::{Client, ClientError, create_body};
+use wsgate::mock::{MockConfig, MockUpstream};
+
+struct TlsMock {
+    mock: MockUpstream,
+    ca_pem: String,
+}
+
+async fn tls_mock() -> TlsMock {
+    init(); // installs the ring provider explicitly
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    let mock = MockUpstream::start(MockConfig {
+        tls: Some(Arc::new(server)),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    assert!(mock.url().starts_with("wss://127.0.0.1:"));
+    TlsMock {
+        mock,
+        ca_pem: ck.cert.pem(),
+    }
+}
+
+#[tokio::test]
+async fn wss_upstream_with_ca_file_works() {
+    let t = tls_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &t.ca_pem).unwrap();
+    let gw = start_gateway(&t.mock, &["acct-a"], |c| {
+        c.upstream.ca_file = Some(ca.clone())
+    })
+    .await;
+    let conv = unique("tls");
+    let mut c = gw.connect(&conv).await;
+    let turn = c
+        .turn(&create_body(Some(&conv), "over TLS", None))
+        .await
+        .unwrap();
+    assert!(turn.is_completed());
+    assert_eq!(t.mock.accepted(), 1);
+    c.close().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_fails_clearly() {
+    let t = tls_mock().await;
+    let gw = start_gateway(&t.mock, &["acct-a"], |_| {}).await;
+    let conv = unique("untrusted");
+    match Client::connect(&gw.url(), &gw.codex_headers(&conv)).await {
+        Err(ClientError::Refused { status, body }) => {
+            assert_eq!(status, 502);
+            assert!(body.contains("upstream_tls_failed"), "{body}");
+            assert!(body.to_lowercase().contains("certificate"), "{body}");
+        }
+        other => panic!("expected HTTP 502, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(t.mock.accepted(), 0);
+    assert_eq!(
+        gw.gateway.pool_stats().total,
+        0,
+        "the failed dial released its slot"
+    );
+    assert_eq!(log_lines(&["upstream dial failed", "certificate"]).len(), 1);
+    gw.stop().await;
+}
+
+#[test]
+fn bad_ca_file_is_a_start_error() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let (mut config, secrets) = config("wss://127.0.0.1:1/v1/responses", &["acct-a"]);
+    config.upstream.ca_file = Some(ca);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        wsgate::Gateway::new(config, secrets)
+            .err()
+            .unwrap()
+            .to_string()
+    });
+    assert!(err.contains("ca_file"), "{err}");
+}
