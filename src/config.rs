@@ -243,9 +243,7 @@ impl Config {
             .merge(Env::prefixed("WSGATE_").split("__").filter(|k| {
                 let k = k.as_str().to_ascii_lowercase();
                 let first = k.split(['.', '_']).next().unwrap_or("");
-                let first = if k.starts_with("__") { "" } else { first };
                 TOP_LEVEL_KEYS.contains(&first)
-                    && (k.len() == first.len() || k[first.len()..].starts_with(['.', '_']))
             }))
     }
 

@@ -271,10 +271,12 @@ impl<C: PoolConn> Pool<C> {
                 Decision::Bypass(BypassReason::NoKey),
                 self.unpooled(account),
             ),
-            Some(_) if !limits.enabled || inner.closed.load(Ordering::Acquire) => (
-                Decision::Bypass(BypassReason::Disabled),
-                self.unpooled(account),
-            ),
+            Some(key) if !limits.enabled || inner.closed.load(Ordering::Acquire) => {
+                let mut p = self.unpooled(account);
+                // Unpooled, but the log still names the conversation.
+                p.key = Some(key);
+                (Decision::Bypass(BypassReason::Disabled), p)
+            }
             Some(key) => self.checkout_key(key, &limits, now),
         };
         let conversation = pooled.key.as_ref().map(|k| k.conversation.to_string());

@@ -315,3 +315,15 @@ fn decision_reasons_match_design() {
     assert_eq!(EvictReason::Close1012.to_string(), "close_1012");
     assert_eq!(EvictReason::AccountChanged.to_string(), "account_changed");
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn disabled_bypass_keeps_the_conversation_for_the_log() {
+    let pool = Pool::<FakeConn>::new(PoolConfig {
+        enabled: false,
+        ..limits()
+    });
+    let co = pool.checkout(Some(key("a", "c9")), &"a".into());
+    assert_eq!(co.decision, Decision::Bypass(BypassReason::Disabled));
+    assert_eq!(co.pooled.key().map(|k| k.conversation.as_str()), Some("c9"));
+    assert!(!co.pooled.is_pooled());
+}
