@@ -73,6 +73,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Extra PEM roots trusted beside the webpki roots. Default none.
     pub ca_file: Option<PathBuf>,
+    /// One upstream write may take this long before the connection is declared dead. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 /// One upstream account. Exactly one credential source: an API key, or a ChatGPT access token
@@ -113,6 +116,10 @@ pub struct PoolConfig {
     pub max_total: usize,
     /// Remembered recent evictions (so the next `new` says why). Default 1024.
     pub max_tombstones: usize,
+    /// Keepalive: a ping after this much upstream silence; two intervals without anything
+    /// heard evicts the connection. Runs while idle and during turns. Default `25s`.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
 }
 
 /// Relay limits (DESIGN §1 "Pump").
@@ -186,6 +193,7 @@ impl Default for UpstreamConfig {
             url: "wss://api.openai.com/v1/responses".into(),
             connect_timeout: Duration::from_secs(10),
             ca_file: None,
+            write_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -199,6 +207,7 @@ impl Default for PoolConfig {
             max_per_account: 8,
             max_total: 256,
             max_tombstones: 1024,
+            ping_interval: Duration::from_secs(25),
         }
     }
 }
@@ -340,6 +349,12 @@ impl Config {
         }
         if p.idle_timeout.is_zero() {
             return invalid("pool.idle_timeout", "must be greater than 0".into());
+        }
+        if p.ping_interval < Duration::from_millis(10) {
+            return invalid("pool.ping_interval", "must be at least 10ms".into());
+        }
+        if self.upstream.write_timeout.is_zero() {
+            return invalid("upstream.write_timeout", "must be greater than 0".into());
         }
         if p.max_per_account == 0 {
             return invalid("pool.max_per_account", "must be at least 1".into());

@@ -6,21 +6,20 @@
 //! and a close while idle is seen at once. The write half lives in the `UpstreamConn`, with
 //! whoever holds it. Dropping the `UpstreamConn` aborts the pump and closes the socket.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::SplitSink;
-use futures::{SinkExt, StreamExt};
 use http::{HeaderName, HeaderValue, Uri};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::accounts::Account;
@@ -29,7 +28,8 @@ use crate::error::{DialError, StartError};
 use crate::headers::{ForwardHeaders, response_copy};
 use crate::ids::AccountId;
 use crate::pool::{EvictReason, Health, PoolConn};
-use crate::pump::{self, PumpEvent};
+use crate::pump::{self, PumpConfig, PumpEvent, PumpIo};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 pub type UpstreamStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -75,7 +75,10 @@ pub struct Dialer {
     ws_config: WebSocketConfig,
     connect_timeout: Duration,
     buffer_frames: usize,
+    pump: PumpConfig,
     waker: Arc<Notify>,
+    /// Every pump task, so shutdown can wait for their close frames.
+    tasks: TaskTracker,
 }
 
 impl Dialer {
@@ -92,8 +95,18 @@ impl Dialer {
             ws_config: ws_config(config),
             connect_timeout: config.upstream.connect_timeout,
             buffer_frames: config.relay.buffer_frames,
+            pump: PumpConfig {
+                ping_interval: config.pool.ping_interval,
+                write_timeout: config.upstream.write_timeout,
+            },
             waker,
+            tasks: TaskTracker::new(),
         })
+    }
+
+    /// The pump tasks (shutdown waits on them).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// Opens upstream connection `id` for `account`, forwarding the client's `headers`.
@@ -135,14 +148,26 @@ impl Dialer {
             Ok(Ok(ok)) => ok,
         };
         debug!(upstream.id = id, account = %account.id, dial_ms = started.elapsed().as_millis() as u64, "upstream connected");
-        Ok(UpstreamConn::start(
+        let (commands_tx, commands) = mpsc::channel(4);
+        let (events_tx, events) = mpsc::channel(self.buffer_frames);
+        let close_code = Arc::new(AtomicU16::new(1000));
+        let io = PumpIo {
+            commands,
+            events: events_tx,
+            waker: self.waker.clone(),
+            close_code: close_code.clone(),
+        };
+        self.tasks.spawn(pump::run(ws, io, self.pump));
+        Ok(UpstreamConn {
             id,
-            account.id.clone(),
-            ws,
-            response_copy(response.headers()),
-            self.buffer_frames,
-            self.waker.clone(),
-        ))
+            created_at: Instant::now(),
+            account: account.id.clone(),
+            response_headers: response_copy(response.headers()),
+            commands: commands_tx,
+            events,
+            close_code,
+            recent: VecDeque::new(),
+        })
     }
 }
 
@@ -173,18 +198,24 @@ fn map_dial_error(e: tungstenite::Error) -> DialError {
 
 // === impl UpstreamConn ===
 
-/// One upstream WebSocket: its write half, and the bounded channel its pump fills.
+/// Responses remembered per connection for owner routing.
+const RECENT_RESPONSES: usize = 16;
+
+/// Handle to one upstream WebSocket, whose pump task owns the socket. Dropping the handle makes
+/// the pump close the socket (code 1000, or 1001 after [`UpstreamConn::set_close_code`]).
 pub struct UpstreamConn {
     id: u64,
     created_at: Instant,
     account: AccountId,
     /// Headers of the upstream's 101, replayed on the client's 101.
     response_headers: Vec<(HeaderName, HeaderValue)>,
-    sink: SplitSink<UpstreamStream, Message>,
+    /// Frames to write upstream (small bound; the holder awaits space).
+    commands: mpsc::Sender<Message>,
     /// Filled by the pump; `relay.buffer_frames` deep. A full channel stops upstream reads.
     events: mpsc::Receiver<PumpEvent>,
-    /// The pump; aborted when this connection is dropped.
-    _pump: AbortOnDropHandle<()>,
+    close_code: Arc<AtomicU16>,
+    /// Ids of the last responses completed on this connection (its `previous_response_id` state).
+    recent: VecDeque<String>,
 }
 
 impl std::fmt::Debug for UpstreamConn {
@@ -197,28 +228,6 @@ impl std::fmt::Debug for UpstreamConn {
 }
 
 impl UpstreamConn {
-    fn start(
-        id: u64,
-        account: AccountId,
-        ws: UpstreamStream,
-        response_headers: Vec<(HeaderName, HeaderValue)>,
-        buffer_frames: usize,
-        waker: Arc<Notify>,
-    ) -> UpstreamConn {
-        let (sink, stream) = ws.split();
-        let (tx, events) = mpsc::channel(buffer_frames);
-        let pump = tokio::spawn(pump::run(stream, tx, waker));
-        UpstreamConn {
-            id,
-            created_at: Instant::now(),
-            account,
-            response_headers,
-            sink,
-            events,
-            _pump: AbortOnDropHandle::new(pump),
-        }
-    }
-
     pub fn account(&self) -> &AccountId {
         &self.account
     }
@@ -231,9 +240,31 @@ impl UpstreamConn {
         Instant::now().saturating_duration_since(self.created_at)
     }
 
-    /// Sends one frame upstream (flushed).
+    /// Queues one frame for the upstream. Fails only if the pump has ended; write failures
+    /// arrive as a [`PumpEvent::Failed`].
     pub async fn send(&mut self, msg: Message) -> Result<(), tungstenite::Error> {
-        self.sink.send(msg).await
+        self.commands
+            .send(msg)
+            .await
+            .map_err(|_| tungstenite::Error::AlreadyClosed)
+    }
+
+    /// Records a response completed on this connection.
+    pub fn record_response(&mut self, id: &str) {
+        if self.recent.len() == RECENT_RESPONSES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(id.to_string());
+    }
+
+    /// True if `response_id` was completed on this connection (recently).
+    pub fn produced(&self, response_id: &str) -> bool {
+        self.recent.iter().any(|r| r == response_id)
+    }
+
+    /// The close code the pump sends when this handle is dropped.
+    pub fn set_close_code(&self, code: u16) {
+        self.close_code.store(code, Ordering::Release);
     }
 
     /// The next pump event; `None` once the pump has ended and everything was read.
@@ -245,15 +276,6 @@ impl UpstreamConn {
     pub fn try_recv(&mut self) -> Option<PumpEvent> {
         self.events.try_recv().ok()
     }
-
-    /// Sends a close frame (best effort, bounded by `timeout`) and drops the connection.
-    pub async fn close(mut self, code: CloseCode, reason: &str, timeout: Duration) {
-        let frame = CloseFrame {
-            code,
-            reason: reason.to_string().into(),
-        };
-        let _ = tokio::time::timeout(timeout, self.sink.send(Message::Close(Some(frame)))).await;
-    }
 }
 
 impl PoolConn for UpstreamConn {
@@ -263,6 +285,12 @@ impl PoolConn for UpstreamConn {
 
     fn created_at(&self) -> Instant {
         self.created_at
+    }
+
+    fn on_evict(&mut self, reason: EvictReason) {
+        if reason == EvictReason::Shutdown {
+            self.set_close_code(1001);
+        }
     }
 
     fn check_idle(&mut self) -> Health {

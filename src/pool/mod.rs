@@ -49,6 +49,8 @@ pub trait PoolConn: Send + Sync + 'static {
     fn created_at(&self) -> Instant;
     /// Non-blocking check of an idle connection: did anything happen while it sat in the pool?
     fn check_idle(&mut self) -> Health;
+    /// Called just before an evicted connection is dropped.
+    fn on_evict(&mut self, _reason: EvictReason) {}
 }
 
 /// Result of [`PoolConn::check_idle`].
@@ -550,7 +552,8 @@ impl<C: PoolConn> Inner<C> {
                 log_evict(reason, key, slot.conn_id);
                 self.tombstone(key, reason);
                 if matches!(slot.state, SlotState::Idle { .. }) {
-                    if let SlotState::Idle { conn, .. } = e.remove().state {
+                    if let SlotState::Idle { mut conn, .. } = e.remove().state {
+                        conn.on_evict(reason);
                         doomed = Some(conn);
                     }
                     self.release(&key.account);
@@ -578,7 +581,8 @@ impl<C: PoolConn> Inner<C> {
             {
                 log_evict(reason, key, conn_id);
                 self.tombstone(key, reason);
-                if let SlotState::Idle { conn, .. } = e.remove().state {
+                if let SlotState::Idle { mut conn, .. } = e.remove().state {
+                    conn.on_evict(reason);
                     doomed = Some(conn);
                 }
                 self.release(&key.account);
@@ -643,6 +647,8 @@ impl<C: PoolConn> Inner<C> {
                         Some(reason) => {
                             log_evict(reason, key, conn_id);
                             self.tombstone(key, reason);
+                            let mut conn = conn;
+                            conn.on_evict(reason);
                             doomed = Some(conn);
                             false
                         }
