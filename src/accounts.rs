@@ -1,29 +1,72 @@
-//! Upstream accounts: credentials, usability, and the conversation -> account assignment.
+//! Upstream accounts: credentials, availability, load, and the conversation -> account
+//! assignment.
 //!
-//! Assignment is rendezvous (highest-random-weight) hashing over the usable accounts: it needs
-//! no per-conversation map (nothing grows with uptime), a conversation keeps its account while
-//! that account stays usable, and when an account becomes unusable only its conversations move.
+//! - A new conversation goes to the least-loaded usable account (open upstream connections
+//!   divided by `weight`); the assignment is sticky while that account stays usable.
+//! - An account is unusable while cooling down after a rate limit (until `resets_in_seconds`
+//!   or `routing.cooldown`), after a 401/403 at the handshake (until a config reload), while
+//!   disabled by an operator, or once removed from the config.
+//! - The sticky map is FIFO-bounded by `routing.max_conversations`; a forgotten conversation is
+//!   simply assigned again (to the least-loaded account).
 
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Secrets};
-use crate::ids::AccountId;
+use crate::ids::{AccountId, ConversationId};
+
+/// Whether an account can take traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Usable,
+    /// Rate-limited until this instant.
+    Cooling {
+        until: Instant,
+    },
+    /// The upstream refused its credential at the handshake; until the next config reload.
+    AuthFailed,
+    /// Disabled by an operator (library API).
+    Disabled,
+    /// No longer in the config.
+    Removed,
+}
+
+impl Availability {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Availability::Usable => "usable",
+            Availability::Cooling { .. } => "cooling",
+            Availability::AuthFailed => "auth_failed",
+            Availability::Disabled => "disabled",
+            Availability::Removed => "removed",
+        }
+    }
+}
 
 /// One upstream account. `Debug` never shows the credential.
 pub struct Account {
     pub id: AccountId,
     credential: String,
     pub chatgpt_account_id: Option<String>,
-    usable: AtomicBool,
+    weight: AtomicU32,
+    /// 0 = use `pool.max_per_account`.
+    max_connections: AtomicUsize,
+    state: Mutex<Availability>,
+    /// Open upstream connections (pooled, busy or bypass): the load.
+    open: AtomicUsize,
 }
 
 impl std::fmt::Debug for Account {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Account")
             .field("id", &self.id)
-            .field("usable", &self.is_usable())
+            .field("availability", &self.availability())
+            .field("open", &self.open_connections())
             .finish_non_exhaustive()
     }
 }
@@ -34,8 +77,27 @@ impl Account {
             id: AccountId::new(id),
             credential,
             chatgpt_account_id,
-            usable: AtomicBool::new(true),
+            weight: AtomicU32::new(1),
+            max_connections: AtomicUsize::new(0),
+            state: Mutex::new(Availability::Usable),
+            open: AtomicUsize::new(0),
         }
+    }
+
+    fn from_config(c: &AccountConfig, secrets: &Secrets) -> Self {
+        let a = Account::new(
+            &c.id,
+            secrets.accounts.get(&c.id).cloned().unwrap_or_default(),
+            c.chatgpt_account_id.clone(),
+        );
+        a.apply_settings(c);
+        a
+    }
+
+    fn apply_settings(&self, c: &AccountConfig) {
+        self.weight.store(c.weight.max(1), Ordering::Release);
+        self.max_connections
+            .store(c.max_connections.unwrap_or(0), Ordering::Release);
     }
 
     /// The `Authorization` header value for the upstream.
@@ -43,57 +105,268 @@ impl Account {
         format!("Bearer {}", self.credential)
     }
 
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Acquire)
+    }
+
+    /// Per-account pooled-connection cap, if the account sets one.
+    pub fn max_connections(&self) -> Option<usize> {
+        Some(self.max_connections.load(Ordering::Acquire)).filter(|n| *n > 0)
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Current availability; an expired cooldown turns back into `Usable` here.
+    pub fn availability(&self) -> Availability {
+        let Ok(mut s) = self.state.lock() else {
+            return Availability::Disabled;
+        };
+        if let Availability::Cooling { until } = *s
+            && Instant::now() >= until
+        {
+            *s = Availability::Usable;
+        }
+        *s
+    }
+
     pub fn is_usable(&self) -> bool {
-        self.usable.load(Ordering::Acquire)
+        self.availability() == Availability::Usable
+    }
+
+    /// Sets the availability; returns true if the account went from usable to unusable.
+    fn set(&self, to: Availability) -> bool {
+        let was = self.availability();
+        if let Ok(mut s) = self.state.lock() {
+            *s = to;
+        }
+        was == Availability::Usable && to != Availability::Usable
+    }
+
+    fn same_credentials(&self, c: &AccountConfig, secrets: &Secrets) -> bool {
+        secrets
+            .accounts
+            .get(&c.id)
+            .is_some_and(|k| *k == self.credential)
+            && c.chatgpt_account_id == self.chatgpt_account_id
+    }
+
+    /// A load lease, held by each open upstream connection of this account.
+    pub fn lease(self: &Arc<Self>) -> AccountLease {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        AccountLease(self.clone())
     }
 }
 
-/// The configured accounts.
-#[derive(Debug)]
+/// Counts one open upstream connection against its account until dropped.
+pub struct AccountLease(Arc<Account>);
+
+impl Drop for AccountLease {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The result of [`Accounts::assign`].
+pub struct Assignment {
+    pub account: Arc<Account>,
+    /// The conversation's previous account, when the assignment just changed.
+    pub previous: Option<AccountId>,
+}
+
+/// No account is usable.
+#[derive(Debug, Clone, Copy)]
+pub struct NoUsableAccount {
+    /// When the first cooling account frees up (none if no account is cooling).
+    pub retry_after: Option<Duration>,
+}
+
+/// The configured accounts and the sticky assignments.
 pub struct Accounts {
-    list: Vec<Arc<Account>>,
+    list: RwLock<Vec<Arc<Account>>>,
+    sticky: Mutex<Sticky>,
+    max_sticky: AtomicUsize,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.all().iter()).finish()
+    }
 }
 
 impl Accounts {
-    pub fn from_config(accounts: &[AccountConfig], secrets: &Secrets) -> Self {
-        let list = accounts
-            .iter()
-            .map(|a| {
-                let cred = secrets.accounts.get(&a.id).cloned().unwrap_or_default();
-                Arc::new(Account::new(&a.id, cred, a.chatgpt_account_id.clone()))
-            })
-            .collect();
-        Accounts { list }
+    pub fn from_config(accounts: &[AccountConfig], secrets: &Secrets, max_sticky: usize) -> Self {
+        Accounts {
+            list: RwLock::new(
+                accounts
+                    .iter()
+                    .map(|a| Arc::new(Account::from_config(a, secrets)))
+                    .collect(),
+            ),
+            sticky: Mutex::new(Sticky::default()),
+            max_sticky: AtomicUsize::new(max_sticky),
+        }
     }
 
-    pub fn get(&self, id: &AccountId) -> Option<&Arc<Account>> {
-        self.list.iter().find(|a| &a.id == id)
+    pub fn all(&self) -> Vec<Arc<Account>> {
+        self.list.read().map(|l| l.clone()).unwrap_or_default()
     }
 
-    pub fn all(&self) -> &[Arc<Account>] {
-        &self.list
+    pub fn get(&self, id: &AccountId) -> Option<Arc<Account>> {
+        self.list.read().ok()?.iter().find(|a| &a.id == id).cloned()
     }
 
-    /// The account for `routing_key` (a conversation id, or a session id when there is none):
-    /// the usable account with the highest rendezvous weight. `None` when none is usable.
-    pub fn assign(&self, routing_key: &str) -> Option<Arc<Account>> {
-        self.list
+    /// The account for a conversation (sticky), or for `routing` (a session id) when there is
+    /// no conversation. A conversation whose account became unusable is reassigned.
+    pub fn assign(
+        &self,
+        conversation: Option<&ConversationId>,
+        routing: &str,
+    ) -> Result<Assignment, NoUsableAccount> {
+        let list = self.all();
+        let mut previous = None;
+        if let Some(c) = conversation
+            && let Some(id) = self.sticky.lock().ok().and_then(|s| s.get(c))
+        {
+            match list.iter().find(|a| a.id == id) {
+                Some(a) if a.is_usable() => {
+                    return Ok(Assignment {
+                        account: a.clone(),
+                        previous: None,
+                    });
+                }
+                _ => previous = Some(id),
+            }
+        }
+        let key = conversation.map(ConversationId::as_str).unwrap_or(routing);
+        let chosen = list
             .iter()
             .filter(|a| a.is_usable())
-            .max_by_key(|a| {
+            .min_by_key(|a| {
+                let load = (a.open_connections() as u64 * 1_000_000) / u64::from(a.weight().max(1));
                 let mut h = DefaultHasher::new();
-                routing_key.hash(&mut h);
+                key.hash(&mut h);
                 a.id.as_str().hash(&mut h);
-                h.finish()
+                (load, h.finish())
             })
-            .cloned()
+            .cloned();
+        let Some(account) = chosen else {
+            let now = Instant::now();
+            let retry_after = list
+                .iter()
+                .filter_map(|a| match a.availability() {
+                    Availability::Cooling { until } => Some(until.saturating_duration_since(now)),
+                    _ => None,
+                })
+                .min();
+            return Err(NoUsableAccount { retry_after });
+        };
+        if let Some(c) = conversation
+            && let Ok(mut s) = self.sticky.lock()
+        {
+            s.put(
+                c.clone(),
+                account.id.clone(),
+                self.max_sticky.load(Ordering::Acquire),
+            );
+        }
+        Ok(Assignment { account, previous })
     }
 
-    /// Marks an account usable or not. Returns whether the state changed.
-    pub fn set_usable(&self, id: &AccountId, usable: bool) -> bool {
-        match self.get(id) {
-            Some(a) => a.usable.swap(usable, Ordering::AcqRel) != usable,
-            None => false,
+    /// Marks an account; returns true if it went from usable to unusable (the caller evicts
+    /// its pooled connections).
+    pub fn set_availability(&self, id: &AccountId, to: Availability) -> bool {
+        self.get(id).is_some_and(|a| a.set(to))
+    }
+
+    /// Puts an account in cooldown for `for_`.
+    pub fn cool_down(&self, id: &AccountId, for_: Duration) -> bool {
+        self.set_availability(
+            id,
+            Availability::Cooling {
+                until: Instant::now() + for_,
+            },
+        )
+    }
+
+    /// Applies a new account list. Returns the ids whose connections must be evicted (removed
+    /// accounts and accounts whose credentials changed). Auth failures are forgiven.
+    pub fn reload(
+        &self,
+        accounts: &[AccountConfig],
+        secrets: &Secrets,
+        max_sticky: usize,
+    ) -> Vec<AccountId> {
+        self.max_sticky.store(max_sticky, Ordering::Release);
+        let Ok(mut list) = self.list.write() else {
+            return Vec::new();
+        };
+        let mut evict = Vec::new();
+        let mut next = Vec::with_capacity(accounts.len());
+        for c in accounts {
+            match list.iter().find(|a| a.id.as_str() == c.id) {
+                Some(old) if old.same_credentials(c, secrets) => {
+                    old.apply_settings(c);
+                    if old.availability() == Availability::AuthFailed {
+                        old.set(Availability::Usable);
+                    }
+                    next.push(old.clone());
+                }
+                Some(old) => {
+                    old.set(Availability::Removed);
+                    evict.push(old.id.clone());
+                    next.push(Arc::new(Account::from_config(c, secrets)));
+                }
+                None => next.push(Arc::new(Account::from_config(c, secrets))),
+            }
+        }
+        for old in list.iter() {
+            if !accounts.iter().any(|c| c.id == old.id.as_str()) {
+                old.set(Availability::Removed);
+                evict.push(old.id.clone());
+            }
+        }
+        *list = next;
+        evict
+    }
+}
+
+/// Sticky conversation -> account assignments, FIFO-bounded.
+#[derive(Default)]
+struct Sticky {
+    map: HashMap<ConversationId, (AccountId, u64)>,
+    order: VecDeque<(ConversationId, u64)>,
+    seq: u64,
+}
+
+impl Sticky {
+    fn get(&self, c: &ConversationId) -> Option<AccountId> {
+        self.map.get(c).map(|(a, _)| a.clone())
+    }
+
+    fn put(&mut self, c: ConversationId, a: AccountId, cap: usize) {
+        if cap == 0 {
+            return;
+        }
+        if self.map.get(&c).is_some_and(|(cur, _)| *cur == a) {
+            return;
+        }
+        self.seq += 1;
+        self.map.insert(c.clone(), (a, self.seq));
+        self.order.push_back((c, self.seq));
+        while self.map.len() > cap {
+            let Some((k, s)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&k).is_some_and(|(_, cur)| *cur == s) {
+                self.map.remove(&k);
+            }
+        }
+        if self.order.len() > 2 * self.map.len() + 16 {
+            let map = &self.map;
+            self.order
+                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
         }
     }
 }
@@ -102,46 +375,122 @@ impl Accounts {
 mod tests {
     use super::*;
 
-    fn accounts(n: usize) -> Accounts {
-        Accounts {
-            list: (0..n)
-                .map(|i| Arc::new(Account::new(&format!("acct{i}"), format!("sk-{i}"), None)))
-                .collect(),
+    fn accounts(ids: &[&str], weights: &[u32]) -> Accounts {
+        let configs: Vec<AccountConfig> = ids
+            .iter()
+            .zip(weights)
+            .map(|(id, w)| AccountConfig {
+                id: id.to_string(),
+                api_key_env: Some(format!("K_{id}")),
+                api_key_file: None,
+                access_token_env: None,
+                access_token_file: None,
+                chatgpt_account_id: None,
+                weight: *w,
+                max_connections: None,
+            })
+            .collect();
+        let mut secrets = Secrets::default();
+        for id in ids {
+            secrets.accounts.insert(id.to_string(), format!("sk-{id}"));
         }
+        Accounts::from_config(&configs, &secrets, 1000)
+    }
+
+    fn conv(s: &str) -> ConversationId {
+        ConversationId::new(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_loaded_sticky_and_cooldown() {
+        let a = accounts(&["a", "b"], &[1, 1]);
+        let first = a.assign(Some(&conv("c1")), "s").unwrap().account;
+        let _lease = first.lease();
+        // The next new conversation goes to the other (less loaded) account.
+        let second = a.assign(Some(&conv("c2")), "s").unwrap().account;
+        assert_ne!(first.id, second.id);
+        // Sticky: c1 stays on its account even though it is now the more loaded one.
+        let _l2 = second.lease();
+        let _l3 = second.lease();
+        assert_eq!(
+            a.assign(Some(&conv("c1")), "s").unwrap().account.id,
+            first.id
+        );
+        // Cooling moves c1, and says where from.
+        assert!(a.cool_down(&first.id, Duration::from_secs(30)));
+        let moved = a.assign(Some(&conv("c1")), "s").unwrap();
+        assert_eq!(moved.account.id, second.id);
+        assert_eq!(moved.previous, Some(first.id.clone()));
+        // All unusable: the retry hint is the first cooldown to end.
+        assert!(a.cool_down(&second.id, Duration::from_secs(10)));
+        let err = a.assign(Some(&conv("c3")), "s").err().unwrap();
+        assert_eq!(err.retry_after, Some(Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert!(first.is_usable(), "back after the cooldown");
     }
 
     #[test]
-    fn assignment_is_sticky_and_moves_only_when_unusable() {
-        let a = accounts(3);
-        let convs: Vec<String> = (0..300).map(|i| format!("conv-{i}")).collect();
-        let before: Vec<AccountId> = convs
-            .iter()
-            .map(|c| a.assign(c).unwrap().id.clone())
-            .collect();
-        // Spread: every account gets some conversations.
-        for acc in a.all() {
-            assert!(before.iter().filter(|id| **id == acc.id).count() > 50);
-        }
-        let gone = a.all()[1].id.clone();
-        assert!(a.set_usable(&gone, false));
-        for (c, old) in convs.iter().zip(&before) {
-            let now = a.assign(c).unwrap().id.clone();
-            if *old == gone {
-                assert_ne!(now, gone);
-            } else {
-                assert_eq!(&now, old, "conversations of usable accounts never move");
+    fn weights_shift_load() {
+        let a = accounts(&["light", "heavy"], &[1, 4]);
+        let mut leases = Vec::new();
+        let mut heavy = 0;
+        for i in 0..50 {
+            let acct = a
+                .assign(Some(&conv(&format!("w{i}"))), "s")
+                .unwrap()
+                .account;
+            if acct.id.as_str() == "heavy" {
+                heavy += 1;
             }
+            leases.push(acct.lease());
         }
-        a.set_usable(&gone, true);
-        let back: Vec<AccountId> = convs
+        assert_eq!(heavy, 40, "load follows weight 4:1");
+    }
+
+    #[test]
+    fn reload_removes_and_replaces_and_forgives_auth() {
+        let a = accounts(&["a", "b", "c"], &[1, 1, 1]);
+        a.set_availability(&AccountId::new("c"), Availability::AuthFailed);
+        let mut configs: Vec<AccountConfig> = ["b", "c", "d"]
             .iter()
-            .map(|c| a.assign(c).unwrap().id.clone())
+            .map(|id| AccountConfig {
+                id: id.to_string(),
+                api_key_env: Some("X".into()),
+                api_key_file: None,
+                access_token_env: None,
+                access_token_file: None,
+                chatgpt_account_id: None,
+                weight: 1,
+                max_connections: Some(3),
+            })
             .collect();
-        assert_eq!(back, before);
-        for acc in a.all() {
-            a.set_usable(&acc.id, false);
+        configs[0].weight = 5;
+        let mut secrets = Secrets::default();
+        secrets.accounts.insert("b".into(), "sk-b-rotated".into());
+        secrets.accounts.insert("c".into(), "sk-c".into());
+        secrets.accounts.insert("d".into(), "sk-d".into());
+        let mut evicted = a.reload(&configs, &secrets, 10);
+        evicted.sort();
+        assert_eq!(evicted, vec![AccountId::new("a"), AccountId::new("b")]);
+        let c = a.get(&AccountId::new("c")).unwrap();
+        assert!(c.is_usable(), "auth failure forgiven on reload");
+        assert_eq!(c.max_connections(), Some(3));
+        assert_eq!(a.get(&AccountId::new("b")).unwrap().weight(), 5);
+        assert!(a.get(&AccountId::new("a")).is_none());
+    }
+
+    #[test]
+    fn sticky_map_is_bounded() {
+        let mut s = Sticky::default();
+        for i in 0..10_000 {
+            s.put(
+                conv(&format!("c{}", i % 50)),
+                AccountId::new(if i % 2 == 0 { "a" } else { "b" }),
+                20,
+            );
         }
-        assert!(a.assign("x").is_none());
+        assert!(s.map.len() <= 20);
+        assert!(s.order.len() <= 2 * 20 + 16);
     }
 
     #[test]

@@ -21,7 +21,8 @@ use crate::error::ConfigError;
 /// Top-level keys; environment variables `WSGATE_<KEY>[__<SUB>...]` are only read for these,
 /// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
-    "listen", "paths", "clients", "upstream", "accounts", "pool", "relay", "log",
+    "listen", "paths", "clients", "upstream", "accounts", "routing", "pool", "relay", "shutdown",
+    "log",
 ];
 
 /// The whole gateway configuration (DESIGN §5).
@@ -39,10 +40,14 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Upstream credentials. At least one.
     pub accounts: Vec<AccountConfig>,
+    /// Conversation -> account assignment policy.
+    pub routing: RoutingConfig,
     /// Pool limits.
     pub pool: PoolConfig,
     /// Relay buffers and frame limits.
     pub relay: RelayConfig,
+    /// Graceful drain.
+    pub shutdown: ShutdownConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -96,6 +101,36 @@ pub struct AccountConfig {
     /// Sent upstream as `chatgpt-account-id` (ChatGPT-auth upstreams).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chatgpt_account_id: Option<String>,
+    /// Share of new conversations relative to other accounts (load / weight). Default 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Pooled connections of this account; default `pool.max_per_account`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How conversations are assigned to accounts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Cooldown after a rate limit that does not say when it resets. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Remembered conversation -> account assignments. Default 100000.
+    pub max_conversations: usize,
+}
+
+/// Graceful drain on SIGTERM / SIGINT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long turns in flight may run after the signal. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
 }
 
 /// Pool limits (DESIGN §1, §3).
@@ -179,9 +214,13 @@ impl Default for Config {
                 access_token_env: None,
                 access_token_file: None,
                 chatgpt_account_id: None,
+                weight: 1,
+                max_connections: None,
             }],
+            routing: RoutingConfig::default(),
             pool: PoolConfig::default(),
             relay: RelayConfig::default(),
+            shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -194,6 +233,23 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             ca_file: None,
             write_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            cooldown: Duration::from_secs(60),
+            max_conversations: 100_000,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(30),
         }
     }
 }
@@ -334,6 +390,15 @@ impl Config {
                 a.access_token_env.is_some(),
                 a.access_token_file.is_some(),
             ];
+            if a.weight == 0 {
+                return invalid(&format!("{key}.weight"), "must be at least 1".into());
+            }
+            if a.max_connections == Some(0) {
+                return invalid(
+                    &format!("{key}.max_connections"),
+                    "must be at least 1".into(),
+                );
+            }
             if sources.iter().filter(|s| **s).count() != 1 {
                 return invalid(
                     &key,

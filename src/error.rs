@@ -85,9 +85,11 @@ impl DialError {
 /// Why a session could not get an upstream connection.
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
-    /// Every account is disabled; answer 503 (no account can serve).
-    #[error("no usable upstream account")]
-    NoAccount,
+    /// Every account is unusable (cooling down, refused, disabled); answer 429 with a hint.
+    #[error("{}", no_account_message(*.retry_after))]
+    NoAccount {
+        retry_after: Option<std::time::Duration>,
+    },
     /// Dialing failed.
     #[error(transparent)]
     Dial(#[from] DialError),
@@ -99,17 +101,28 @@ pub enum AcquireError {
 impl AcquireError {
     pub fn http_status(&self) -> u16 {
         match self {
-            AcquireError::NoAccount | AcquireError::ShuttingDown => 503,
+            AcquireError::NoAccount { .. } => 429,
+            AcquireError::ShuttingDown => 503,
             AcquireError::Dial(d) => d.http_status(),
         }
     }
 
     pub fn code(&self) -> &'static str {
         match self {
-            AcquireError::NoAccount => "no_usable_account",
+            AcquireError::NoAccount { .. } => "all_accounts_unavailable",
             AcquireError::ShuttingDown => "shutting_down",
             AcquireError::Dial(d) => d.code(),
         }
+    }
+}
+
+fn no_account_message(retry_after: Option<std::time::Duration>) -> String {
+    match retry_after {
+        Some(d) => format!(
+            "every upstream account is rate-limited or unavailable; the first frees up in {}s",
+            d.as_secs().max(1)
+        ),
+        None => "every upstream account is unavailable (refused, disabled or removed)".into(),
     }
 }
 

@@ -121,6 +121,75 @@ pub fn error_code(text: &str) -> Option<String> {
     inner.code.or(inner.kind)
 }
 
+/// Error codes that mean the account hit a rate or usage limit.
+const RATE_LIMIT_CODES: &[&str] = &[
+    "usage_limit_reached",
+    "rate_limit_exceeded",
+    "rate_limit_error",
+    "usage_not_included",
+];
+
+/// What the session needs to know about a turn's terminal event.
+#[derive(Debug, Default, PartialEq)]
+pub struct Terminal {
+    /// `response.id` of a `response.completed` (it can be continued on this connection).
+    pub completed_response_id: Option<String>,
+    /// The account is rate- or usage-limited (status 429 or a limit code).
+    pub rate_limited: bool,
+    /// `resets_in_seconds` of a limit error, if given.
+    pub retry_after: Option<std::time::Duration>,
+    /// `websocket_connection_limit_reached`: the upstream connection's lifetime is over.
+    pub connection_limit: bool,
+}
+
+impl Terminal {
+    /// Inspects a terminal event of type `ty` (only the fields named above are parsed).
+    pub fn inspect(ty: &str, text: &str) -> Terminal {
+        #[derive(Deserialize, Default)]
+        struct ErrorBody {
+            #[serde(default)]
+            code: Option<String>,
+            #[serde(rename = "type", default)]
+            kind: Option<String>,
+            #[serde(default)]
+            resets_in_seconds: Option<f64>,
+        }
+        #[derive(Deserialize, Default)]
+        struct Response {
+            #[serde(default)]
+            id: Option<String>,
+            #[serde(default)]
+            error: Option<ErrorBody>,
+        }
+        #[derive(Deserialize, Default)]
+        struct Event {
+            #[serde(default)]
+            status: Option<u16>,
+            #[serde(default)]
+            error: Option<ErrorBody>,
+            #[serde(default)]
+            response: Option<Response>,
+        }
+        let ev: Event = serde_json::from_str(text).unwrap_or_default();
+        let mut t = Terminal::default();
+        let response = ev.response.unwrap_or_default();
+        if ty == "response.completed" {
+            t.completed_response_id = response.id;
+            return t;
+        }
+        let err = ev.error.or(response.error).unwrap_or_default();
+        let is =
+            |name: &str| err.code.as_deref() == Some(name) || err.kind.as_deref() == Some(name);
+        t.connection_limit = is("websocket_connection_limit_reached");
+        t.rate_limited = ev.status == Some(429) || RATE_LIMIT_CODES.iter().any(|c| is(c));
+        t.retry_after = err
+            .resets_in_seconds
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| std::time::Duration::from_secs_f64(s.min(7.0 * 86400.0)));
+        t
+    }
+}
+
 /// An `error` event from the gateway itself. `status` is top-level, as Codex requires
 /// (an `error` without it is ignored and the turn hangs).
 pub fn error_event(status: u16, code: &str, message: &str) -> String {
@@ -208,6 +277,36 @@ mod tests {
             ClientEvent::parse(r#"{"type":""}"#).unwrap_err(),
             ClientFrameError::MissingType
         );
+    }
+
+    #[test]
+    fn terminal_inspection() {
+        let t = Terminal::inspect(
+            "response.completed",
+            r#"{"type":"response.completed","response":{"id":"resp_1","usage":{}}}"#,
+        );
+        assert_eq!(t.completed_response_id.as_deref(), Some("resp_1"));
+        let t = Terminal::inspect(
+            "error",
+            r#"{"type":"error","status":429,"error":{"type":"usage_limit_reached","resets_in_seconds":90}}"#,
+        );
+        assert!(t.rate_limited);
+        assert_eq!(t.retry_after, Some(std::time::Duration::from_secs(90)));
+        let t = Terminal::inspect(
+            "response.failed",
+            r#"{"type":"response.failed","response":{"id":"r","error":{"code":"rate_limit_exceeded","message":"try again"}}}"#,
+        );
+        assert!(t.rate_limited && t.retry_after.is_none() && t.completed_response_id.is_none());
+        let t = Terminal::inspect(
+            "error",
+            r#"{"type":"error","status":400,"error":{"code":"websocket_connection_limit_reached"}}"#,
+        );
+        assert!(t.connection_limit && !t.rate_limited);
+        let t = Terminal::inspect(
+            "response.failed",
+            r#"{"type":"response.failed","response":{"error":{"code":"server_error"}}}"#,
+        );
+        assert_eq!(t, Terminal::default());
     }
 
     #[test]

@@ -1,20 +1,22 @@
 //! The gateway's shared state ([`Gateway`]) and the acquire path used by sessions:
-//! account assignment -> pool checkout -> dial when the pool says so.
+//! account assignment -> pool checkout -> dial when the pool says so, failing over to another
+//! account when the upstream refuses a credential.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, Availability};
 use crate::config::{Config, Secrets};
-use crate::error::{AcquireError, StartError};
+use crate::error::{AcquireError, DialError, StartError};
 use crate::headers::ForwardHeaders;
 use crate::ids::{AccountId, ConversationId};
-use crate::pool::{self, Checkout, EvictReason, Pool, PoolKey, PoolStats, Pooled};
+use crate::pool::{self, Checkout, EvictReason, NewReason, Pool, PoolKey, PoolStats, Pooled};
 use crate::upstream::{Dialer, UpstreamConn, ws_config};
 
 /// Cheap-to-clone handle to a running gateway's state. Tests and the demo use it to inspect
@@ -25,12 +27,13 @@ pub struct Gateway {
 }
 
 pub(crate) struct Shared {
-    pub config: Config,
+    /// The config in force; replaced by [`Gateway::reload`].
+    config: RwLock<Arc<Config>>,
     pub accounts: Accounts,
     pub pool: Pool<UpstreamConn>,
     pub dialer: Dialer,
     /// `(client name, key bytes)`; empty = no auth.
-    pub client_keys: Vec<(String, Vec<u8>)>,
+    client_keys: RwLock<Arc<Vec<(String, Vec<u8>)>>>,
     pub ws_config: WebSocketConfig,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
@@ -42,6 +45,25 @@ pub(crate) struct Shared {
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
 }
 
+fn client_keys(secrets: &Secrets) -> Arc<Vec<(String, Vec<u8>)>> {
+    Arc::new(
+        secrets
+            .clients
+            .iter()
+            .map(|(n, k)| (n.clone(), k.as_bytes().to_vec()))
+            .collect(),
+    )
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Accounts removed or with new credentials (their connections were evicted).
+    pub evicted_accounts: Vec<String>,
+    /// Keys that changed but only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
 impl Gateway {
     /// Builds the gateway state. Must run inside a tokio runtime (it spawns the pool reaper).
     pub fn new(config: Config, secrets: Secrets) -> Result<Gateway, StartError> {
@@ -49,20 +71,16 @@ impl Gateway {
         let pool = Pool::new(config.pool.clone());
         let reaper = pool::spawn_reaper(&pool);
         let dialer = Dialer::new(&config, pool.waker())?;
-        let accounts = Accounts::from_config(&config.accounts, &secrets);
-        let client_keys = secrets
-            .clients
-            .iter()
-            .map(|(n, k)| (n.clone(), k.as_bytes().to_vec()))
-            .collect();
+        let accounts =
+            Accounts::from_config(&config.accounts, &secrets, config.routing.max_conversations);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 ws_config: ws_config(&config),
-                config,
+                config: RwLock::new(Arc::new(config)),
                 accounts,
                 pool,
                 dialer,
-                client_keys,
+                client_keys: RwLock::new(client_keys(&secrets)),
                 shutdown: CancellationToken::new(),
                 sessions: TaskTracker::new(),
                 active_sessions: AtomicUsize::new(0),
@@ -72,8 +90,9 @@ impl Gateway {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.shared.config
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config()
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -85,77 +104,212 @@ impl Gateway {
         self.shared.active_sessions.load(Ordering::Acquire)
     }
 
-    /// The account a conversation (or routing key) is assigned to now.
+    /// The account a conversation is assigned to now (assigning it if new).
     pub fn assigned_account(&self, conversation: &str) -> Option<String> {
+        let c = ConversationId::new(conversation);
         self.shared
             .accounts
-            .assign(conversation)
-            .map(|a| a.id.to_string())
+            .assign(Some(&c), conversation)
+            .ok()
+            .map(|a| a.account.id.to_string())
+    }
+
+    /// An account's availability (`usable`, `cooling`, `auth_failed`, `disabled`, `removed`).
+    pub fn account_state(&self, id: &str) -> Option<&'static str> {
+        self.shared
+            .accounts
+            .get(&AccountId::new(id))
+            .map(|a| a.availability().label())
     }
 
     /// Marks an account unusable: its conversations move to other accounts, and its pooled
     /// connections are evicted (`pool evict reason=account_changed`). Returns how many.
     pub fn disable_account(&self, id: &str) -> usize {
-        let id = AccountId::new(id);
-        if self.shared.accounts.set_usable(&id, false) {
-            self.shared
-                .pool
-                .evict_account(&id, EvictReason::AccountChanged)
-        } else {
-            0
-        }
+        self.shared
+            .make_unusable(&AccountId::new(id), Availability::Disabled)
     }
 
-    /// Marks an account usable again; conversations assigned to it come back on their next
-    /// acquire.
+    /// Marks an account usable again (new conversations may land on it).
     pub fn enable_account(&self, id: &str) {
-        self.shared.accounts.set_usable(&AccountId::new(id), true);
+        self.shared
+            .accounts
+            .set_availability(&AccountId::new(id), Availability::Usable);
     }
 
     /// Starts shutting down: the listener stops, idle sessions are closed.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
     }
+
+    /// Applies a new config: pool limits, routing, client keys and accounts take effect at
+    /// once (removed or changed accounts evict their connections); `listen`, `paths`,
+    /// `upstream` and `relay` are reported as needing a restart.
+    pub fn reload(
+        &self,
+        config: Config,
+        secrets: Secrets,
+    ) -> Result<ReloadSummary, crate::error::ConfigError> {
+        config.validate()?;
+        let shared = &self.shared;
+        let old = shared.config();
+        let mut summary = ReloadSummary::default();
+        for (changed, key) in [
+            (old.listen != config.listen, "listen"),
+            (old.paths != config.paths, "paths"),
+            (old.upstream != config.upstream, "upstream"),
+            (old.relay != config.relay, "relay"),
+            (old.log != config.log, "log"),
+        ] {
+            if changed {
+                summary.needs_restart.push(key);
+            }
+        }
+        shared.pool.set_limits(config.pool.clone());
+        for id in
+            shared
+                .accounts
+                .reload(&config.accounts, &secrets, config.routing.max_conversations)
+        {
+            shared.pool.evict_account(&id, EvictReason::AccountChanged);
+            summary.evicted_accounts.push(id.to_string());
+        }
+        if let Ok(mut k) = shared.client_keys.write() {
+            *k = client_keys(&secrets);
+        }
+        if let Ok(mut c) = shared.config.write() {
+            *c = Arc::new(config);
+        }
+        info!(
+            evicted_accounts = ?summary.evicted_accounts,
+            needs_restart = ?summary.needs_restart,
+            "config reloaded"
+        );
+        Ok(summary)
+    }
+
+    /// Waits until every upstream pump has ended (their close frames are sent), at most `timeout`.
+    pub async fn wait_upstreams_closed(&self, timeout: Duration) -> bool {
+        let tasks = self.shared.dialer.tasks();
+        tasks.close();
+        tokio::time::timeout(timeout, tasks.wait()).await.is_ok()
+    }
 }
 
 impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn client_keys(&self) -> Arc<Vec<(String, Vec<u8>)>> {
+        self.client_keys
+            .read()
+            .map(|k| k.clone())
+            .unwrap_or_default()
+    }
+
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Makes an account unusable and evicts its pooled connections (an account change for
+    /// every conversation on it). Returns how many connections were evicted.
+    pub fn make_unusable(&self, id: &AccountId, to: Availability) -> usize {
+        if self.accounts.set_availability(id, to) {
+            warn!(account = %id, state = to.label(), "account unusable");
+            self.pool.evict_account(id, EvictReason::AccountChanged)
+        } else {
+            0
+        }
+    }
+
+    /// A rate limit from the upstream: cool the account down.
+    pub fn cool_down(&self, id: &AccountId, for_: Option<Duration>) {
+        let for_ = for_.unwrap_or(self.config().routing.cooldown);
+        let until = tokio::time::Instant::now() + for_;
+        if self
+            .accounts
+            .set_availability(id, Availability::Cooling { until })
+        {
+            warn!(account = %id, cooldown_s = for_.as_secs(), "account rate-limited; cooling down");
+            self.pool.evict_account(id, EvictReason::AccountChanged);
+        }
+    }
+
     /// Gets an upstream connection for a session: the conversation's account, then the pool's
-    /// decision (logged), then a dial unless the pool handed out a connection.
-    /// `routing` spreads unpooled sessions over accounts when there is no conversation.
+    /// decision (logged), then a dial unless the pool handed out a connection. A credential the
+    /// upstream refuses (401/403) or rate-limits (429) at the handshake makes that account
+    /// unusable and the acquire moves on to the next account.
+    /// `routing` spreads unpooled sessions over accounts when there is no conversation;
+    /// `hint` overrides the `new` reason (stale-reuse retry).
     pub async fn acquire(
         &self,
         conversation: Option<&ConversationId>,
         routing: &str,
         headers: &ForwardHeaders,
+        hint: Option<NewReason>,
     ) -> Result<Pooled<UpstreamConn>, AcquireError> {
-        if self.shutdown.is_cancelled() {
-            return Err(AcquireError::ShuttingDown);
-        }
-        let account = self
-            .accounts
-            .assign(conversation.map(ConversationId::as_str).unwrap_or(routing))
-            .ok_or(AcquireError::NoAccount)?;
-        let key = conversation.map(|c| PoolKey {
-            account: account.id.clone(),
-            conversation: c.clone(),
-        });
-        let Checkout { mut pooled, .. } = self.pool.checkout(key, &account.id);
-        if pooled.conn().is_none() {
-            match self.dialer.dial(pooled.id(), &account, headers).await {
-                Ok(conn) => pooled.attach(conn),
-                Err(e) => {
-                    warn!(upstream.id = pooled.id(), account = %account.id, error = %e, "upstream dial failed");
-                    return Err(e.into());
+        let attempts = self.accounts.all().len().max(1);
+        let mut last_err = None;
+        for _ in 0..attempts {
+            if self.shutdown.is_cancelled() {
+                return Err(AcquireError::ShuttingDown);
+            }
+            let assignment = self.accounts.assign(conversation, routing).map_err(|e| {
+                AcquireError::NoAccount {
+                    retry_after: e.retry_after,
+                }
+            })?;
+            let account = assignment.account;
+            if let (Some(prev), Some(c)) = (assignment.previous, conversation) {
+                // The conversation changed accounts: its connections on the old one go.
+                self.pool.evict_key(
+                    &PoolKey {
+                        account: prev,
+                        conversation: c.clone(),
+                    },
+                    EvictReason::AccountChanged,
+                );
+            }
+            let key = conversation.map(|c| PoolKey {
+                account: account.id.clone(),
+                conversation: c.clone(),
+            });
+            let Checkout { mut pooled, .. } =
+                self.pool
+                    .checkout_with(key, &account.id, account.max_connections(), hint);
+            if pooled.conn().is_none() {
+                match self.dialer.dial(pooled.id(), &account, headers).await {
+                    Ok(conn) => pooled.attach(conn),
+                    Err(e) => {
+                        warn!(upstream.id = pooled.id(), account = %account.id, error = %e, "upstream dial failed");
+                        drop(pooled);
+                        match &e {
+                            DialError::Status {
+                                status: 401 | 403, ..
+                            } => {
+                                self.make_unusable(&account.id, Availability::AuthFailed);
+                            }
+                            DialError::Status { status: 429, .. } => {
+                                self.cool_down(&account.id, None)
+                            }
+                            _ => return Err(e.into()),
+                        }
+                        last_err = Some(e);
+                        continue;
+                    }
                 }
             }
+            // A fresh or idle connection is clean: it may go back to the pool until a turn starts.
+            pooled.set_reusable(true);
+            return Ok(pooled);
         }
-        // A fresh or idle connection is clean: it may go back to the pool until a turn starts.
-        pooled.set_reusable(true);
-        Ok(pooled)
+        Err(match last_err {
+            Some(e) => e.into(),
+            None => AcquireError::NoAccount { retry_after: None },
+        })
     }
 
     pub fn account_usable(&self, id: &AccountId) -> bool {

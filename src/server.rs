@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
+use crate::error::AcquireError;
 use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, conversation_from_headers};
 use crate::session::{Session, SessionStart};
@@ -33,7 +34,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shared = gateway.shared.clone();
     let mut router = Router::new().route("/healthz", get(healthz));
-    for path in &shared.config.paths {
+    for path in &shared.config().paths {
         router = router.route(path, any(upgrade));
     }
     let app = router.fallback(not_found).with_state(gateway.clone());
@@ -134,7 +135,7 @@ async fn upgrade(
 ) -> Response {
     let shared = &gw.shared;
     let headers = req.headers();
-    let client = match authenticate(&shared.client_keys, headers) {
+    let client = match authenticate(&shared.client_keys(), headers) {
         Ok(name) => name.unwrap_or("-").to_string(),
         Err(()) => {
             debug!(client.addr = %peer, "rejected client key");
@@ -193,7 +194,7 @@ async fn upgrade(
     let mut upstream = None;
     if let Some(c) = &conversation {
         match shared
-            .acquire(Some(c), &id.to_string(), &forward)
+            .acquire(Some(c), &id.to_string(), &forward, None)
             .instrument(span.clone())
             .await
         {
@@ -201,6 +202,9 @@ async fn upgrade(
                 span.record("account", field::display(p.account()));
                 upstream = Some(p);
             }
+            // No usable account: upgrade anyway; the first create gets a 429 `error` event
+            // with a retry hint and the session stays open.
+            Err(AcquireError::NoAccount { .. }) => {}
             Err(e) => {
                 let status =
                     StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -25,11 +25,12 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::{Instrument, Span, debug, info, info_span};
 
 use crate::close::{self, Disposition};
+use crate::error::AcquireError;
 use crate::event::{self, ClientEvent, ClientFrameError};
 use crate::gateway::Shared;
 use crate::headers::ForwardHeaders;
 use crate::ids::ConversationId;
-use crate::pool::{EvictReason, Pooled};
+use crate::pool::{EvictReason, NewReason, PoolKey, Pooled};
 use crate::pump::PumpEvent;
 use crate::upstream::UpstreamConn;
 
@@ -50,7 +51,11 @@ struct Turn {
     seq: u64,
     span: Span,
     started: Instant,
+    /// Frames relayed to the client so far (visible output).
     frames: u64,
+    /// The request, kept for one retry on a fresh connection while nothing has reached the
+    /// client: only for full requests on a connection that was used before (stale reuse).
+    retry: Option<Utf8Bytes>,
 }
 
 /// Everything the handshake resolved, handed to the session.
@@ -75,6 +80,8 @@ pub(crate) struct Session {
     turn: Option<Turn>,
     held: VecDeque<Utf8Bytes>,
     turn_seq: u64,
+    /// Turns completed on the current upstream in this session.
+    conn_turns: u64,
 }
 
 impl Session {
@@ -91,6 +98,7 @@ impl Session {
             turn: None,
             held: VecDeque::new(),
             turn_seq: 0,
+            conn_turns: 0,
         }
     }
 
@@ -174,7 +182,9 @@ impl Session {
             Ok(ev) => (
                 ev.is_create(),
                 ev.is_in_turn_event(),
-                ev.is_continuation(),
+                ev.previous_response_id
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.into_owned()),
                 ev.prompt_cache_key.map(|c| c.into_owned()),
             ),
             Err(e) => {
@@ -185,9 +195,9 @@ impl Session {
                 return self.send_error(400, code, &e.to_string()).await;
             }
         };
-        let (is_create, in_turn_event, continuation, cache_key) = parsed;
+        let (is_create, in_turn_event, previous, cache_key) = parsed;
         if self.turn.is_some() && !in_turn_event {
-            if self.held.len() >= self.gw.config.relay.max_queued_frames {
+            if self.held.len() >= self.gw.config().relay.max_queued_frames {
                 self.close_client(
                     close::client::POLICY,
                     "too many frames queued behind the response in flight",
@@ -199,7 +209,7 @@ impl Session {
             return Flow::Continue;
         }
         if is_create {
-            self.start_turn(text, continuation, cache_key).await
+            self.start_turn(text, previous, cache_key).await
         } else {
             self.forward_other(text).await
         }
@@ -226,7 +236,7 @@ impl Session {
     async fn start_turn(
         &mut self,
         text: Utf8Bytes,
-        continuation: bool,
+        previous: Option<String>,
         cache_key: Option<String>,
     ) -> Flow {
         if !self.keyed {
@@ -253,34 +263,25 @@ impl Session {
                 }
             }
         }
-        self.rotate_if_needed(continuation);
-        if self.upstream.is_none() {
-            if continuation {
-                return self
-                    .send_error(
-                        400,
-                        "previous_response_not_found",
-                        "the upstream connection that holds previous_response_id is gone; resend the full context without previous_response_id",
-                    )
-                    .await;
-            }
-            let routing = self.id.to_string();
-            let acquired = self
-                .gw
-                .acquire(self.conversation.as_ref(), &routing, &self.headers)
-                .instrument(self.span.clone())
+        self.rotate_if_needed(previous.is_some());
+        if let Some(prev) = &previous
+            && !self.route_to_owner(prev)
+        {
+            return self
+                .send_error(
+                    400,
+                    "previous_response_not_found",
+                    &format!(
+                        "previous_response_id `{prev}` is not held by a live upstream connection of this conversation; \
+                         resend the full context without previous_response_id"
+                    ),
+                )
                 .await;
-            match acquired {
-                Ok(p) => {
-                    self.span
-                        .record("account", tracing::field::display(p.account()));
-                    self.upstream = Some(p);
-                }
-                Err(e) => {
-                    return self
-                        .send_error(e.http_status(), e.code(), &e.to_string())
-                        .await;
-                }
+        }
+        if self.upstream.is_none() {
+            match self.acquire(None).await {
+                Ok(p) => self.set_upstream(p),
+                Err(e) => return self.acquire_failed(e).await,
             }
         }
         let Some(up) = self.upstream.as_mut() else {
@@ -294,20 +295,14 @@ impl Session {
             upstream.id = up.id(),
             upstream.reused = up.is_reused(),
         );
+        let used_before = up.is_reused() || self.conn_turns > 0;
         up.set_reusable(false);
-        let Some(conn) = up.conn_mut() else {
-            return Flow::Continue;
-        };
-        if let Err(e) = conn.send(Message::Text(text)).await {
+        let retry = (previous.is_none() && used_before).then(|| text.clone());
+        // A failed send surfaces as the pump's end event, handled like any mid-turn failure.
+        if let Some(conn) = up.conn_mut()
+            && let Err(e) = conn.send(Message::Text(text)).await
+        {
             debug!(parent: &span, error = %e, "upstream send failed");
-            // The turn never reached the upstream: treat it as failed mid-turn.
-            self.turn = Some(Turn {
-                seq: self.turn_seq,
-                span,
-                started: Instant::now(),
-                frames: 0,
-            });
-            return self.upstream_ended(None, &e.to_string()).await;
         }
         debug!(parent: &span, "turn started");
         self.turn = Some(Turn {
@@ -315,12 +310,64 @@ impl Session {
             span,
             started: Instant::now(),
             frames: 0,
+            retry,
         });
         Flow::Continue
     }
 
-    /// Between turns: drop the held upstream if it may not serve this turn. A continuation
-    /// keeps its connection (only it knows the parent response) unless that connection is gone.
+    /// An owned future (the session itself is not `Sync`, so it is not borrowed across the dial).
+    fn acquire(
+        &self,
+        hint: Option<NewReason>,
+    ) -> impl std::future::Future<Output = Result<Pooled<UpstreamConn>, AcquireError>> + Send + 'static
+    {
+        let (gw, conversation, headers) = (
+            self.gw.clone(),
+            self.conversation.clone(),
+            self.headers.clone(),
+        );
+        let routing = self.id.to_string();
+        async move {
+            gw.acquire(conversation.as_ref(), &routing, &headers, hint)
+                .await
+        }
+        .instrument(self.span.clone())
+    }
+
+    fn set_upstream(&mut self, p: Pooled<UpstreamConn>) {
+        self.span
+            .record("account", tracing::field::display(p.account()));
+        self.upstream = Some(p);
+        self.conn_turns = 0;
+    }
+
+    async fn acquire_failed(&mut self, e: AcquireError) -> Flow {
+        let event = match &e {
+            AcquireError::NoAccount { retry_after } => {
+                let mut ev: serde_json::Value = serde_json::from_str(&event::error_event(
+                    e.http_status(),
+                    e.code(),
+                    &e.to_string(),
+                ))
+                .unwrap_or_default();
+                if let Some(d) = retry_after {
+                    ev["error"]["resets_in_seconds"] = serde_json::json!(d.as_secs().max(1));
+                }
+                ev.to_string()
+            }
+            _ => event::error_event(e.http_status(), e.code(), &e.to_string()),
+        };
+        debug!(error = %e, "acquire failed");
+        match self.client.send(Message::text(event)).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    /// Between turns: drop the held upstream if it may not serve this turn. An unusable
+    /// account (rate-limited, refused, disabled, removed) is always left; an expired connection
+    /// only for full requests (a continuation needs the connection that owns its parent, and
+    /// the upstream's own 60-minute limit is later than `max_age`).
     fn rotate_if_needed(&mut self, continuation: bool) {
         let Some(up) = self.upstream.as_ref() else {
             return;
@@ -331,13 +378,48 @@ impl Session {
         };
         let account_gone = !self.gw.account_usable(conn.account());
         let expired = conn.age() >= self.gw.pool.limits().max_age;
-        if (account_gone || expired) && !continuation {
+        if account_gone || (expired && !continuation) {
             debug!(
                 upstream.id = up.id(),
                 account_gone, expired, "rotating upstream between turns"
             );
             // Dropped while reusable: the pool logs `max_age` (or discards an evicted slot).
             self.upstream = None;
+        }
+    }
+
+    /// Makes sure the upstream that holds `previous` serves this turn: the current one, or the
+    /// conversation's idle pooled connection if that one produced it. False if no live
+    /// connection holds it (never send a continuation to a connection that lacks its parent).
+    fn route_to_owner(&mut self, previous: &str) -> bool {
+        if self
+            .upstream
+            .as_ref()
+            .and_then(Pooled::conn)
+            .is_some_and(|c| c.produced(previous))
+        {
+            return true;
+        }
+        let Some(conversation) = self.conversation.clone() else {
+            return false;
+        };
+        let Ok(assignment) = self.gw.accounts.assign(Some(&conversation), "") else {
+            return false;
+        };
+        let key = PoolKey {
+            account: assignment.account.id.clone(),
+            conversation,
+        };
+        match self.gw.pool.checkout_owner(&key, |c| c.produced(previous)) {
+            Some(co) => {
+                let mut p = co.pooled;
+                p.set_reusable(true);
+                // The connection we had (a bypass one) closes; the owner takes over.
+                self.set_upstream(p);
+                self.conn_turns = 1;
+                true
+            }
+            None => false,
         }
     }
 
@@ -350,8 +432,12 @@ impl Session {
         loop {
             match next {
                 Some(PumpEvent::Frame(Message::Text(text))) => {
-                    let terminal = self.turn.is_some()
-                        && event::sniff_type(&text).is_some_and(|t| event::is_terminal(&t));
+                    let terminal = match event::sniff_type(&text) {
+                        Some(t) if self.turn.is_some() && event::is_terminal(&t) => {
+                            Some(event::Terminal::inspect(&t, &text))
+                        }
+                        _ => None,
+                    };
                     if let Err(e) = self.client.feed(Message::Text(text)).await {
                         debug!(error = %e, "client write failed");
                         return Flow::Stop;
@@ -360,8 +446,8 @@ impl Session {
                     if let Some(t) = self.turn.as_mut() {
                         t.frames += 1;
                     }
-                    if terminal {
-                        self.end_turn();
+                    if let Some(terminal) = terminal {
+                        self.end_turn(terminal);
                         break;
                     }
                     if sent >= MAX_BATCH {
@@ -411,7 +497,20 @@ impl Session {
         }
     }
 
-    fn end_turn(&mut self) {
+    fn end_turn(&mut self, terminal: event::Terminal) {
+        if let Some(id) = &terminal.completed_response_id
+            && let Some(conn) = self.upstream.as_mut().and_then(Pooled::conn_mut)
+        {
+            conn.record_response(id);
+        }
+        if terminal.rate_limited
+            && let Some(up) = self.upstream.as_ref()
+        {
+            // The account cools down; its conversations (this one included) move on their
+            // next full request.
+            self.gw.cool_down(up.account(), terminal.retry_after);
+        }
+        self.conn_turns += 1;
         if let Some(turn) = self.turn.take() {
             debug!(
                 parent: &turn.span,
@@ -421,7 +520,12 @@ impl Session {
                 "turn ended"
             );
         }
-        if let Some(up) = self.upstream.as_mut() {
+        if terminal.connection_limit {
+            // The upstream's connection lifetime is over: treat it like max_age.
+            if let Some(up) = self.upstream.take() {
+                self.evict(up, EvictReason::MaxAge);
+            }
+        } else if let Some(up) = self.upstream.as_mut() {
             up.set_reusable(true);
         }
     }
@@ -433,6 +537,43 @@ impl Session {
             return Flow::Continue;
         };
         let id = up.id();
+        // Stale reuse: a used connection failed before anything of this full request reached
+        // the client. Retry once on a fresh connection.
+        let retry = self
+            .turn
+            .as_mut()
+            .filter(|t| t.frames == 0)
+            .and_then(|t| t.retry.take());
+        if let Some(text) = retry {
+            let reason = match code {
+                Some(CloseCode::Restart) => EvictReason::Close1012,
+                Some(CloseCode::Again) => EvictReason::Close1013,
+                _ => EvictReason::Dead,
+            };
+            info!(
+                upstream.id = id,
+                detail, "reused upstream failed before the turn produced anything; retrying once"
+            );
+            self.evict(up, reason);
+            match self.acquire(Some(NewReason::RetryAfterStaleReuse)).await {
+                Ok(p) => {
+                    self.set_upstream(p);
+                    if let Some(up) = self.upstream.as_mut() {
+                        up.set_reusable(false);
+                        if let Some(conn) = up.conn_mut()
+                            && let Err(e) = conn.send(Message::Text(text)).await
+                        {
+                            debug!(error = %e, "retry send failed");
+                        }
+                    }
+                    return Flow::Continue;
+                }
+                Err(e) => {
+                    self.turn = None;
+                    return self.acquire_failed(e).await;
+                }
+            }
+        }
         match close::upstream_ended(code, in_turn) {
             Disposition::EvictAndForward { code, reason } => {
                 self.evict(up, reason);

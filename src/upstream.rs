@@ -22,7 +22,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::accounts::Account;
+use crate::accounts::{Account, AccountLease};
 use crate::config::{Config, RelayConfig};
 use crate::error::{DialError, StartError};
 use crate::headers::{ForwardHeaders, response_copy};
@@ -113,7 +113,7 @@ impl Dialer {
     pub async fn dial(
         &self,
         id: u64,
-        account: &Account,
+        account: &Arc<Account>,
         headers: &ForwardHeaders,
     ) -> Result<UpstreamConn, DialError> {
         let mut req = self
@@ -167,6 +167,7 @@ impl Dialer {
             events,
             close_code,
             recent: VecDeque::new(),
+            _lease: account.lease(),
         })
     }
 }
@@ -216,6 +217,8 @@ pub struct UpstreamConn {
     close_code: Arc<AtomicU16>,
     /// Ids of the last responses completed on this connection (its `previous_response_id` state).
     recent: VecDeque<String>,
+    /// Counts this connection against its account's load.
+    _lease: AccountLease,
 }
 
 impl std::fmt::Debug for UpstreamConn {

@@ -221,7 +221,7 @@ async fn account_change_evicts_and_moves_the_conversation() {
 }
 
 #[tokio::test]
-async fn account_change_during_a_session_rotates_full_requests_only() {
+async fn account_change_during_a_session_moves_on_and_never_sends_a_continuation_elsewhere() {
     let mock = mock().await;
     let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
     let conv = unique("live");
@@ -229,22 +229,37 @@ async fn account_change_during_a_session_rotates_full_requests_only() {
     let mut s = gw.connect(&conv).await;
     let t1 = s.turn(&create_body(Some(&conv), "hi", None)).await.unwrap();
     gw.gateway.disable_account(&first);
-    // A continuation stays on the connection that owns its parent.
+    // The account is gone: its connection is left, and the continuation is refused with the
+    // code that makes clients resend full context, instead of reaching a connection without
+    // its parent.
     let t2 = s
         .turn(&create_body(Some(&conv), "continue", t1.response_id()))
         .await
         .unwrap();
-    assert!(t2.is_completed(), "{:?}", t2.terminal());
-    // A full request moves to the new account.
+    assert_eq!(t2.terminal()["status"], 400);
+    assert_eq!(
+        t2.terminal()["error"]["code"],
+        "previous_response_not_found"
+    );
+    // The full request moves to the new account.
     let t3 = s
         .turn(&create_body(Some(&conv), "full", None))
         .await
         .unwrap();
     assert!(t3.is_completed());
     assert!(t3.response_id().unwrap().starts_with("resp_2_"));
+    let second = gw.account_of(&conv);
+    assert_ne!(first, second);
     assert_eq!(
         mock.connection(2).unwrap().header("authorization").unwrap(),
-        account_key(&gw.account_of(&conv))
+        account_key(&second)
+    );
+    assert_eq!(
+        mock.connection(1)
+            .unwrap()
+            .creates
+            .load(std::sync::atomic::Ordering::Acquire),
+        1
     );
     s.close().await;
     assert!(

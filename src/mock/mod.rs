@@ -80,9 +80,15 @@ pub struct ConnRecord {
     pub headers: Vec<(String, String)>,
     /// `response.create` frames received.
     pub creates: AtomicUsize,
+    /// The close code the gateway sent, if it closed with a frame.
+    pub peer_close: Mutex<Option<u16>>,
 }
 
 impl ConnRecord {
+    pub fn peer_close_code(&self) -> Option<u16> {
+        self.peer_close.lock().ok().and_then(|c| *c)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -265,6 +271,7 @@ where
         id,
         headers: seen_headers,
         creates: AtomicUsize::new(0),
+        peer_close: Mutex::new(None),
     });
     if let Ok(mut conns) = state.conns.lock() {
         conns.push_back(record.clone());
@@ -276,10 +283,21 @@ where
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::channel::<String>(256);
     let pending = Arc::new(AtomicUsize::new(0));
+    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (pending, state, record) = (pending.clone(), state.clone(), record.clone());
+        let (pending, state, record, deaf) =
+            (pending.clone(), state.clone(), record.clone(), deaf.clone());
         AbortOnDropHandle::new(tokio::spawn(async move {
-            while let Some(Ok(msg)) = stream.next().await {
+            loop {
+                if deaf.load(Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+                let msg = match tokio::time::timeout(Duration::from_millis(50), stream.next()).await
+                {
+                    Err(_) => continue,
+                    Ok(Some(Ok(msg))) => msg,
+                    Ok(_) => break,
+                };
                 match msg {
                     Message::Text(t) => {
                         if script_is_create(&t) {
@@ -292,7 +310,12 @@ where
                             break;
                         }
                     }
-                    Message::Close(_) => break,
+                    Message::Close(frame) => {
+                        if let Ok(mut c) = record.peer_close.lock() {
+                            *c = Some(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                        }
+                        break;
+                    }
                     _ => {}
                 }
             }
@@ -303,10 +326,33 @@ where
         next: 0,
         cache: VecDeque::new(),
         last_context: 0,
+        deaf,
     };
     while let Some(text) = rx.recv().await {
         match serve_frame(&state, &mut conn, &pending, &text, &mut sink).await {
             Outcome::Continue => {}
+            Outcome::CloseLater(code, after) => {
+                // Idle close, unless another create arrives first.
+                match tokio::time::timeout(after, rx.recv()).await {
+                    Err(_) => {
+                        let reason = format!("mock idle close {code}").into();
+                        let frame = CloseFrame {
+                            code: CloseCode::from(code),
+                            reason,
+                        };
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(next)) => {
+                        let o = serve_frame(&state, &mut conn, &pending, &next, &mut sink).await;
+                        if !matches!(o, Outcome::Continue) {
+                            break;
+                        }
+                    }
+                }
+            }
             Outcome::Close(code) => {
                 let frame = CloseFrame {
                     code: CloseCode::from(code),
@@ -336,11 +382,15 @@ struct ConnState {
     cache: VecDeque<(String, u64)>,
     /// Context tokens of the last request served on this connection (the prompt-cache model).
     last_context: u64,
+    /// Set to stop the reader (the connection goes deaf: no pongs).
+    deaf: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Outcome {
     Continue,
     Close(u16),
+    /// Close with this code after the connection idled this long.
+    CloseLater(u16, Duration),
     Eof,
     /// The gateway went away.
     Gone,
@@ -438,6 +488,11 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         _ => None,
     };
     if let Some(o) = close_at(Phase::Before) {
+        return o;
+    }
+    if conn.next > 0
+        && let Some(o) = close_at(Phase::Stale)
+    {
         return o;
     }
     let prev = body
@@ -632,5 +687,11 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         conn.cache.pop_front();
     }
     conn.last_context = input_tokens + output_tokens;
+    if d.deaf {
+        conn.deaf.store(true, Ordering::Release);
+    }
+    if let Some((CloseKind::Code(code), Phase::Idle(after))) = d.close {
+        return Outcome::CloseLater(code, after);
+    }
     close_at(Phase::After).unwrap_or(Outcome::Continue)
 }

@@ -24,6 +24,10 @@ pub enum Phase {
     Mid,
     /// Right after the terminal event.
     After,
+    /// This long after the terminal event, while the connection idles.
+    Idle(Duration),
+    /// Before any event, but only on a connection that already served a turn (a stale reuse).
+    Stale,
 }
 
 /// How a scripted close happens.
@@ -46,6 +50,8 @@ pub struct Directives {
     pub close: Option<(CloseKind, Phase)>,
     pub fail: Option<String>,
     pub error: Option<(u16, String)>,
+    /// After this turn, stop reading the socket (no pongs, no close replies).
+    pub deaf: bool,
 }
 
 impl Default for Directives {
@@ -59,6 +65,7 @@ impl Default for Directives {
             close: None,
             fail: None,
             error: None,
+            deaf: false,
         }
     }
 }
@@ -68,7 +75,8 @@ impl Directives {
     ///
     /// Keys: `deltas=N`, `size=BYTES` (per delta), `interval=MS` (between deltas),
     /// `stall=MS` (after `response.created`), `tool` (a function-call turn),
-    /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after),
+    /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after, idle:MS, stale),
+    /// `deaf` (after the turn stop reading: no pongs),
     /// `fail=CODE` (`response.failed`), `error=STATUS:CODE` (an `error` event).
     pub fn parse(text: &str) -> Directives {
         let mut d = Directives::default();
@@ -86,6 +94,7 @@ impl Directives {
                     "interval" => d.interval = ms(v),
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
+                    "deaf" => d.deaf = true,
                     "fail" => d.fail = Some(v.to_string()),
                     "error" => {
                         if let Some((s, c)) = v.split_once(':') {
@@ -97,6 +106,10 @@ impl Directives {
                         let phase = match phase {
                             "before" => Phase::Before,
                             "after" => Phase::After,
+                            "stale" => Phase::Stale,
+                            p if p.starts_with("idle") => {
+                                Phase::Idle(ms(p.strip_prefix("idle:").unwrap_or("100")))
+                            }
                             _ => Phase::Mid,
                         };
                         let kind = match what {

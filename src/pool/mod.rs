@@ -79,6 +79,8 @@ pub enum NewReason {
     Evicted,
     /// The pooled connection died while idle.
     Dead,
+    /// A reused connection failed before the turn produced anything; the turn is retried once.
+    RetryAfterStaleReuse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +129,7 @@ impl Decision {
                 NewReason::Expired => "expired",
                 NewReason::Evicted => "evicted",
                 NewReason::Dead => "dead",
+                NewReason::RetryAfterStaleReuse => "retry_after_stale_reuse",
             },
             Decision::Bypass(r) => match r {
                 BypassReason::Busy => "busy",
@@ -265,6 +268,18 @@ impl<C: PoolConn> Pool<C> {
     /// fresh upstream id ([`Pooled::id`]); the caller dials and [`Pooled::attach`]es, or drops
     /// the guard on failure, which releases the reservation.
     pub fn checkout(&self, key: Option<PoolKey>, account: &AccountId) -> Checkout<C> {
+        self.checkout_with(key, account, None, None)
+    }
+
+    /// [`Pool::checkout`] with an account-specific cap (`accounts[].max_connections`) and a
+    /// reason that overrides the `new` reason (the stale-reuse retry).
+    pub fn checkout_with(
+        &self,
+        key: Option<PoolKey>,
+        account: &AccountId,
+        account_cap: Option<usize>,
+        hint: Option<NewReason>,
+    ) -> Checkout<C> {
         let inner = &self.inner;
         let limits = inner.limits().clone();
         let now = Instant::now();
@@ -279,7 +294,7 @@ impl<C: PoolConn> Pool<C> {
                 p.key = Some(key);
                 (Decision::Bypass(BypassReason::Disabled), p)
             }
-            Some(key) => self.checkout_key(key, &limits, now),
+            Some(key) => self.checkout_key(key, &limits, account_cap, hint, now),
         };
         let conversation = pooled.key.as_ref().map(|k| k.conversation.to_string());
         let conversation = conversation.as_deref().unwrap_or("-");
@@ -320,10 +335,60 @@ impl<C: PoolConn> Pool<C> {
         }
     }
 
+    /// Hands out the idle pooled connection of `key` if `owns` says it holds the state the
+    /// caller needs (owner routing of `previous_response_id`). Logged as `reuse`.
+    pub fn checkout_owner(&self, key: &PoolKey, owns: impl Fn(&C) -> bool) -> Option<Checkout<C>> {
+        let limits = self.inner.limits().clone();
+        let now = Instant::now();
+        let conn = {
+            let mut slot = self.inner.slots.get_mut(key)?;
+            let conn_id = slot.conn_id;
+            let SlotState::Idle { conn, .. } = &mut slot.state else {
+                return None;
+            };
+            if !owns(conn)
+                || now.saturating_duration_since(conn.created_at()) >= limits.max_age
+                || conn.check_idle() != Health::Ok
+            {
+                return None;
+            }
+            let SlotState::Idle { conn, .. } = std::mem::replace(&mut slot.state, SlotState::Busy)
+            else {
+                return None;
+            };
+            (conn, conn_id)
+        };
+        let (conn, id) = conn;
+        let age = now.saturating_duration_since(conn.created_at()).as_millis() as u64;
+        info!(
+            decision = %Decision::Reuse,
+            reason = %Decision::Reuse.reason(),
+            account = %key.account,
+            conversation = %key.conversation,
+            upstream.id = id,
+            upstream.age_ms = age,
+            "pool decision"
+        );
+        Some(Checkout {
+            decision: Decision::Reuse,
+            pooled: Pooled {
+                conn: Some(conn),
+                id,
+                account: key.account.clone(),
+                key: Some(key.clone()),
+                pool: Arc::downgrade(&self.inner),
+                reusable: false,
+                reused: true,
+            },
+        })
+    }
+
     fn checkout_key(
         &self,
         key: PoolKey,
         limits: &PoolConfig,
+        account_cap: Option<usize>,
+        hint: Option<NewReason>,
         now: Instant,
     ) -> (Decision, Pooled<C>) {
         let inner = &self.inner;
@@ -364,27 +429,29 @@ impl<C: PoolConn> Pool<C> {
                                 log_evict(reason, &key, old_id);
                                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                                 slot.conn_id = id;
-                                Ok((Decision::New(reason.next_new_reason()), None, id))
+                                let reason = hint.unwrap_or(reason.next_new_reason());
+                                Ok((Decision::New(reason), None, id))
                             }
                         }
                     }
                 }
             }
             Entry::Vacant(v) => {
-                if inner.reserve(&key.account, limits) {
+                if inner.reserve(&key.account, limits, account_cap) {
                     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                     v.insert(Slot {
                         conn_id: id,
                         state: SlotState::Dialing,
                         evicted: false,
                     });
-                    let reason = inner
+                    let remembered = inner
                         .tombstones
                         .lock()
                         .ok()
                         .and_then(|mut t| t.take(&key))
                         .map(EvictReason::next_new_reason)
                         .unwrap_or(NewReason::Miss);
+                    let reason = hint.unwrap_or(remembered);
                     Ok((Decision::New(reason), None, id))
                 } else {
                     Err(Decision::Bypass(BypassReason::Cap))
@@ -499,12 +566,17 @@ impl<C: PoolConn> Inner<C> {
     }
 
     /// Reserves one slot for `account`, or reports the cap.
-    fn reserve(&self, account: &AccountId, limits: &PoolConfig) -> bool {
+    fn reserve(
+        &self,
+        account: &AccountId,
+        limits: &PoolConfig,
+        account_cap: Option<usize>,
+    ) -> bool {
         let Ok(mut per) = self.per_account.lock() else {
             return false;
         };
         let n = per.get(account).copied().unwrap_or(0);
-        if n >= limits.max_per_account {
+        if n >= account_cap.unwrap_or(limits.max_per_account) {
             return false;
         }
         if self
