@@ -33,7 +33,7 @@ pub(crate) struct Shared {
     pub pool: Pool<UpstreamConn>,
     pub dialer: Dialer,
     /// `(client name, key bytes)`; empty = no auth.
-    client_keys: RwLock<Arc<Vec<(String, Vec<u8>)>>>,
+    client_keys: RwLock<ClientKeys>,
     pub ws_config: WebSocketConfig,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
@@ -45,7 +45,10 @@ pub(crate) struct Shared {
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
 }
 
-fn client_keys(secrets: &Secrets) -> Arc<Vec<(String, Vec<u8>)>> {
+/// `(client name, key bytes)` pairs.
+pub(crate) type ClientKeys = Arc<Vec<(String, Vec<u8>)>>;
+
+fn client_keys(secrets: &Secrets) -> ClientKeys {
     Arc::new(
         secrets
             .clients
@@ -203,7 +206,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub fn client_keys(&self) -> Arc<Vec<(String, Vec<u8>)>> {
+    pub fn client_keys(&self) -> ClientKeys {
         self.client_keys
             .read()
             .map(|k| k.clone())

@@ -66,7 +66,11 @@ pub async fn run(ws: UpstreamStream, io: PumpIo, cfg: PumpConfig) {
     let (mut sink, mut stream) = ws.split();
     let mut pending: Option<PumpEvent> = None;
     let mut last_heard = Instant::now();
-    let mut tick = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    // One ping per silence: set when sent, cleared by anything heard.
+    let mut ping_outstanding = false;
+    // Look four times per interval, so a dead connection is noticed within ~2 intervals.
+    let period = cfg.ping_interval / 4;
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let end = loop {
         tokio::select! {
@@ -96,6 +100,7 @@ pub async fn run(ws: UpstreamStream, io: PumpIo, cfg: PumpConfig) {
             },
             msg = stream.next(), if pending.is_none() => {
                 last_heard = Instant::now();
+                ping_outstanding = false;
                 match msg {
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => pending = Some(PumpEvent::Frame(m)),
                     Some(Ok(Message::Close(frame))) => break PumpEvent::Closed(frame),
@@ -115,9 +120,13 @@ pub async fn run(ws: UpstreamStream, io: PumpIo, cfg: PumpConfig) {
                     break PumpEvent::Failed(format!("upstream did not answer pings for {silent:?}"));
                 }
                 if silent >= cfg.ping_interval
+                    && !ping_outstanding
                     && tokio::time::timeout(cfg.write_timeout, sink.send(Message::Ping(Default::default()))).await.is_err()
                 {
                     break PumpEvent::Failed("upstream ping write timed out".into());
+                }
+                if silent >= cfg.ping_interval {
+                    ping_outstanding = true;
                 }
             }
         }

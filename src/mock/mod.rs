@@ -53,6 +53,8 @@ pub struct MockConfig {
     pub reject_status: Option<u16>,
     /// Largest message accepted.
     pub max_message_size: usize,
+    /// Accepted `authorization` values; others get HTTP 401. Empty = accept any.
+    pub require_keys: Vec<String>,
 }
 
 impl Default for MockConfig {
@@ -68,6 +70,7 @@ impl Default for MockConfig {
             ],
             reject_status: None,
             max_message_size: 64 << 20,
+            require_keys: Vec::new(),
         }
     }
 }
@@ -230,12 +233,23 @@ where
     let mut seen_headers = Vec::new();
     let reject = state.config.reject_status;
     let extra = state.config.response_headers.clone();
+    let keys = state.config.require_keys.clone();
     #[allow(clippy::result_large_err)] // the signature is tungstenite's callback type
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         for (k, v) in req.headers() {
             seen_headers.push((k.as_str().to_string(), v.to_str().unwrap_or("").to_string()));
         }
-        if let Some(status) = reject {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let status = match reject {
+            Some(s) => Some(s),
+            None if !keys.is_empty() && !keys.iter().any(|k| k == auth) => Some(401),
+            None => None,
+        };
+        if let Some(status) = status {
             let mut err = ErrorResponse::new(Some(format!("mock rejects with {status}")));
             *err.status_mut() =
                 http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
@@ -560,9 +574,16 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         }
         ok
     } else if let Some((status, code)) = &d.error {
-        let err = crate::event::error_event(*status, code, &format!("mock error {code}"));
-        em.emit(serde_json::from_str(&err).unwrap_or(Value::Null))
-            .await
+        let mut err: Value = serde_json::from_str(&crate::event::error_event(
+            *status,
+            code,
+            &format!("mock error {code}"),
+        ))
+        .unwrap_or(Value::Null);
+        if let Some(r) = d.resets_in_seconds {
+            err["error"]["resets_in_seconds"] = json!(r);
+        }
+        em.emit(err).await
     } else if let Some(code) = &d.fail {
         let f = Fixture::load(FixtureName::FailedTurn);
         let mut vars = base(usage(0));

@@ -50,6 +50,8 @@ pub struct Directives {
     pub close: Option<(CloseKind, Phase)>,
     pub fail: Option<String>,
     pub error: Option<(u16, String)>,
+    /// `resets_in_seconds` of the `error` event (`error=429:usage_limit_reached:30`).
+    pub resets_in_seconds: Option<u64>,
     /// After this turn, stop reading the socket (no pongs, no close replies).
     pub deaf: bool,
 }
@@ -65,6 +67,7 @@ impl Default for Directives {
             close: None,
             fail: None,
             error: None,
+            resets_in_seconds: None,
             deaf: false,
         }
     }
@@ -77,7 +80,7 @@ impl Directives {
     /// `stall=MS` (after `response.created`), `tool` (a function-call turn),
     /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after, idle:MS, stale),
     /// `deaf` (after the turn stop reading: no pongs),
-    /// `fail=CODE` (`response.failed`), `error=STATUS:CODE` (an `error` event).
+    /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event).
     pub fn parse(text: &str) -> Directives {
         let mut d = Directives::default();
         let mut rest = text;
@@ -97,8 +100,10 @@ impl Directives {
                     "deaf" => d.deaf = true,
                     "fail" => d.fail = Some(v.to_string()),
                     "error" => {
-                        if let Some((s, c)) = v.split_once(':') {
+                        let mut parts = v.split(':');
+                        if let (Some(s), Some(c)) = (parts.next(), parts.next()) {
                             d.error = Some((s.parse().unwrap_or(400), c.to_string()));
+                            d.resets_in_seconds = parts.next().and_then(|r| r.parse().ok());
                         }
                     }
                     "close" => {
