@@ -19,6 +19,7 @@
 //! - [`gateway`]: shared state and the acquire path.
 //! - `session`: one client WebSocket and its turn loop.
 //! - [`server`]: axum routes, authentication, the upgrade, shutdown drain.
+//! - [`reload`]: hot reload on SIGHUP and config file changes.
 //! - [`mock`]: the built-in mock upstream.
 //! - [`client`]: a small WebSocket client for the demo and tests.
 //! - [`demo`]: the offline demo.
@@ -37,6 +38,7 @@ pub mod ids;
 pub mod mock;
 pub mod pool;
 pub mod pump;
+pub mod reload;
 pub mod server;
 mod session;
 pub mod telemetry;

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wsgate::config::Config;
@@ -40,11 +39,16 @@ enum Command {
     CheckConfig,
 }
 
-fn load(cli: &Cli) -> Result<Config, ExitCode> {
-    let (path, required) = match &cli.config {
+/// The config file: `--config`, else `./gateway.yaml` (optional).
+fn config_path(cli: &Cli) -> (PathBuf, bool) {
+    match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("gateway.yaml"), false),
-    };
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    let (path, required) = config_path(cli);
     Config::load(&path, required).map_err(|e| {
         eprintln!("wsgate: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -70,7 +74,8 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(run(config))
+            let (path, _) = config_path(&cli);
+            runtime.block_on(run(config, path.exists().then_some(path)))
         }
         Some(Command::CheckConfig) => {
             let config = match load(&cli) {
@@ -121,7 +126,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     wsgate::telemetry::init(&config.log);
     let secrets = match config.resolve_secrets(&|k| std::env::var(k).ok()) {
         Ok(s) => s,
@@ -131,6 +136,7 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     let listen = config.listen;
+    let grace = config.shutdown.grace;
     let gateway = match wsgate::Gateway::new(config, secrets) {
         Ok(g) => g,
         Err(e) => {
@@ -145,14 +151,47 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match wsgate::serve(gateway, listener, shutdown, Duration::from_secs(30)).await {
+    if let Some(path) = path {
+        let env: wsgate::reload::EnvLookup = std::sync::Arc::new(|k: &str| std::env::var(k).ok());
+        wsgate::reload::spawn(gateway.clone(), path, env);
+    }
+    match wsgate::serve(gateway, listener, shutdown_signal(), grace).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsgate: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT (graceful drain); a second one exits at once.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown signal received; draining (a second signal exits at once)");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("wsgate: second signal, exiting now");
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

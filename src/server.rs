@@ -66,7 +66,11 @@ pub async fn serve(
             "shutdown grace expired with sessions still running"
         );
     }
+    // Pooled upstreams are closed with 1001; wait (briefly) until their close frames are out.
     shared.pool.close();
+    if !gateway.wait_upstreams_closed(Duration::from_secs(2)).await {
+        warn!("some upstream connections did not close in time");
+    }
     info!("wsgate stopped");
     Ok(())
 }

@@ -283,6 +283,36 @@ impl GatewayProcess {
         format!("ws://{}/v1/responses", self.addr)
     }
 
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("gateway.yaml")
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, ...) to the gateway process.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    /// Async, so in-process peers (the mock) keep running meanwhile.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Resident set size of the gateway process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
