@@ -448,3 +448,31 @@ async fn connection_limit_is_forwarded_and_treated_like_max_age() {
     s.close().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn unexpected_data_while_idle_evicts() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("junk");
+    let mut s = gw.connect(&conv).await;
+    assert!(
+        s.turn(&create_body(Some(&conv), "[[mock: junk=idle:200]]", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    s.close().await;
+    assert!(wait_until(Duration::from_secs(5), || !evictions(&conv).is_empty()).await);
+    assert_eq!(evictions(&conv), ["dead"]);
+    // The next session never sees the stray frame: it gets a fresh connection.
+    let mut s2 = gw.connect(&conv).await;
+    let t = s2
+        .turn(&create_body(Some(&conv), "hi", None))
+        .await
+        .unwrap();
+    assert!(t.is_completed());
+    assert!(!t.events.iter().any(|e| e["delta"] == "unsolicited"));
+    assert_eq!(decisions(&conv), ["new miss", "new dead"]);
+    s2.close().await;
+    gw.stop().await;
+}

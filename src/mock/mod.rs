@@ -345,6 +345,18 @@ where
     while let Some(text) = rx.recv().await {
         match serve_frame(&state, &mut conn, &pending, &text, &mut sink).await {
             Outcome::Continue => {}
+            Outcome::JunkLater(after) => {
+                if let Err(_elapsed) =
+                    tokio::time::timeout(after, std::future::pending::<()>()).await
+                {
+                    let junk =
+                        json!({"type": "response.output_text.delta", "delta": "unsolicited"})
+                            .to_string();
+                    if sink.send(Message::text(junk)).await.is_err() {
+                        break;
+                    }
+                }
+            }
             Outcome::CloseLater(code, after) => {
                 // Idle close, unless another create arrives first.
                 match tokio::time::timeout(after, rx.recv()).await {
@@ -405,6 +417,8 @@ enum Outcome {
     Close(u16),
     /// Close with this code after the connection idled this long.
     CloseLater(u16, Duration),
+    /// Send an unsolicited event after the connection idled this long.
+    JunkLater(Duration),
     Eof,
     /// The gateway went away.
     Gone,
@@ -713,6 +727,9 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if let Some((CloseKind::Code(code), Phase::Idle(after))) = d.close {
         return Outcome::CloseLater(code, after);
+    }
+    if let Some(after) = d.junk_after {
+        return Outcome::JunkLater(after);
     }
     close_at(Phase::After).unwrap_or(Outcome::Continue)
 }

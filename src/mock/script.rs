@@ -54,6 +54,8 @@ pub struct Directives {
     pub resets_in_seconds: Option<u64>,
     /// After this turn, stop reading the socket (no pongs, no close replies).
     pub deaf: bool,
+    /// This long after the turn, send an unsolicited event while the connection idles.
+    pub junk_after: Option<Duration>,
 }
 
 impl Default for Directives {
@@ -69,6 +71,7 @@ impl Default for Directives {
             error: None,
             resets_in_seconds: None,
             deaf: false,
+            junk_after: None,
         }
     }
 }
@@ -79,7 +82,8 @@ impl Directives {
     /// Keys: `deltas=N`, `size=BYTES` (per delta), `interval=MS` (between deltas),
     /// `stall=MS` (after `response.created`), `tool` (a function-call turn),
     /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after, idle:MS, stale),
-    /// `deaf` (after the turn stop reading: no pongs),
+    /// `deaf` (after the turn stop reading: no pongs), `junk=idle:MS` (an unsolicited event
+    /// while idle),
     /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event).
     pub fn parse(text: &str) -> Directives {
         let mut d = Directives::default();
@@ -98,6 +102,7 @@ impl Directives {
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
                     "deaf" => d.deaf = true,
+                    "junk" => d.junk_after = Some(ms(v.strip_prefix("idle:").unwrap_or(v))),
                     "fail" => d.fail = Some(v.to_string()),
                     "error" => {
                         let mut parts = v.split(':');
