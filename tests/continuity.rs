@@ -264,15 +264,7 @@ async fn stale_reuse_is_retried_once_before_visible_output_only() {
     let mock = mock().await;
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
     let conv = unique("stale");
-    let mut s1 = gw.connect(&conv).await;
-    assert!(
-        s1.turn(&create_body(Some(&conv), "hi", None))
-            .await
-            .unwrap()
-            .is_completed()
-    );
-    s1.close().await;
-    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+    gw.warm(&conv).await;
 
     // The reused connection dies before the first event: the turn succeeds on a fresh one.
     let mut s2 = gw.connect(&conv).await;

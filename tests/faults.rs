@@ -19,15 +19,7 @@ async fn restart_code_is_forwarded_and_evicts(code: u16) {
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
     let conv = unique(&format!("close{code}"));
     // A healthy first session puts the connection in the pool.
-    let mut s1 = gw.connect(&conv).await;
-    assert!(
-        s1.turn(&create_body(Some(&conv), "hi", None))
-            .await
-            .unwrap()
-            .is_completed()
-    );
-    s1.close().await;
-    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+    gw.warm(&conv).await;
 
     // The reused connection is closed by the upstream mid-turn.
     let mut s2 = gw.connect(&conv).await;
@@ -179,15 +171,7 @@ async fn account_change_evicts_and_moves_the_conversation() {
     let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
     let conv = unique("move");
     let first = gw.account_of(&conv);
-    let mut s1 = gw.connect(&conv).await;
-    assert!(
-        s1.turn(&create_body(Some(&conv), "hi", None))
-            .await
-            .unwrap()
-            .is_completed()
-    );
-    s1.close().await;
-    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+    gw.warm(&conv).await;
 
     assert_eq!(gw.gateway.disable_account(&first), 1);
     assert_eq!(evictions(&conv), ["account_changed"]);

@@ -53,15 +53,7 @@ async fn file_changes_reload_limits_and_accounts_and_broken_config_is_rejected()
     } else {
         "acct-a"
     };
-    let mut s = gw.connect(&conv).await;
-    assert!(
-        s.turn(&create_body(Some(&conv), "hi", None))
-            .await
-            .unwrap()
-            .is_completed()
-    );
-    s.close().await;
-    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 1).await);
+    gw.warm(&conv).await;
 
     // Remove the conversation's account and lower the per-account cap.
     let reloads = log_lines(&["config reloaded"]).len();

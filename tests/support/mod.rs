@@ -158,6 +158,26 @@ impl TestGateway {
         ]
     }
 
+    /// One session of `conversation` with one completed turn, closed cleanly; returns once no
+    /// connection is checked out and at least one idles in the pool.
+    pub async fn warm(&self, conversation: &str) {
+        let mut c = self.connect(conversation).await;
+        let t = c
+            .turn(&wsgate::client::create_body(Some(conversation), "hi", None))
+            .await
+            .unwrap();
+        assert!(t.is_completed(), "{:?}", t.terminal());
+        c.close().await;
+        let pooled = || {
+            let s = self.gateway.pool_stats();
+            s.busy == 0 && s.idle >= 1
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), pooled).await,
+            "the connection went back to the pool"
+        );
+    }
+
     /// Which account the gateway assigns to `conversation`.
     pub fn account_of(&self, conversation: &str) -> String {
         self.gateway
