@@ -22,7 +22,7 @@ use crate::error::ConfigError;
 /// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "paths", "clients", "upstream", "accounts", "routing", "pool", "relay", "shutdown",
-    "log",
+    "admin", "log",
 ];
 
 /// The whole gateway configuration (DESIGN §5).
@@ -48,6 +48,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// Graceful drain.
     pub shutdown: ShutdownConfig,
+    /// `/metrics`, `/readyz`, `/status`, `/status.json`.
+    pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -122,6 +124,18 @@ pub struct RoutingConfig {
     pub cooldown: Duration,
     /// Remembered conversation -> account assignments. Default 100000.
     pub max_conversations: usize,
+}
+
+/// Operator endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer key required on the operator endpoints (env var). Default: none (open).
+    pub key_env: Option<String>,
+    /// Bearer key required on the operator endpoints (file).
+    pub key_file: Option<PathBuf>,
+    /// Serve the operator endpoints on this address instead of `listen`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Graceful drain on SIGTERM / SIGINT.
@@ -221,6 +235,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             relay: RelayConfig::default(),
             shutdown: ShutdownConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -363,6 +378,9 @@ impl Config {
             Ok(_) => {}
             Err(msg) => return invalid("upstream.url", msg),
         }
+        if self.admin.key_env.is_some() && self.admin.key_file.is_some() {
+            return invalid("admin", "set at most one of `key_env` or `key_file`".into());
+        }
         if self.upstream.connect_timeout.is_zero() {
             return invalid("upstream.connect_timeout", "must be greater than 0".into());
         }
@@ -494,7 +512,12 @@ impl Config {
             };
             accounts.insert(a.id.clone(), cred);
         }
-        Ok(Secrets { clients, accounts })
+        let admin = read("admin".into(), &self.admin.key_env, &self.admin.key_file)?;
+        Ok(Secrets {
+            clients,
+            accounts,
+            admin,
+        })
     }
 
     /// Max frame size in bytes (defaults to the message size).
@@ -513,6 +536,8 @@ pub struct Secrets {
     pub clients: Vec<(String, String)>,
     /// account id -> bearer credential.
     pub accounts: HashMap<String, String>,
+    /// The operator endpoints' key.
+    pub admin: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {

@@ -132,6 +132,10 @@ const RATE_LIMIT_CODES: &[&str] = &[
 /// What the session needs to know about a turn's terminal event.
 #[derive(Debug, Default, PartialEq)]
 pub struct Terminal {
+    /// The event type (`response.completed`, `error`, ...).
+    pub kind: String,
+    /// `usage.input_tokens` and `usage.input_tokens_details.cached_tokens` of a completed turn.
+    pub usage: Option<(u64, u64)>,
     /// `response.id` of a `response.completed` (it can be continued on this connection).
     pub completed_response_id: Option<String>,
     /// The account is rate- or usage-limited (status 429 or a limit code).
@@ -155,9 +159,23 @@ impl Terminal {
             resets_in_seconds: Option<f64>,
         }
         #[derive(Deserialize, Default)]
+        struct Details {
+            #[serde(default)]
+            cached_tokens: u64,
+        }
+        #[derive(Deserialize, Default)]
+        struct Usage {
+            #[serde(default)]
+            input_tokens: u64,
+            #[serde(default)]
+            input_tokens_details: Option<Details>,
+        }
+        #[derive(Deserialize, Default)]
         struct Response {
             #[serde(default)]
             id: Option<String>,
+            #[serde(default)]
+            usage: Option<Usage>,
             #[serde(default)]
             error: Option<ErrorBody>,
         }
@@ -171,10 +189,19 @@ impl Terminal {
             response: Option<Response>,
         }
         let ev: Event = serde_json::from_str(text).unwrap_or_default();
-        let mut t = Terminal::default();
+        let mut t = Terminal {
+            kind: ty.to_string(),
+            ..Terminal::default()
+        };
         let response = ev.response.unwrap_or_default();
         if ty == "response.completed" {
             t.completed_response_id = response.id;
+            t.usage = response.usage.map(|u| {
+                (
+                    u.input_tokens,
+                    u.input_tokens_details.map(|d| d.cached_tokens).unwrap_or(0),
+                )
+            });
             return t;
         }
         let err = ev.error.or(response.error).unwrap_or_default();
@@ -283,9 +310,10 @@ mod tests {
     fn terminal_inspection() {
         let t = Terminal::inspect(
             "response.completed",
-            r#"{"type":"response.completed","response":{"id":"resp_1","usage":{}}}"#,
+            r#"{"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":80}}}}"#,
         );
         assert_eq!(t.completed_response_id.as_deref(), Some("resp_1"));
+        assert_eq!(t.usage, Some((100, 80)));
         let t = Terminal::inspect(
             "error",
             r#"{"type":"error","status":429,"error":{"type":"usage_limit_reached","resets_in_seconds":90}}"#,
@@ -306,7 +334,13 @@ mod tests {
             "response.failed",
             r#"{"type":"response.failed","response":{"error":{"code":"server_error"}}}"#,
         );
-        assert_eq!(t, Terminal::default());
+        assert_eq!(
+            t,
+            Terminal {
+                kind: "response.failed".into(),
+                ..Terminal::default()
+            }
+        );
     }
 
     #[test]

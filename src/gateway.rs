@@ -35,12 +35,27 @@ pub(crate) struct Shared {
     /// `(client name, key bytes)`; empty = no auth.
     client_keys: RwLock<ClientKeys>,
     pub ws_config: WebSocketConfig,
-    /// Cancelled when the gateway shuts down.
+    /// Cancelled when the gateway starts shutting down (drain).
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain is over and the listeners stop.
+    pub stopped: CancellationToken,
     /// Every session task; waited on at shutdown.
     pub sessions: TaskTracker,
     pub active_sessions: AtomicUsize,
     next_session: AtomicU64,
+    /// Per-frame counters.
+    pub relay: crate::metrics::Relay,
+    /// The Prometheus handle behind `/metrics`.
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Set once the listener accepts connections (readiness).
+    pub listening: std::sync::atomic::AtomicBool,
+    pub started: tokio::time::Instant,
+    /// Token totals of completed turns by decision (status page).
+    pub usage: crate::status::UsageTotals,
+    /// The admin key (`admin.key_*`), if set.
+    admin_key: RwLock<Option<Vec<u8>>>,
+    /// Where the separate admin listener is bound, if `admin.listen` is set.
+    pub admin_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
     /// The pool's reaper, stopped with the gateway.
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
 }
@@ -71,6 +86,8 @@ impl Gateway {
     /// Builds the gateway state. Must run inside a tokio runtime (it spawns the pool reaper).
     pub fn new(config: Config, secrets: Secrets) -> Result<Gateway, StartError> {
         config.validate()?;
+        // Metric handles registered below must see the real recorder.
+        let prometheus = crate::metrics::install();
         let pool = Pool::new(config.pool.clone());
         let reaper = pool::spawn_reaper(&pool);
         let dialer = Dialer::new(&config, pool.waker())?;
@@ -85,9 +102,17 @@ impl Gateway {
                 dialer,
                 client_keys: RwLock::new(client_keys(&secrets)),
                 shutdown: CancellationToken::new(),
+                stopped: CancellationToken::new(),
                 sessions: TaskTracker::new(),
                 active_sessions: AtomicUsize::new(0),
                 next_session: AtomicU64::new(1),
+                relay: crate::metrics::Relay::new(),
+                prometheus,
+                listening: std::sync::atomic::AtomicBool::new(false),
+                started: tokio::time::Instant::now(),
+                usage: Default::default(),
+                admin_key: RwLock::new(secrets.admin.as_ref().map(|k| k.as_bytes().to_vec())),
+                admin_addr: std::sync::Mutex::new(None),
                 _reaper: tokio_util::task::AbortOnDropHandle::new(reaper),
             }),
         })
@@ -105,6 +130,16 @@ impl Gateway {
     /// Sessions currently connected.
     pub fn active_sessions(&self) -> usize {
         self.shared.active_sessions.load(Ordering::Acquire)
+    }
+
+    /// Where the separate admin listener is bound (`admin.listen`), once serving.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.admin_addr.lock().ok().and_then(|a| *a)
+    }
+
+    /// The `/status.json` snapshot.
+    pub fn status(&self) -> crate::status::Status {
+        self.shared.status()
     }
 
     /// The account a conversation is assigned to now (assigning it if new).
@@ -162,6 +197,7 @@ impl Gateway {
             (old.upstream != config.upstream, "upstream"),
             (old.relay != config.relay, "relay"),
             (old.log != config.log, "log"),
+            (old.admin.listen != config.admin.listen, "admin.listen"),
         ] {
             if changed {
                 summary.needs_restart.push(key);
@@ -178,6 +214,9 @@ impl Gateway {
         }
         if let Ok(mut k) = shared.client_keys.write() {
             *k = client_keys(&secrets);
+        }
+        if let Ok(mut k) = shared.admin_key.write() {
+            *k = secrets.admin.as_ref().map(|k| k.as_bytes().to_vec());
         }
         if let Ok(mut c) = shared.config.write() {
             *c = Arc::new(config);
@@ -204,6 +243,10 @@ impl Shared {
             .read()
             .map(|c| c.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn admin_key(&self) -> Option<Vec<u8>> {
+        self.admin_key.read().ok().and_then(|k| k.clone())
     }
 
     pub fn client_keys(&self) -> ClientKeys {
@@ -288,6 +331,7 @@ impl Shared {
                     Ok(conn) => pooled.attach(conn),
                     Err(e) => {
                         warn!(upstream.id = pooled.id(), account = %account.id, error = %e, "upstream dial failed");
+                        crate::metrics::error("dial_failed");
                         drop(pooled);
                         match &e {
                             DialError::Status {

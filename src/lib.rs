@@ -20,6 +20,8 @@
 //! - `session`: one client WebSocket and its turn loop.
 //! - [`server`]: axum routes, authentication, the upgrade, shutdown drain.
 //! - [`reload`]: hot reload on SIGHUP and config file changes.
+//! - [`metrics`]: Prometheus metric names, buckets and hot-path handles.
+//! - [`status`]: the `/status` page and `/status.json`.
 //! - [`mock`]: the built-in mock upstream.
 //! - [`client`]: a small WebSocket client for the demo and tests.
 //! - [`demo`]: the offline demo.
@@ -35,12 +37,14 @@ pub mod event;
 pub mod gateway;
 pub mod headers;
 pub mod ids;
+pub mod metrics;
 pub mod mock;
 pub mod pool;
 pub mod pump;
 pub mod reload;
 pub mod server;
 mod session;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

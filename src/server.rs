@@ -24,8 +24,10 @@ use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, conversation_from_headers};
 use crate::session::{Session, SessionStart};
 
-/// Serves `gateway` on `listener` until `shutdown` resolves, then drains: idle sessions are
-/// closed with 1012, sessions with a turn in flight get `grace` to finish.
+/// Serves `gateway` on `listener` until `shutdown` resolves, then drains: new upgrades get
+/// 503 and `/readyz` says `draining`, idle sessions are closed with 1012, sessions with a turn
+/// in flight get `grace` to finish; then the listener stops and pooled upstreams are closed
+/// with 1001.
 pub async fn serve(
     gateway: Gateway,
     listener: TcpListener,
@@ -33,12 +35,39 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let shared = gateway.shared.clone();
+    let config = shared.config();
     let mut router = Router::new().route("/healthz", get(healthz));
-    for path in &shared.config().paths {
+    for path in &config.paths {
         router = router.route(path, any(upgrade));
+    }
+    let mut admin_server = None;
+    match config.admin.listen {
+        None => router = router.merge(admin_routes()),
+        Some(addr) => {
+            let admin_listener = TcpListener::bind(addr).await?;
+            let bound = admin_listener.local_addr()?;
+            if let Ok(mut a) = shared.admin_addr.lock() {
+                *a = Some(bound);
+            }
+            info!(addr = %bound, "wsgate admin listening");
+            let app = Router::new()
+                .route("/healthz", get(healthz))
+                .merge(admin_routes())
+                .fallback(not_found)
+                .with_state(gateway.clone());
+            let stopped = shared.stopped.clone();
+            admin_server = Some(tokio::spawn(async move {
+                axum::serve(admin_listener, app)
+                    .with_graceful_shutdown(stopped.cancelled_owned())
+                    .await
+            }));
+        }
     }
     let app = router.fallback(not_found).with_state(gateway.clone());
     let addr = listener.local_addr()?;
+    shared
+        .listening
+        .store(true, std::sync::atomic::Ordering::Release);
     info!(addr = %addr, "wsgate listening");
     let token = shared.shutdown.clone();
     tokio::spawn({
@@ -50,21 +79,36 @@ pub async fn serve(
             }
         }
     });
+    // The listener keeps answering while sessions drain (upgrades get 503, /readyz 503).
+    let drained = {
+        let shared = shared.clone();
+        async move {
+            shared.shutdown.cancelled().await;
+            info!(sessions = shared.sessions.len(), "draining");
+            shared.sessions.close();
+            if tokio::time::timeout(grace, shared.sessions.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    remaining = shared.sessions.len(),
+                    "shutdown grace expired with sessions still running"
+                );
+            }
+            shared.stopped.cancel();
+        }
+    };
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(token.cancelled_owned())
+    .with_graceful_shutdown(drained)
     .await?;
-    shared.sessions.close();
-    if tokio::time::timeout(grace, shared.sessions.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            remaining = shared.sessions.len(),
-            "shutdown grace expired with sessions still running"
-        );
+    shared
+        .listening
+        .store(false, std::sync::atomic::Ordering::Release);
+    if let Some(admin) = admin_server {
+        let _ = admin.await;
     }
     // Pooled upstreams are closed with 1001; wait (briefly) until their close frames are out.
     shared.pool.close();
@@ -73,6 +117,84 @@ pub async fn serve(
     }
     info!("wsgate stopped");
     Ok(())
+}
+
+fn admin_routes() -> Router<Gateway> {
+    Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status_page))
+        .route("/status.json", get(status_json))
+}
+
+/// Checks the operator key (`admin.key_*`), if one is configured.
+fn admin_denied(gw: &Gateway, headers: &HeaderMap) -> Option<Response> {
+    let key = gw.shared.admin_key()?;
+    let keys = [("admin".to_string(), key)];
+    match authenticate(&keys, headers) {
+        Ok(_) => None,
+        Err(()) => {
+            let mut r = json_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_admin_key",
+                "missing or wrong admin key",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Some(r)
+        }
+    }
+}
+
+async fn readyz(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&gw, &headers) {
+        return denied;
+    }
+    match gw.shared.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&gw, &headers) {
+        return denied;
+    }
+    gw.shared.update_gauges();
+    match &gw.shared.prometheus {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics_unavailable",
+            "another metrics recorder is installed",
+        ),
+    }
+}
+
+async fn status_json(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&gw, &headers) {
+        return denied;
+    }
+    axum::Json(gw.shared.status()).into_response()
+}
+
+async fn status_page(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&gw, &headers) {
+        return denied;
+    }
+    let html = crate::status::render_html(&gw.shared.status());
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 async fn healthz() -> &'static str {

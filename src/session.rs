@@ -105,6 +105,7 @@ impl Session {
     /// Runs the session to its end. The caller instruments it with the session span.
     pub async fn run(mut self) {
         self.gw.active_sessions.fetch_add(1, Ordering::AcqRel);
+        ::metrics::counter!(crate::metrics::CLIENT_OPENED).increment(1);
         debug!("session started");
         loop {
             if self.turn.is_none()
@@ -137,11 +138,14 @@ impl Session {
         if let Some(mut up) = self.upstream.take() {
             if let Some(turn) = self.turn.take() {
                 info!(parent: &turn.span, upstream.id = up.id(), "client left mid-turn; upstream discarded");
+                crate::metrics::turn("aborted", turn.started.elapsed());
+                crate::metrics::error("client_left_mid_turn");
                 up.set_reusable(false);
             }
             drop(up);
         }
         self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
+        ::metrics::counter!(crate::metrics::CLIENT_CLOSED).increment(1);
         debug!(turns = self.turn_seq, "session ended");
     }
 
@@ -151,6 +155,7 @@ impl Session {
         match msg {
             Some(Ok(Message::Text(text))) => self.client_text(text).await,
             Some(Ok(Message::Binary(_))) => {
+                crate::metrics::error("client_binary_frame");
                 self.close_client(
                     close::client::UNSUPPORTED_DATA,
                     "binary frames are not supported; send JSON text frames",
@@ -161,6 +166,7 @@ impl Session {
             Some(Ok(Message::Close(_))) | None => Flow::Stop,
             Some(Ok(_)) => Flow::Continue, // ping/pong: tungstenite answers pings
             Some(Err(tungstenite::Error::Capacity(e))) => {
+                crate::metrics::error("client_message_too_big");
                 let reason = format!("message too big: {e}");
                 self.close_client(close::client::TOO_BIG, &reason).await;
                 Flow::Stop
@@ -192,12 +198,18 @@ impl Session {
                     ClientFrameError::InvalidJson(_) => "invalid_json",
                     ClientFrameError::MissingType => "missing_type",
                 };
+                crate::metrics::error(if code == "invalid_json" {
+                    "client_invalid_json"
+                } else {
+                    "client_missing_type"
+                });
                 return self.send_error(400, code, &e.to_string()).await;
             }
         };
         let (is_create, in_turn_event, previous, cache_key) = parsed;
         if self.turn.is_some() && !in_turn_event {
             if self.held.len() >= self.gw.config().relay.max_queued_frames {
+                crate::metrics::error("client_queue_full");
                 self.close_client(
                     close::client::POLICY,
                     "too many frames queued behind the response in flight",
@@ -226,6 +238,11 @@ impl Session {
                 )
                 .await;
         };
+        count_frame(
+            &self.gw.relay.frames_up,
+            &self.gw.relay.bytes_up,
+            text.len(),
+        );
         if let Err(e) = up.send(Message::Text(text)).await {
             debug!(error = %e, "upstream send failed");
             return self.upstream_ended(None, &e.to_string()).await;
@@ -299,6 +316,11 @@ impl Session {
         up.set_reusable(false);
         let retry = (previous.is_none() && used_before).then(|| text.clone());
         // A failed send surfaces as the pump's end event, handled like any mid-turn failure.
+        count_frame(
+            &self.gw.relay.frames_up,
+            &self.gw.relay.bytes_up,
+            text.len(),
+        );
         if let Some(conn) = up.conn_mut()
             && let Err(e) = conn.send(Message::Text(text)).await
         {
@@ -358,6 +380,7 @@ impl Session {
             _ => event::error_event(e.http_status(), e.code(), &e.to_string()),
         };
         debug!(error = %e, "acquire failed");
+        crate::metrics::error(e.code());
         match self.client.send(Message::text(event)).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
@@ -438,12 +461,20 @@ impl Session {
                         }
                         _ => None,
                     };
+                    count_frame(
+                        &self.gw.relay.frames_down,
+                        &self.gw.relay.bytes_down,
+                        text.len(),
+                    );
                     if let Err(e) = self.client.feed(Message::Text(text)).await {
                         debug!(error = %e, "client write failed");
                         return Flow::Stop;
                     }
                     sent += 1;
                     if let Some(t) = self.turn.as_mut() {
+                        if t.frames == 0 {
+                            crate::metrics::first_event(t.started.elapsed());
+                        }
                         t.frames += 1;
                     }
                     if let Some(terminal) = terminal {
@@ -498,10 +529,17 @@ impl Session {
     }
 
     fn end_turn(&mut self, terminal: event::Terminal) {
-        if let Some(id) = &terminal.completed_response_id
-            && let Some(conn) = self.upstream.as_mut().and_then(Pooled::conn_mut)
-        {
-            conn.record_response(id);
+        if let Some(up) = self.upstream.as_mut() {
+            if let Some((input, cached)) = terminal.usage {
+                crate::metrics::usage(up.decision(), input, cached);
+                self.gw.usage.add(up.decision(), input, cached);
+            }
+            if let Some(conn) = up.conn_mut() {
+                conn.count_turn();
+                if let Some(id) = &terminal.completed_response_id {
+                    conn.record_response(id);
+                }
+            }
         }
         if terminal.rate_limited
             && let Some(up) = self.upstream.as_ref()
@@ -512,6 +550,7 @@ impl Session {
         }
         self.conn_turns += 1;
         if let Some(turn) = self.turn.take() {
+            crate::metrics::turn(&terminal.kind, turn.started.elapsed());
             debug!(
                 parent: &turn.span,
                 turn.seq = turn.seq,
@@ -537,6 +576,7 @@ impl Session {
             return Flow::Continue;
         };
         let id = up.id();
+        crate::metrics::error("upstream_ended");
         // Stale reuse: a used connection failed before anything of this full request reached
         // the client. Retry once on a fresh connection.
         let retry = self
@@ -560,6 +600,11 @@ impl Session {
                     self.set_upstream(p);
                     if let Some(up) = self.upstream.as_mut() {
                         up.set_reusable(false);
+                        count_frame(
+                            &self.gw.relay.frames_up,
+                            &self.gw.relay.bytes_up,
+                            text.len(),
+                        );
                         if let Some(conn) = up.conn_mut()
                             && let Err(e) = conn.send(Message::Text(text)).await
                         {
@@ -573,6 +618,9 @@ impl Session {
                     return self.acquire_failed(e).await;
                 }
             }
+        }
+        if let Some(turn) = &self.turn {
+            crate::metrics::turn("upstream_failed", turn.started.elapsed());
         }
         match close::upstream_ended(code, in_turn) {
             Disposition::EvictAndForward { code, reason } => {
@@ -647,6 +695,11 @@ impl Session {
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
     }
+}
+
+fn count_frame(frames: &::metrics::Counter, bytes: &::metrics::Counter, len: usize) {
+    frames.increment(1);
+    bytes.increment(len as u64);
 }
 
 fn fallback(detail: &str) -> &str {

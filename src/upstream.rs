@@ -27,7 +27,7 @@ use crate::config::{Config, RelayConfig};
 use crate::error::{DialError, StartError};
 use crate::headers::{ForwardHeaders, response_copy};
 use crate::ids::AccountId;
-use crate::pool::{EvictReason, Health, PoolConn};
+use crate::pool::{ConnMeta, EvictReason, Health, PoolConn};
 use crate::pump::{self, PumpConfig, PumpEvent, PumpIo};
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -157,7 +157,13 @@ impl Dialer {
             waker: self.waker.clone(),
             close_code: close_code.clone(),
         };
-        self.tasks.spawn(pump::run(ws, io, self.pump));
+        crate::metrics::dial(started.elapsed());
+        ::metrics::counter!(crate::metrics::UPSTREAM_OPENED).increment(1);
+        let pump_cfg = self.pump;
+        self.tasks.spawn(async move {
+            pump::run(ws, io, pump_cfg).await;
+            ::metrics::counter!(crate::metrics::UPSTREAM_CLOSED).increment(1);
+        });
         Ok(UpstreamConn {
             id,
             created_at: Instant::now(),
@@ -167,6 +173,10 @@ impl Dialer {
             events,
             close_code,
             recent: VecDeque::new(),
+            meta: Arc::new(ConnMeta {
+                created_at: Instant::now(),
+                turns: Default::default(),
+            }),
             _lease: account.lease(),
         })
     }
@@ -217,6 +227,8 @@ pub struct UpstreamConn {
     close_code: Arc<AtomicU16>,
     /// Ids of the last responses completed on this connection (its `previous_response_id` state).
     recent: VecDeque<String>,
+    /// Age and turns served, shared with the pool's status view.
+    meta: Arc<ConnMeta>,
     /// Counts this connection against its account's load.
     _lease: AccountLease,
 }
@@ -250,6 +262,11 @@ impl UpstreamConn {
             .send(msg)
             .await
             .map_err(|_| tungstenite::Error::AlreadyClosed)
+    }
+
+    /// Counts a turn completed on this connection.
+    pub fn count_turn(&self) {
+        self.meta.turns.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a response completed on this connection.
@@ -288,6 +305,10 @@ impl PoolConn for UpstreamConn {
 
     fn created_at(&self) -> Instant {
         self.created_at
+    }
+
+    fn meta(&self) -> Option<Arc<ConnMeta>> {
+        Some(self.meta.clone())
     }
 
     fn on_evict(&mut self, reason: EvictReason) {

@@ -51,7 +51,44 @@ pub trait PoolConn: Send + Sync + 'static {
     fn check_idle(&mut self) -> Health;
     /// Called just before an evicted connection is dropped.
     fn on_evict(&mut self, _reason: EvictReason) {}
+    /// Shared facts about the connection, readable while a session holds it (status page).
+    fn meta(&self) -> Option<Arc<ConnMeta>> {
+        None
+    }
 }
+
+/// Facts about a connection that the pool can show while a session holds it.
+#[derive(Debug)]
+pub struct ConnMeta {
+    pub created_at: Instant,
+    /// Turns completed on the connection.
+    pub turns: AtomicU64,
+}
+
+/// One recent decision (status page).
+#[derive(Debug, Clone)]
+pub struct DecisionRecord {
+    pub at: Instant,
+    pub decision: Decision,
+    pub account: AccountId,
+    pub conversation: Option<ConversationId>,
+    pub upstream_id: u64,
+}
+
+/// One pooled slot (status page).
+#[derive(Debug, Clone)]
+pub struct SlotSnapshot {
+    pub key: PoolKey,
+    pub upstream_id: u64,
+    /// `idle`, `busy` or `dialing`.
+    pub state: &'static str,
+    pub meta: Option<Arc<ConnMeta>>,
+    /// Idle since (idle slots).
+    pub idle_since: Option<Instant>,
+}
+
+/// Recent decisions kept for the status page.
+const RECENT_DECISIONS: usize = 64;
 
 /// Result of [`PoolConn::check_idle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +245,10 @@ struct Inner<C> {
     /// Woken when an idle connection may have died, so the reaper looks at once.
     wake: Arc<Notify>,
     closed: AtomicBool,
+    /// The last decisions (bounded ring), and per-decision totals since start.
+    recent: Mutex<VecDeque<DecisionRecord>>,
+    /// Decisions since start: reuse, new, bypass.
+    totals: [AtomicU64; 3],
 }
 
 struct Slot<C> {
@@ -216,6 +257,8 @@ struct Slot<C> {
     state: SlotState<C>,
     /// Set when the slot was evicted while checked out: its guard discards on return.
     evicted: bool,
+    /// The connection's shared facts, once attached.
+    meta: Option<Arc<ConnMeta>>,
 }
 
 enum SlotState<C> {
@@ -242,6 +285,8 @@ impl<C: PoolConn> Pool<C> {
                 next_id: AtomicU64::new(1),
                 wake: Arc::new(Notify::new()),
                 closed: AtomicBool::new(false),
+                recent: Mutex::new(VecDeque::with_capacity(RECENT_DECISIONS)),
+                totals: Default::default(),
             }),
         }
     }
@@ -283,7 +328,7 @@ impl<C: PoolConn> Pool<C> {
         let inner = &self.inner;
         let limits = inner.limits().clone();
         let now = Instant::now();
-        let (decision, pooled) = match key {
+        let (decision, mut pooled) = match key {
             None => (
                 Decision::Bypass(BypassReason::NoKey),
                 self.unpooled(account),
@@ -296,35 +341,114 @@ impl<C: PoolConn> Pool<C> {
             }
             Some(key) => self.checkout_key(key, &limits, account_cap, hint, now),
         };
-        let conversation = pooled.key.as_ref().map(|k| k.conversation.to_string());
-        let conversation = conversation.as_deref().unwrap_or("-");
-        match (&decision, &pooled.conn) {
-            (Decision::Reuse, Some(c)) => {
-                let age = now.saturating_duration_since(c.created_at()).as_millis() as u64;
+        let age = match (&decision, &pooled.conn) {
+            (Decision::Reuse, Some(c)) => Some(now.saturating_duration_since(c.created_at())),
+            _ => None,
+        };
+        self.record_decision(decision, account, pooled.key.as_ref(), pooled.id, age);
+        pooled.decision = decision;
+        Checkout { decision, pooled }
+    }
+
+    /// Logs one decision line (DESIGN §3), counts it, and keeps it for the status page.
+    fn record_decision(
+        &self,
+        decision: Decision,
+        account: &AccountId,
+        key: Option<&PoolKey>,
+        id: u64,
+        age: Option<Duration>,
+    ) {
+        let conversation = key.map(|k| k.conversation.as_str()).unwrap_or("-");
+        match age {
+            Some(age) => {
                 info!(
                     decision = %decision,
                     reason = %decision.reason(),
                     account = %account,
                     conversation = %conversation,
-                    upstream.id = pooled.id,
-                    upstream.age_ms = age,
+                    upstream.id = id,
+                    upstream.age_ms = age.as_millis() as u64,
                     "pool decision"
                 );
+                crate::metrics::reuse_age(age);
             }
-            _ => info!(
+            None => info!(
                 decision = %decision,
                 reason = %decision.reason(),
                 account = %account,
                 conversation = %conversation,
-                upstream.id = pooled.id,
+                upstream.id = id,
                 "pool decision"
             ),
         }
-        Checkout { decision, pooled }
+        crate::metrics::decision(decision);
+        let i = match decision {
+            Decision::Reuse => 0,
+            Decision::New(_) => 1,
+            Decision::Bypass(_) => 2,
+        };
+        self.inner.totals[i].fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut r) = self.inner.recent.lock() {
+            if r.len() == RECENT_DECISIONS {
+                r.pop_front();
+            }
+            r.push_back(DecisionRecord {
+                at: Instant::now(),
+                decision,
+                account: account.clone(),
+                conversation: key.map(|k| k.conversation.clone()),
+                upstream_id: id,
+            });
+        }
+    }
+
+    /// Decisions since start (status page).
+    pub fn decision_totals(&self) -> crate::status::DecisionTotals {
+        let t = |i: usize| self.inner.totals[i].load(Ordering::Relaxed);
+        crate::status::DecisionTotals {
+            reuse: t(0),
+            new: t(1),
+            bypass: t(2),
+            hit_rate: None,
+        }
+    }
+
+    /// The last decisions, oldest first (status page).
+    pub fn recent_decisions(&self) -> Vec<DecisionRecord> {
+        self.inner
+            .recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every slot (status page, gauges).
+    pub fn snapshot(&self) -> Vec<SlotSnapshot> {
+        self.inner
+            .slots
+            .iter()
+            .map(|e| {
+                let slot = e.value();
+                let (state, idle_since) = match &slot.state {
+                    SlotState::Dialing => ("dialing", None),
+                    SlotState::Busy => ("busy", None),
+                    SlotState::Idle { since, .. } => ("idle", Some(*since)),
+                };
+                SlotSnapshot {
+                    key: e.key().clone(),
+                    upstream_id: slot.conn_id,
+                    state,
+                    meta: slot.meta.clone(),
+                    idle_since,
+                }
+            })
+            .collect()
     }
 
     fn unpooled(&self, account: &AccountId) -> Pooled<C> {
         Pooled {
+            decision: Decision::Bypass(BypassReason::NoKey),
             conn: None,
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             key: None,
@@ -359,16 +483,8 @@ impl<C: PoolConn> Pool<C> {
             (conn, conn_id)
         };
         let (conn, id) = conn;
-        let age = now.saturating_duration_since(conn.created_at()).as_millis() as u64;
-        info!(
-            decision = %Decision::Reuse,
-            reason = %Decision::Reuse.reason(),
-            account = %key.account,
-            conversation = %key.conversation,
-            upstream.id = id,
-            upstream.age_ms = age,
-            "pool decision"
-        );
+        let age = now.saturating_duration_since(conn.created_at());
+        self.record_decision(Decision::Reuse, &key.account, Some(key), id, Some(age));
         Some(Checkout {
             decision: Decision::Reuse,
             pooled: Pooled {
@@ -379,6 +495,7 @@ impl<C: PoolConn> Pool<C> {
                 pool: Arc::downgrade(&self.inner),
                 reusable: false,
                 reused: true,
+                decision: Decision::Reuse,
             },
         })
     }
@@ -440,6 +557,7 @@ impl<C: PoolConn> Pool<C> {
                 if inner.reserve(&key.account, limits, account_cap) {
                     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                     v.insert(Slot {
+                        meta: None,
                         conn_id: id,
                         state: SlotState::Dialing,
                         evicted: false,
@@ -463,6 +581,7 @@ impl<C: PoolConn> Pool<C> {
             Ok((decision, conn, id)) => {
                 let reused = conn.is_some();
                 let pooled = Pooled {
+                    decision: Decision::Reuse,
                     conn,
                     id,
                     account: key.account.clone(),
@@ -747,6 +866,7 @@ impl<C: PoolConn> Inner<C> {
 }
 
 fn log_evict(reason: EvictReason, key: &PoolKey, conn_id: u64) {
+    crate::metrics::eviction(reason);
     info!(
         reason = %reason,
         account = %key.account,
@@ -771,9 +891,15 @@ pub struct Pooled<C: PoolConn> {
     pool: Weak<Inner<C>>,
     reusable: bool,
     reused: bool,
+    /// The decision that produced this checkout (metrics split by it).
+    decision: Decision,
 }
 
 impl<C: PoolConn> Pooled<C> {
+    pub fn decision(&self) -> Decision {
+        self.decision
+    }
+
     /// The upstream id (known before the dial for new connections).
     pub fn id(&self) -> u64 {
         self.id
@@ -798,6 +924,13 @@ impl<C: PoolConn> Pooled<C> {
     }
 
     pub fn attach(&mut self, conn: C) {
+        if let (Some(pool), Some(key), Some(meta)) =
+            (self.pool.upgrade(), self.key.as_ref(), conn.meta())
+            && let Some(mut slot) = pool.slots.get_mut(key)
+            && slot.conn_id == self.id
+        {
+            slot.meta = Some(meta);
+        }
         self.conn = Some(conn);
     }
 

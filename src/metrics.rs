@@ -1,0 +1,187 @@
+//! Prometheus metrics: names, histogram buckets, the process-wide recorder, and pre-registered
+//! handles for the per-frame hot path.
+//!
+//! The recorder is global (the `metrics` facade); [`install`] is idempotent, so every gateway
+//! in a process shares it. Gauges that describe state (sessions, pooled connections, accounts)
+//! are set from the live state at scrape time, so they can never drift.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ::metrics::{Counter, counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::pool::{Decision, EvictReason};
+
+pub const POOL_DECISIONS: &str = "wsgate_pool_decisions_total";
+pub const POOL_EVICTIONS: &str = "wsgate_pool_evictions_total";
+pub const TURNS: &str = "wsgate_turns_total";
+pub const CLIENT_OPENED: &str = "wsgate_client_connections_opened_total";
+pub const CLIENT_CLOSED: &str = "wsgate_client_connections_closed_total";
+pub const UPSTREAM_OPENED: &str = "wsgate_upstream_connections_opened_total";
+pub const UPSTREAM_CLOSED: &str = "wsgate_upstream_connections_closed_total";
+pub const FRAMES: &str = "wsgate_frames_total";
+pub const BYTES: &str = "wsgate_bytes_total";
+pub const ERRORS: &str = "wsgate_errors_total";
+pub const SESSIONS: &str = "wsgate_sessions_active";
+pub const POOLED: &str = "wsgate_pool_connections";
+pub const ACCOUNTS: &str = "wsgate_accounts";
+pub const TURN_FIRST_EVENT: &str = "wsgate_turn_first_event_seconds";
+pub const TURN_DURATION: &str = "wsgate_turn_duration_seconds";
+pub const DIAL: &str = "wsgate_upstream_dial_seconds";
+pub const REUSE_AGE: &str = "wsgate_pool_reuse_age_seconds";
+pub const CACHED_RATIO: &str = "wsgate_turn_cached_ratio";
+pub const INPUT_TOKENS: &str = "wsgate_input_tokens_total";
+pub const CACHED_TOKENS: &str = "wsgate_cached_tokens_total";
+
+/// Latency buckets (seconds): 1 ms .. 10 min.
+const LATENCY: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+/// Connection age buckets (seconds): 1 s .. 1 h.
+const AGE: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 2700.0, 3300.0, 3600.0,
+];
+/// Ratio buckets.
+const RATIO: &[f64] = &[
+    0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle. `None` if
+/// another recorder was installed first (then `/metrics` says so).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(REUSE_AGE.into()), AGE))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CACHED_RATIO.into()), RATIO))
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(POOL_DECISIONS, "Pool decisions by decision and reason");
+    describe_counter!(POOL_EVICTIONS, "Pooled connections evicted, by reason");
+    describe_counter!(TURNS, "Turns by terminal event");
+    describe_counter!(CLIENT_OPENED, "Client WebSocket sessions opened");
+    describe_counter!(CLIENT_CLOSED, "Client WebSocket sessions closed");
+    describe_counter!(UPSTREAM_OPENED, "Upstream WebSocket connections opened");
+    describe_counter!(UPSTREAM_CLOSED, "Upstream WebSocket connections closed");
+    describe_counter!(FRAMES, "Frames relayed, by direction");
+    describe_counter!(BYTES, "Payload bytes relayed, by direction");
+    describe_counter!(ERRORS, "Errors by kind");
+    describe_gauge!(SESSIONS, "Client sessions connected now");
+    describe_gauge!(POOLED, "Pooled upstream connections by account and state");
+    describe_gauge!(ACCOUNTS, "Accounts by state");
+    describe_histogram!(
+        TURN_FIRST_EVENT,
+        "Time from response.create to the first upstream event"
+    );
+    describe_histogram!(
+        TURN_DURATION,
+        "Time from response.create to the terminal event"
+    );
+    describe_histogram!(DIAL, "Upstream dial time (TCP + TLS + handshake)");
+    describe_histogram!(REUSE_AGE, "Age of pooled connections when reused");
+    describe_histogram!(
+        CACHED_RATIO,
+        "cached_tokens / input_tokens of completed turns, by pool decision"
+    );
+    describe_counter!(
+        INPUT_TOKENS,
+        "usage.input_tokens of completed turns, by pool decision"
+    );
+    describe_counter!(
+        CACHED_TOKENS,
+        "usage.input_tokens_details.cached_tokens of completed turns, by pool decision"
+    );
+}
+
+/// The process-wide handle, if [`install`] ran.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.get().cloned().flatten()
+}
+
+pub fn decision(d: Decision) {
+    counter!(POOL_DECISIONS, "decision" => d.to_string(), "reason" => d.reason()).increment(1);
+}
+
+pub fn eviction(r: EvictReason) {
+    counter!(POOL_EVICTIONS, "reason" => r.to_string()).increment(1);
+}
+
+pub fn reuse_age(age: Duration) {
+    histogram!(REUSE_AGE).record(age.as_secs_f64());
+}
+
+pub fn error(kind: &'static str) {
+    counter!(ERRORS, "kind" => kind).increment(1);
+}
+
+pub fn dial(elapsed: Duration) {
+    histogram!(DIAL).record(elapsed.as_secs_f64());
+}
+
+/// A turn ended with `terminal` (an event type, or `aborted` / `upstream_failed`).
+pub fn turn(terminal: &str, duration: Duration) {
+    let terminal = match terminal {
+        "response.completed" => "completed",
+        "response.failed" => "failed",
+        "response.incomplete" => "incomplete",
+        "error" => "error",
+        "upstream_failed" => "upstream_failed",
+        _ => "aborted",
+    };
+    counter!(TURNS, "terminal" => terminal).increment(1);
+    histogram!(TURN_DURATION, "terminal" => terminal).record(duration.as_secs_f64());
+}
+
+pub fn first_event(after: Duration) {
+    histogram!(TURN_FIRST_EVENT).record(after.as_secs_f64());
+}
+
+/// Usage of a completed turn, labelled with the pool decision of its connection.
+pub fn usage(decision: Decision, input_tokens: u64, cached_tokens: u64) {
+    let d = decision.to_string();
+    counter!(INPUT_TOKENS, "decision" => d.clone()).increment(input_tokens);
+    counter!(CACHED_TOKENS, "decision" => d.clone()).increment(cached_tokens);
+    if input_tokens > 0 {
+        histogram!(CACHED_RATIO, "decision" => d)
+            .record(cached_tokens.min(input_tokens) as f64 / input_tokens as f64);
+    }
+}
+
+/// Pre-registered per-frame counters (registering once keeps the hot path to atomic adds).
+#[derive(Clone)]
+pub struct Relay {
+    pub frames_up: Counter,
+    pub bytes_up: Counter,
+    pub frames_down: Counter,
+    pub bytes_down: Counter,
+}
+
+impl Relay {
+    pub fn new() -> Relay {
+        Relay {
+            frames_up: counter!(FRAMES, "direction" => "client_to_upstream"),
+            bytes_up: counter!(BYTES, "direction" => "client_to_upstream"),
+            frames_down: counter!(FRAMES, "direction" => "upstream_to_client"),
+            bytes_down: counter!(BYTES, "direction" => "upstream_to_client"),
+        }
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay::new()
+    }
+}
