@@ -275,6 +275,13 @@ async fn upgrade(
             return r;
         }
     };
+    if shared.shutdown.is_cancelled() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "gateway is shutting down",
+        );
+    }
     if req.method() != Method::GET || !is_websocket_upgrade(headers) {
         let mut r = json_error(
             StatusCode::UPGRADE_REQUIRED,
@@ -284,13 +291,6 @@ async fn upgrade(
         r.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return r;
-    }
-    if shared.shutdown.is_cancelled() {
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "gateway is shutting down",
-        );
     }
     let conversation = match conversation_from_headers(headers) {
         Ok(c) => c,

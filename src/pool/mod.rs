@@ -923,13 +923,16 @@ impl<C: PoolConn> Pooled<C> {
         self.reused
     }
 
+    /// Hands the dialed connection to the guard; its slot goes from `dialing` to `busy`.
     pub fn attach(&mut self, conn: C) {
-        if let (Some(pool), Some(key), Some(meta)) =
-            (self.pool.upgrade(), self.key.as_ref(), conn.meta())
+        if let (Some(pool), Some(key)) = (self.pool.upgrade(), self.key.as_ref())
             && let Some(mut slot) = pool.slots.get_mut(key)
             && slot.conn_id == self.id
         {
-            slot.meta = Some(meta);
+            if matches!(slot.state, SlotState::Dialing) {
+                slot.state = SlotState::Busy;
+            }
+            slot.meta = conn.meta();
         }
         self.conn = Some(conn);
     }

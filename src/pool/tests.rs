@@ -327,3 +327,16 @@ async fn disabled_bypass_keeps_the_conversation_for_the_log() {
     assert_eq!(co.pooled.key().map(|k| k.conversation.as_str()), Some("c9"));
     assert!(!co.pooled.is_pooled());
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn attach_moves_the_slot_from_dialing_to_busy() {
+    let pool = Pool::new(limits());
+    let k = key("a", "c1");
+    let co = pool.checkout(Some(k.clone()), &k.account);
+    assert_eq!(pool.stats().dialing, 1);
+    let mut p = co.pooled;
+    let (c, _h) = fake(p.id());
+    p.attach(c);
+    assert_eq!((pool.stats().dialing, pool.stats().busy), (0, 1));
+    assert_eq!(pool.snapshot()[0].state, "busy");
+}

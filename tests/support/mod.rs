@@ -252,6 +252,10 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `wsgate run --config <yaml>` with the test secrets in its environment.
     pub fn start(yaml: &str) -> GatewayProcess {
+        Self::start_with_env(yaml, &[("RUST_LOG", "info")])
+    }
+
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> GatewayProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.yaml");
@@ -260,7 +264,7 @@ impl GatewayProcess {
             .args(["--config", path.to_str().unwrap(), "run"])
             .env("TEST_CLIENT_KEY", CLIENT_KEY)
             .env("KEY_ACCT_A", "sk-acct-a")
-            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -274,8 +278,17 @@ impl GatewayProcess {
                 .lines()
                 .map_while(Result::ok)
             {
-                if let Some(addr) = line.split("wsgate listening addr=").nth(1) {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>().ok());
+                if line.contains("wsgate listening") {
+                    let addr = match serde_json::from_str::<serde_json::Value>(&line) {
+                        Ok(v) => v["addr"]
+                            .as_str()
+                            .and_then(|a| a.parse::<SocketAddr>().ok()),
+                        Err(_) => line
+                            .split("addr=")
+                            .nth(1)
+                            .and_then(|a| a.trim().parse::<SocketAddr>().ok()),
+                    };
+                    let _ = tx.send(addr);
                 }
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
@@ -351,4 +364,90 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain HTTP/1.1 GET on `addr` (with an optional bearer key): `(status, body)`.
+pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = bearer
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: keep it simple for our small responses.
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
+    (status, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of a Prometheus sample `name{labels}` with exactly these labels.
+pub fn prom_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((head, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, label_text) = match head.split_once('{') {
+            Some((m, l)) => (m, l.trim_end_matches('}')),
+            None => (head, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let mut found: Vec<(String, String)> = label_text
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            })
+            .collect();
+        let mut want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        found.sort();
+        want.sort();
+        if found == want {
+            return value.parse().ok();
+        }
+    }
+    None
 }
