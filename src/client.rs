@@ -26,6 +26,8 @@ pub enum ClientError {
     Json(#[from] serde_json::Error),
     #[error("timed out waiting for the gateway")]
     Timeout,
+    #[error("turn did not complete: {0}")]
+    TurnFailed(String),
 }
 
 impl ClientError {
@@ -165,6 +167,22 @@ impl Client {
                 .map_err(|_| ClientError::Timeout)?;
             match msg {
                 Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
+                Some(Ok(Message::Close(f))) => return Err(ClientError::Closed(f)),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ClientError::Closed(None)),
+            }
+        }
+    }
+
+    /// The next text frame, unparsed (the load generator's hot path).
+    pub async fn recv_text(&mut self) -> Result<tungstenite::Utf8Bytes, ClientError> {
+        loop {
+            let msg = tokio::time::timeout(self.timeout, self.ws.next())
+                .await
+                .map_err(|_| ClientError::Timeout)?;
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(t),
                 Some(Ok(Message::Close(f))) => return Err(ClientError::Closed(f)),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e.into()),

@@ -25,6 +25,7 @@
 //! - [`mock`]: the built-in mock upstream.
 //! - [`client`]: a small WebSocket client for the demo and tests.
 //! - [`demo`]: the offline demo.
+//! - [`loadgen`]: the load generator behind `wsgate loadgen`.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -37,6 +38,7 @@ pub mod event;
 pub mod gateway;
 pub mod headers;
 pub mod ids;
+pub mod loadgen;
 pub mod metrics;
 pub mod mock;
 pub mod pool;

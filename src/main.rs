@@ -24,6 +24,48 @@ struct Cli {
     command: Option<Command>,
 }
 
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// Target, e.g. ws://127.0.0.1:8080/v1/responses.
+    #[arg(long)]
+    url: String,
+    /// Bearer key for the target.
+    #[arg(long, env = "WSGATE_LOADGEN_KEY")]
+    key: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    sessions: usize,
+    #[arg(long, default_value_t = 10)]
+    turns: usize,
+    /// Deltas per turn.
+    #[arg(long, default_value_t = 10)]
+    deltas: usize,
+    /// Bytes per delta (0 = a short sentence).
+    #[arg(long, default_value_t = 0)]
+    delta_size: usize,
+    /// Pause between turns.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    think: std::time::Duration,
+    /// Reconnect (new socket, full request) before every turn, like Codex reconnecting.
+    #[arg(long)]
+    reconnect_every_turn: bool,
+    /// Idle mode: one turn per session, then hold them all open this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_hold: Option<std::time::Duration>,
+    /// In idle mode, report this process's RSS per held session.
+    #[arg(long)]
+    rss_pid: Option<u32>,
+    /// The mock upstream's URL, to report its connection count.
+    #[arg(long)]
+    mock_url: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    connect_concurrency: usize,
+    #[arg(long, default_value = "run")]
+    label: String,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
@@ -34,7 +76,15 @@ enum Command {
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9100")]
         listen: std::net::SocketAddr,
+        /// Benchmark mode: batched writes, send timestamps in deltas.
+        #[arg(long)]
+        speed: bool,
+        /// Simulated cost of a fresh connection's first turn (e.g. 50ms).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        fresh_cost: std::time::Duration,
     },
+    /// Load generator: N concurrent sessions x M turns against a ws:// URL.
+    Loadgen(LoadgenArgs),
     /// Validate and print the effective config (secrets are never printed).
     CheckConfig,
 }
@@ -102,11 +152,21 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::MockUpstream { listen }) => {
-            wsgate::telemetry::init(&Default::default());
+        Some(Command::Loadgen(args)) => runtime.block_on(loadgen(args)),
+        Some(Command::MockUpstream {
+            listen,
+            speed,
+            fresh_cost,
+        }) => {
+            wsgate::telemetry::init(&wsgate::config::LogConfig {
+                level: "warn".into(),
+                ..Default::default()
+            });
             runtime.block_on(async move {
                 match MockUpstream::start(MockConfig {
                     listen,
+                    speed,
+                    fresh_cost,
                     ..MockConfig::default()
                 })
                 .await
@@ -193,5 +253,46 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn loadgen(a: LoadgenArgs) -> ExitCode {
+    let run_id = format!(
+        "lg{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let cfg = wsgate::loadgen::LoadgenConfig {
+        url: a.url,
+        key: a.key,
+        sessions: a.sessions,
+        turns: a.turns,
+        deltas: a.deltas,
+        delta_size: a.delta_size,
+        think: a.think,
+        reconnect_every_turn: a.reconnect_every_turn,
+        idle_hold: a.idle_hold,
+        rss_pid: a.rss_pid,
+        mock_url: a.mock_url,
+        connect_concurrency: a.connect_concurrency,
+        label: a.label,
+        run_id,
+    };
+    let report = wsgate::loadgen::run(cfg).await;
+    print!("{}", wsgate::loadgen::table(&report));
+    if let Some(path) = a.json {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, json) {
+            eprintln!("wsgate: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.errors > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -55,6 +55,11 @@ pub struct MockConfig {
     pub max_message_size: usize,
     /// Accepted `authorization` values; others get HTTP 401. Empty = accept any.
     pub require_keys: Vec<String>,
+    /// Simulated cost of a fresh connection: its first turn waits this long (cold cache).
+    pub fresh_cost: Duration,
+    /// Benchmark mode: deltas carry `ts_ns` (send time, ns since the Unix epoch) and are
+    /// written in batches (flushed every 64 frames and at the end of the turn).
+    pub speed: bool,
 }
 
 impl Default for MockConfig {
@@ -71,6 +76,8 @@ impl Default for MockConfig {
             reject_status: None,
             max_message_size: 64 << 20,
             require_keys: Vec::new(),
+            fresh_cost: Duration::ZERO,
+            speed: false,
         }
     }
 }
@@ -235,7 +242,12 @@ where
     let extra = state.config.response_headers.clone();
     let keys = state.config.require_keys.clone();
     #[allow(clippy::result_large_err)] // the signature is tungstenite's callback type
+    let mut stats_request = false;
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == "/mock/stats" {
+            stats_request = true;
+            return Ok(resp);
+        }
         for (k, v) in req.headers() {
             seen_headers.push((k.as_str().to_string(), v.to_str().unwrap_or("").to_string()));
         }
@@ -278,6 +290,18 @@ where
                 return;
             }
         };
+    if stats_request {
+        let mut ws = ws;
+        let stats = json!({
+            "accepted": state.accepted.load(Ordering::Acquire),
+            "open": state.open.load(Ordering::Acquire),
+            "overlaps": state.overlaps.load(Ordering::Acquire),
+            "bytes_sent": state.bytes_sent.load(Ordering::Acquire),
+        });
+        let _ = ws.send(Message::text(stats.to_string())).await;
+        let _ = ws.close(None).await;
+        return;
+    }
     let id = state.accepted.fetch_add(1, Ordering::AcqRel) + 1;
     state.open.fetch_add(1, Ordering::AcqRel);
     let _open = OpenGuard(state.clone());
@@ -429,6 +453,9 @@ type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 /// Sends events with increasing `sequence_number`.
 struct Emitter<'a, S> {
     sink: &'a mut Sink<S>,
+    /// Benchmark mode: batch writes.
+    batch: bool,
+    unflushed: usize,
     bytes_sent: &'a AtomicU64,
     seq: u64,
     pending: &'a AtomicUsize,
@@ -447,11 +474,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
             // The turn is over before the client can possibly send the next create.
             self.end();
         }
-        let text = v.to_string();
+        let terminal =
+            crate::event::is_terminal(v.get("type").and_then(Value::as_str).unwrap_or(""));
+        self.send_text(v.to_string(), terminal).await
+    }
+
+    /// Writes one frame; in batch mode flushes every 64 frames and on `flush`.
+    async fn send_text(&mut self, text: String, flush: bool) -> bool {
         let len = text.len() as u64;
-        let ok = self.sink.send(Message::text(text)).await.is_ok();
         self.bytes_sent.fetch_add(len, Ordering::AcqRel);
-        ok
+        if !self.batch {
+            return self.sink.send(Message::text(text)).await.is_ok();
+        }
+        if self.sink.feed(Message::text(text)).await.is_err() {
+            return false;
+        }
+        self.unflushed += 1;
+        if flush || self.unflushed >= 64 {
+            self.unflushed = 0;
+            return self.sink.flush().await.is_ok();
+        }
+        true
     }
 
     fn end(&mut self) {
@@ -476,6 +519,8 @@ async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
     let is_create = script_is_create(text);
     let mut em = Emitter {
         sink,
+        batch: state.config.speed,
+        unflushed: 0,
         bytes_sent: &state.bytes_sent,
         seq: 0,
         pending,
@@ -540,6 +585,10 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                 return if ok { Outcome::Continue } else { Outcome::Gone };
             }
         }
+    }
+    if conn.next == 0 && !state.config.fresh_cost.is_zero() {
+        // A cold connection: the upstream has to set it up and load the prompt.
+        tokio::time::sleep(state.config.fresh_cost).await;
     }
     conn.next += 1;
     let id = format!("resp_{}_{}", conn.id, conn.next);
@@ -690,9 +739,25 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                 {
                     return o;
                 }
-                let mut v = f.render(i, &vars);
-                v["delta"] = json!(delta_text(n));
-                if !em.emit(v).await {
+                let sent = if state.config.speed {
+                    // Hand-built frame with its send time, so clients can measure latency.
+                    let ts = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0);
+                    let delta = serde_json::to_string(&delta_text(n)).unwrap_or_default();
+                    let text = format!(
+                        "{{\"type\":\"response.output_text.delta\",\"sequence_number\":{},\"item_id\":\"msg_{}_{}\",\"output_index\":0,\"content_index\":0,\"delta\":{delta},\"ts_ns\":{ts}}}",
+                        em.seq, conn.id, conn.next
+                    );
+                    em.seq += 1;
+                    em.send_text(text, false).await
+                } else {
+                    let mut v = f.render(i, &vars);
+                    v["delta"] = json!(delta_text(n));
+                    em.emit(v).await
+                };
+                if !sent {
                     ok = false;
                     break 'events;
                 }

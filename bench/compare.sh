@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on this machine, in one run: the same workloads against
+#   direct   client -> mock upstream (the physical limit)
+#   nginx    a plain WebSocket reverse proxy (Debian nginx)
+#   haproxy  a plain WebSocket reverse proxy (Debian haproxy)
+#   wsgate   this gateway (pooling on)
+#   nopool   this gateway with pool.enabled: false (workload c's baseline)
+# and prints ratio tables (also written to bench/results/latest.md, JSON per run beside it).
+#
+# Usage: bench/compare.sh            full run (a few minutes on 2 cores)
+#        QUICK=1 bench/compare.sh    smaller workloads (smoke test)
+#        IDLE_SESSIONS=9500 ...      workload d size (fd limit: 2 per session in a proxy)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/bench/results}
+RUNS=$OUT/runs
+mkdir -p "$RUNS"
+rm -f "$RUNS"/*.json
+QUICK=${QUICK:-0}
+REPEAT=${REPEAT:-3}
+if [ "$QUICK" = 1 ]; then
+  A_DELTAS=20000; B_SESSIONS=16; B_TURNS=50; C_SESSIONS=16; C_TURNS=10; IDLE_SESSIONS=${IDLE_SESSIONS:-1000}; REPEAT=1
+else
+  A_DELTAS=100000; B_SESSIONS=64; B_TURNS=200; C_SESSIONS=64; C_TURNS=20; IDLE_SESSIONS=${IDLE_SESSIONS:-9500}
+fi
+FRESH_COST=${FRESH_COST:-50ms}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need haproxy; then
+  if need apt-get && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy >/dev/null
+  fi
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+cargo build --release --quiet
+WSGATE=$ROOT/target/release/wsgate
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+MOCK_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); GW_PORT=$(free_port); NOPOOL_PORT=$(free_port)
+MOCK_URL=ws://127.0.0.1:$MOCK_PORT/v1/responses
+
+start_mock() { # args for mock-upstream
+  [ -n "${MOCK_PID:-}" ] && { kill "$MOCK_PID" 2>/dev/null || true; wait "$MOCK_PID" 2>/dev/null || true; }
+  "$WSGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" "$@" >"$TMP/mock.log" 2>&1 &
+  MOCK_PID=$!; PIDS+=("$MOCK_PID"); wait_port "$MOCK_PORT"
+}
+
+start_proxies() {
+  for p in "${PROXY_PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  PROXY_PIDS=()
+  mkdir -p "$TMP/nginx"
+  cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes auto;
+pid $TMP/nginx/nginx.pid;
+error_log stderr warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 19500; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx; proxy_temp_path $TMP/nginx; fastcgi_temp_path $TMP/nginx;
+  uwsgi_temp_path $TMP/nginx; scgi_temp_path $TMP/nginx;
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://127.0.0.1:$MOCK_PORT;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_buffering off;
+      proxy_read_timeout 3600s;
+    }
+  }
+}
+EOF
+  "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -g 'daemon off;' >"$TMP/nginx.log" 2>&1 &
+  NGINX_PID=$!; PROXY_PIDS+=("$NGINX_PID"); PIDS+=("$NGINX_PID")
+  cat >"$TMP/haproxy.cfg" <<EOF
+global
+  maxconn 9900
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend f
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend b
+backend b
+  server mock 127.0.0.1:$MOCK_PORT
+EOF
+  "$HAPROXY" -f "$TMP/haproxy.cfg" -db >"$TMP/haproxy.log" 2>&1 &
+  HAPROXY_PID=$!; PROXY_PIDS+=("$HAPROXY_PID"); PIDS+=("$HAPROXY_PID")
+  for name in wsgate nopool; do
+    port=$GW_PORT; pool=true
+    [ "$name" = nopool ] && { port=$NOPOOL_PORT; pool=false; }
+    cat >"$TMP/$name.yaml" <<EOF
+listen: 127.0.0.1:$port
+clients: []
+upstream:
+  url: $MOCK_URL
+accounts:
+  - id: bench
+    api_key_env: HOME
+pool:
+  enabled: $pool
+  max_per_account: 100000
+  max_total: 100000
+log:
+  level: warn
+EOF
+    "$WSGATE" --config "$TMP/$name.yaml" run >"$TMP/$name.log" 2>&1 &
+    pid=$!; PROXY_PIDS+=("$pid"); PIDS+=("$pid")
+    [ "$name" = wsgate ] && GW_PID=$pid || NOPOOL_PID=$pid
+  done
+  for p in "$NGINX_PORT" "$HAPROXY_PORT" "$GW_PORT" "$NOPOOL_PORT"; do wait_port "$p"; done
+}
+
+url_of() {
+  case $1 in
+    direct) echo "$MOCK_URL" ;;
+    nginx) echo "ws://127.0.0.1:$NGINX_PORT/v1/responses" ;;
+    haproxy) echo "ws://127.0.0.1:$HAPROXY_PORT/v1/responses" ;;
+    wsgate) echo "ws://127.0.0.1:$GW_PORT/v1/responses" ;;
+    nopool) echo "ws://127.0.0.1:$NOPOOL_PORT/v1/responses" ;;
+  esac
+}
+pid_of() {
+  case $1 in nginx) echo "$NGINX_PID" ;; haproxy) echo "$HAPROXY_PID" ;; wsgate) echo "$GW_PID" ;; nopool) echo "$NOPOOL_PID" ;; direct) echo "$MOCK_PID" ;; esac
+}
+
+run() { # workload target rep args...
+  local w=$1 t=$2 r=$3; shift 3
+  echo "== $w / $t / run $r" >&2
+  "$WSGATE" loadgen --url "$(url_of "$t")" --label "$w-$t" --mock-url "$MOCK_URL" --json "$RUNS/$w-$t-$r.json" "$@" >"$TMP/loadgen.out" 2>&1 \
+    || { echo "loadgen $w/$t failed:" >&2; cat "$TMP/loadgen.out" >&2; }
+}
+
+# (a) streaming throughput and (b) latency: fast mock, long-lived connections.
+start_mock --speed
+start_proxies
+for r in $(seq "$REPEAT"); do
+  for t in direct nginx haproxy wsgate; do
+    run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS"
+    run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5
+  done
+done
+
+# (c) reconnect every turn, with a fresh-connection cost at the upstream.
+start_mock --speed --fresh-cost "$FRESH_COST"
+start_proxies
+for r in $(seq "$REPEAT"); do
+  for t in direct nginx haproxy wsgate nopool; do
+    run c "$t" "$r" --sessions "$C_SESSIONS" --turns "$C_TURNS" --deltas 5 --reconnect-every-turn
+  done
+done
+
+# (d) idle sessions: memory per held session in each middle process.
+start_mock
+start_proxies
+sleep 1
+for t in nginx haproxy wsgate; do
+  run d "$t" 1 --sessions "$IDLE_SESSIONS" --turns 1 --deltas 1 --idle-hold 3s --rss-pid "$(pid_of "$t")" --connect-concurrency 256
+  start_proxies # release the held sockets before the next target
+  sleep 1
+done
+
+python3 "$ROOT/bench/report.py" "$RUNS" "$FRESH_COST" "$IDLE_SESSIONS" | tee "$OUT/latest.md"

@@ -1,0 +1,398 @@
+//! `wsgate loadgen`: a load generator for Responses-WebSocket endpoints (the gateway, a plain
+//! reverse proxy, or the mock upstream directly), shaped like Codex traffic.
+//!
+//! Each session is one conversation: it connects with `session-id`, runs M turns (full first,
+//! then `previous_response_id` continuations, or a reconnect and a full request every turn),
+//! and measures time to first event and per-event latency (from the `ts_ns` send stamps the
+//! mock writes in `--speed` mode). Idle mode opens sessions, runs one turn each and holds them,
+//! sampling a process's RSS (the gateway's memory per idle session).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::client::{Client, ClientError, create_body};
+use crate::event;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadgenConfig {
+    pub url: String,
+    /// Bearer key for the target (the gateway's client key), if any.
+    pub key: Option<String>,
+    pub sessions: usize,
+    pub turns: usize,
+    pub deltas: usize,
+    pub delta_size: usize,
+    pub think: Duration,
+    pub reconnect_every_turn: bool,
+    /// Idle mode: after one turn, hold every session open this long.
+    pub idle_hold: Option<Duration>,
+    /// Sample this process's RSS in idle mode.
+    pub rss_pid: Option<u32>,
+    /// The mock upstream, to report its connection count.
+    pub mock_url: Option<String>,
+    /// Concurrent connection attempts.
+    pub connect_concurrency: usize,
+    pub label: String,
+    /// Prefix for conversation ids (unique per run).
+    pub run_id: String,
+}
+
+/// Latency percentiles.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// A run's result.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub sessions: usize,
+    pub turns_ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed_s: f64,
+    pub turns_per_s: f64,
+    pub events: u64,
+    pub events_per_s: f64,
+    /// Time from sending `response.create` to the first event, in milliseconds.
+    pub ttfe_ms: Percentiles,
+    /// Upstream send time to client receive time of each delta, in microseconds.
+    pub event_latency_us: Percentiles,
+    /// Idle mode: RSS of `rss_pid` before and while holding the sessions (KiB).
+    pub rss_before_kib: Option<u64>,
+    pub rss_held_kib: Option<u64>,
+    pub rss_per_session_kib: Option<f64>,
+    /// The mock upstream's counters after the run.
+    pub mock: Option<Value>,
+}
+
+struct Stats {
+    ttfe_us: Histogram<u64>,
+    latency_us: Histogram<u64>,
+    turns_ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    events: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            ttfe_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            turns_ok: 0,
+            errors: 0,
+            first_error: None,
+            events: 0,
+        }
+    }
+
+    fn error(&mut self, e: impl std::fmt::Display) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e.to_string());
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        let _ = self.ttfe_us.add(&other.ttfe_us);
+        let _ = self.latency_us.add(&other.latency_us);
+        self.turns_ok += other.turns_ok;
+        self.errors += other.errors;
+        self.events += other.events;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+fn percentiles(h: &Histogram<u64>, scale: f64) -> Percentiles {
+    Percentiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.50) as f64 / scale,
+        p99: h.value_at_quantile(0.99) as f64 / scale,
+        p999: h.value_at_quantile(0.999) as f64 / scale,
+        max: h.max() as f64 / scale,
+    }
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// `"ts_ns":123` at the end of a mock delta, without parsing the frame.
+fn stamp(text: &str) -> Option<u128> {
+    let at = text.rfind("\"ts_ns\":")?;
+    let digits = &text[at + 8..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Resident set size of `pid`, KiB (Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+struct Ctx {
+    cfg: LoadgenConfig,
+    connects: Semaphore,
+}
+
+impl Ctx {
+    async fn connect(&self, conversation: &str) -> Result<Client, ClientError> {
+        let _permit = self.connects.acquire().await;
+        let auth = self.cfg.key.as_ref().map(|k| format!("Bearer {k}"));
+        let mut headers = vec![
+            ("session-id", conversation),
+            ("openai-beta", "responses_websockets=2026-02-06"),
+        ];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let mut c = Client::connect(&self.cfg.url, &headers).await?;
+        c.set_timeout(Duration::from_secs(120));
+        Ok(c)
+    }
+
+    /// One turn; returns the completed response id.
+    async fn turn(
+        &self,
+        c: &mut Client,
+        conversation: &str,
+        prev: Option<&str>,
+        stats: &mut Stats,
+    ) -> Result<Option<String>, ClientError> {
+        let text = format!(
+            "load [[mock: deltas={}, size={}]]",
+            self.cfg.deltas, self.cfg.delta_size
+        );
+        let body = create_body(Some(conversation), &text, prev);
+        let sent = Instant::now();
+        c.send_json(&body).await?;
+        let mut first = true;
+        loop {
+            let frame = c.recv_text().await?;
+            if first {
+                first = false;
+                let _ = stats
+                    .ttfe_us
+                    .record(sent.elapsed().as_micros().max(1) as u64);
+            }
+            stats.events += 1;
+            if let Some(ts) = stamp(&frame) {
+                let lat = now_ns().saturating_sub(ts) / 1000;
+                let _ = stats.latency_us.record((lat as u64).max(1));
+            }
+            let Some(ty) = event::sniff_type(&frame) else {
+                continue;
+            };
+            if event::is_terminal(&ty) {
+                if ty != "response.completed" {
+                    return Err(ClientError::TurnFailed(frame.chars().take(200).collect()));
+                }
+                let v: Value = serde_json::from_str(&frame)?;
+                return Ok(v["response"]["id"].as_str().map(str::to_string));
+            }
+        }
+    }
+
+    async fn session(&self, i: usize) -> (Stats, Option<Client>) {
+        let mut stats = Stats::new();
+        let conversation = format!("{}-{i}", self.cfg.run_id);
+        let mut client: Option<Client> = None;
+        let mut prev: Option<String> = None;
+        let turns = if self.cfg.idle_hold.is_some() {
+            1
+        } else {
+            self.cfg.turns
+        };
+        for t in 0..turns {
+            if t > 0 && !self.cfg.think.is_zero() {
+                tokio::time::sleep(self.cfg.think).await;
+            }
+            if self.cfg.reconnect_every_turn
+                && let Some(c) = client.take()
+            {
+                // Codex exits or reconnects without a close handshake.
+                c.abort();
+                prev = None;
+            }
+            if client.is_none() {
+                match self.connect(&conversation).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        stats.error(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = client.as_mut() else { continue };
+            match self
+                .turn(c, &conversation, prev.as_deref(), &mut stats)
+                .await
+            {
+                Ok(id) => {
+                    stats.turns_ok += 1;
+                    prev = id;
+                }
+                Err(e) => {
+                    stats.error(e);
+                    client = None;
+                    prev = None;
+                }
+            }
+        }
+        if self.cfg.idle_hold.is_some() {
+            return (stats, client);
+        }
+        if let Some(c) = client {
+            c.close().await;
+        }
+        (stats, None)
+    }
+}
+
+async fn mock_stats(url: &str) -> Option<Value> {
+    let base = url
+        .split("/v1/")
+        .next()
+        .unwrap_or(url)
+        .trim_end_matches('/');
+    let mut c = Client::connect(&format!("{base}/mock/stats"), &[])
+        .await
+        .ok()?;
+    c.recv().await.ok()
+}
+
+/// Runs the load and reports.
+pub async fn run(cfg: LoadgenConfig) -> Report {
+    let ctx = Arc::new(Ctx {
+        connects: Semaphore::new(cfg.connect_concurrency.max(1)),
+        cfg: cfg.clone(),
+    });
+    let rss_before = cfg.rss_pid.and_then(rss_kib);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..cfg.sessions {
+        let ctx = ctx.clone();
+        tasks.spawn(async move { ctx.session(i).await });
+    }
+    let mut stats = Stats::new();
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok((s, c)) => {
+                stats.merge(s);
+                held.extend(c);
+            }
+            Err(e) => stats.error(e),
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut report = Report {
+        label: cfg.label.clone(),
+        sessions: cfg.sessions,
+        elapsed_s: elapsed.as_secs_f64(),
+        ..Report::default()
+    };
+    if let Some(hold) = cfg.idle_hold {
+        // Let the target settle, then sample its memory while every session is held.
+        tokio::time::sleep(hold).await;
+        report.rss_before_kib = rss_before;
+        report.rss_held_kib = cfg.rss_pid.and_then(rss_kib);
+        if let (Some(b), Some(h)) = (report.rss_before_kib, report.rss_held_kib)
+            && !held.is_empty()
+        {
+            report.rss_per_session_kib = Some((h.saturating_sub(b)) as f64 / held.len() as f64);
+        }
+        for c in held {
+            c.abort();
+        }
+    }
+    report.turns_ok = stats.turns_ok;
+    report.errors = stats.errors;
+    report.first_error = stats.first_error.take();
+    report.events = stats.events;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    report.turns_per_s = stats.turns_ok as f64 / secs;
+    report.events_per_s = stats.events as f64 / secs;
+    report.ttfe_ms = percentiles(&stats.ttfe_us, 1000.0);
+    report.event_latency_us = percentiles(&stats.latency_us, 1.0);
+    if let Some(url) = &cfg.mock_url {
+        report.mock = mock_stats(url).await;
+    }
+    report
+}
+
+/// The human-readable table of one report.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let p = |x: &Percentiles| {
+        format!(
+            "p50 {:.3} p99 {:.3} p999 {:.3} max {:.3}",
+            x.p50, x.p99, x.p999, x.max
+        )
+    };
+    s.push_str(&format!("run                 {}\n", r.label));
+    s.push_str(&format!("sessions            {}\n", r.sessions));
+    s.push_str(&format!(
+        "turns ok / errors   {} / {}\n",
+        r.turns_ok, r.errors
+    ));
+    if let Some(e) = &r.first_error {
+        s.push_str(&format!("first error         {e}\n"));
+    }
+    s.push_str(&format!("elapsed             {:.3} s\n", r.elapsed_s));
+    s.push_str(&format!("turns/s             {:.1}\n", r.turns_per_s));
+    s.push_str(&format!("events/s            {:.0}\n", r.events_per_s));
+    s.push_str(&format!("first event (ms)    {}\n", p(&r.ttfe_ms)));
+    s.push_str(&format!("event latency (us)  {}\n", p(&r.event_latency_us)));
+    if let Some(k) = r.rss_per_session_kib {
+        s.push_str(&format!(
+            "RSS per session     {k:.1} KiB ({:?} -> {:?} KiB)\n",
+            r.rss_before_kib, r.rss_held_kib
+        ));
+    }
+    if let Some(m) = &r.mock {
+        s.push_str(&format!("mock upstream       {m}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_read_without_parsing() {
+        assert_eq!(
+            stamp(r#"{"type":"response.output_text.delta","delta":"x","ts_ns":1234567}"#),
+            Some(1234567)
+        );
+        assert_eq!(stamp(r#"{"type":"response.completed"}"#), None);
+    }
+}
