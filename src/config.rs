@@ -169,6 +169,11 @@ pub struct PoolConfig {
     /// heard evicts the connection. Runs while idle and during turns. Default `25s`.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
+    /// A session whose key is held by another session waits this long for it to be released
+    /// before taking a one-shot connection (`bypass reason=busy`). Covers a client that
+    /// reconnects while its previous socket is still being torn down. Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub busy_wait: Duration,
 }
 
 /// Relay limits (DESIGN §1 "Pump").
@@ -181,7 +186,8 @@ pub struct RelayConfig {
     pub max_message_size: ByteSize,
     /// Largest single WebSocket frame. Default: same as `max_message_size`.
     pub max_frame_size: Option<ByteSize>,
-    /// Per-socket read buffer. Default `16KiB`.
+    /// Per-socket read buffer (also the write batching target). Default `4KiB`: the largest
+    /// share of an idle session's memory, and no slower (bench/compare.sh).
     pub read_buffer_size: ByteSize,
     /// Client frames held while a turn is in flight before the session is closed (1008). Default 16.
     pub max_queued_frames: usize,
@@ -279,6 +285,7 @@ impl Default for PoolConfig {
             max_total: 256,
             max_tombstones: 1024,
             ping_interval: Duration::from_secs(25),
+            busy_wait: Duration::from_millis(250),
         }
     }
 }
@@ -289,7 +296,7 @@ impl Default for RelayConfig {
             buffer_frames: 64,
             max_message_size: ByteSize::mib(32),
             max_frame_size: None,
-            read_buffer_size: ByteSize::kib(16),
+            read_buffer_size: ByteSize::kib(4),
             max_queued_frames: 16,
         }
     }

@@ -323,6 +323,12 @@ impl Shared {
                 account: account.id.clone(),
                 conversation: c.clone(),
             });
+            if let Some(k) = &key {
+                // A reconnecting client may race its own previous session's teardown.
+                self.pool
+                    .wait_released(k, self.pool.limits().busy_wait)
+                    .await;
+            }
             let Checkout { mut pooled, .. } =
                 self.pool
                     .checkout_with(key, &account.id, account.max_connections(), hint);

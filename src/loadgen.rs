@@ -145,16 +145,30 @@ fn stamp(text: &str) -> Option<u128> {
     digits[..end].parse().ok()
 }
 
-/// Resident set size of `pid`, KiB (Linux).
+/// Resident set size of `pid` and all its descendants (e.g. nginx's workers), KiB (Linux).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
+    let own: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))?
         .split_whitespace()
         .next()?
         .parse()
-        .ok()
+        .ok()?;
+    let mut total = own;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                total += rss_kib(child).unwrap_or(0);
+            }
+        }
+    }
+    Some(total)
 }
 
 struct Ctx {

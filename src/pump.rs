@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
@@ -25,6 +25,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::upstream::UpstreamStream;
+
+/// Frames handed over per wake-up at most (amortizes the select).
+const MAX_DRAIN: usize = 256;
 
 /// What the pump hands to the holder of the connection.
 #[derive(Debug)]
@@ -66,6 +69,8 @@ pub async fn run(ws: UpstreamStream, io: PumpIo, cfg: PumpConfig) {
     let (mut sink, mut stream) = ws.split();
     let mut pending: Option<PumpEvent> = None;
     let mut last_heard = Instant::now();
+    // Anything heard since the last tick (cheaper than reading the clock per frame).
+    let mut heard = false;
     // One ping per silence: set when sent, cleared by anything heard.
     let mut ping_outstanding = false;
     // Look four times per interval, so a dead connection is noticed within ~2 intervals.
@@ -94,25 +99,52 @@ pub async fn run(ws: UpstreamStream, io: PumpIo, cfg: PumpConfig) {
                     if let Some(ev) = pending.take() {
                         p.send(ev);
                     }
-                    last_heard = Instant::now();
+                    heard = true;
                 }
                 Err(_) => return,
             },
             msg = stream.next(), if pending.is_none() => {
-                last_heard = Instant::now();
+                heard = true;
                 ping_outstanding = false;
-                match msg {
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => pending = Some(PumpEvent::Frame(m)),
-                    Some(Ok(Message::Close(frame))) => break PumpEvent::Closed(frame),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break PumpEvent::Failed(e.to_string()),
-                    None => break PumpEvent::Failed("connection closed without a close frame".into()),
+                // Hand over this frame and every other one already readable, without going
+                // back through the select for each (the hot path under load).
+                let mut next = Some(msg);
+                let mut drained = 0;
+                let end = loop {
+                    let Some(msg) = next.take() else { break None };
+                    match msg {
+                        Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                            match events.try_send(PumpEvent::Frame(m)) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(ev)) => {
+                                    pending = Some(ev);
+                                    break None;
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => break Some(PumpEvent::Closed(frame)),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break Some(PumpEvent::Failed(e.to_string())),
+                        None => break Some(PumpEvent::Failed("connection closed without a close frame".into())),
+                    }
+                    drained += 1;
+                    if drained == MAX_DRAIN {
+                        break None;
+                    }
+                    // Cancel-safe: an unfinished read stays buffered in the stream.
+                    next = stream.next().now_or_never();
+                };
+                if let Some(end) = end {
+                    break end;
                 }
             },
             _ = tick.tick() => {
                 let now = Instant::now();
-                if pending.is_some() {
-                    last_heard = now; // back-pressured: the upstream is demonstrably alive
+                if heard || pending.is_some() {
+                    // Heard something (or back-pressured: the upstream is demonstrably alive).
+                    heard = false;
+                    last_heard = now;
                     continue;
                 }
                 let silent = now.saturating_duration_since(last_heard);

@@ -37,7 +37,7 @@ use crate::upstream::UpstreamConn;
 pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Frames relayed to the client per flush at most (batching under load).
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
 
 /// Whether the session loop goes on.
 #[derive(Debug, PartialEq, Eq)]
@@ -296,7 +296,7 @@ impl Session {
                 .await;
         }
         if self.upstream.is_none() {
-            match self.acquire(None).await {
+            match Box::pin(self.acquire(None)).await {
                 Ok(p) => self.set_upstream(p),
                 Err(e) => return self.acquire_failed(e).await,
             }
@@ -451,6 +451,12 @@ impl Session {
     async fn upstream_event(&mut self, ev: Option<PumpEvent>) -> Flow {
         let mut next = ev;
         let mut sent = 0usize;
+        // Counted once per batch, whichever way the batch ends.
+        let mut counted = BatchCount {
+            gw: self.gw.clone(),
+            frames: 0,
+            bytes: 0,
+        };
         // Relay a batch of ready frames, flushing once.
         loop {
             match next {
@@ -461,11 +467,8 @@ impl Session {
                         }
                         _ => None,
                     };
-                    count_frame(
-                        &self.gw.relay.frames_down,
-                        &self.gw.relay.bytes_down,
-                        text.len(),
-                    );
+                    counted.frames += 1;
+                    counted.bytes += text.len() as u64;
                     if let Err(e) = self.client.feed(Message::Text(text)).await {
                         debug!(error = %e, "client write failed");
                         return Flow::Stop;
@@ -595,7 +598,7 @@ impl Session {
                 detail, "reused upstream failed before the turn produced anything; retrying once"
             );
             self.evict(up, reason);
-            match self.acquire(Some(NewReason::RetryAfterStaleReuse)).await {
+            match Box::pin(self.acquire(Some(NewReason::RetryAfterStaleReuse))).await {
                 Ok(p) => {
                     self.set_upstream(p);
                     if let Some(up) = self.upstream.as_mut() {
@@ -694,6 +697,22 @@ impl Session {
             while let Some(Ok(_)) = self.client.next().await {}
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
+    }
+}
+
+/// Adds a batch's frames and bytes to the upstream->client counters when dropped.
+struct BatchCount {
+    gw: Arc<Shared>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Drop for BatchCount {
+    fn drop(&mut self) {
+        if self.frames > 0 {
+            self.gw.relay.frames_down.increment(self.frames);
+            self.gw.relay.bytes_down.increment(self.bytes);
+        }
     }
 }
 

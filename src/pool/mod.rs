@@ -249,6 +249,8 @@ struct Inner<C> {
     recent: Mutex<VecDeque<DecisionRecord>>,
     /// Decisions since start: reuse, new, bypass.
     totals: [AtomicU64; 3],
+    /// Woken whenever a busy slot is released (returned or removed).
+    released: Notify,
 }
 
 struct Slot<C> {
@@ -287,6 +289,7 @@ impl<C: PoolConn> Pool<C> {
                 closed: AtomicBool::new(false),
                 recent: Mutex::new(VecDeque::with_capacity(RECENT_DECISIONS)),
                 totals: Default::default(),
+                released: Notify::new(),
             }),
         }
     }
@@ -601,6 +604,25 @@ impl<C: PoolConn> Pool<C> {
         }
     }
 
+    /// Waits, at most `timeout`, until `key` is not held by another session (busy or dialing).
+    pub async fn wait_released(&self, key: &PoolKey, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Register before looking, so a release between the look and the wait is not lost.
+            let notified = self.inner.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let held = self
+                .inner
+                .slots
+                .get(key)
+                .is_some_and(|s| matches!(s.state, SlotState::Busy | SlotState::Dialing));
+            if !held || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Evicts every pooled connection of `account` (account change). Idle ones are closed
     /// now; busy ones finish their session and are discarded on return.
     pub fn evict_account(&self, account: &AccountId, reason: EvictReason) -> usize {
@@ -808,6 +830,11 @@ impl<C: PoolConn> Inner<C> {
 
     /// A guard came back. Puts the connection back to idle, or removes the slot.
     fn put_back(&self, key: &PoolKey, conn_id: u64, conn: Option<C>, reusable: bool) {
+        self.put_back_inner(key, conn_id, conn, reusable);
+        self.released.notify_waiters();
+    }
+
+    fn put_back_inner(&self, key: &PoolKey, conn_id: u64, conn: Option<C>, reusable: bool) {
         let now = Instant::now();
         let max_age = self.limits().max_age;
         let closed = self.closed.load(Ordering::Acquire);
