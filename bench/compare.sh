@@ -20,9 +20,9 @@ rm -f "$RUNS"/*.json
 QUICK=${QUICK:-0}
 REPEAT=${REPEAT:-3}
 if [ "$QUICK" = 1 ]; then
-  A_DELTAS=20000; B_SESSIONS=16; B_TURNS=50; C_SESSIONS=16; C_TURNS=10; IDLE_SESSIONS=${IDLE_SESSIONS:-1000}; REPEAT=1
+  A_DELTAS=20000; B_SESSIONS=16; B_TURNS=50; B_THINK=2ms; C_SESSIONS=16; C_TURNS=10; IDLE_SESSIONS=${IDLE_SESSIONS:-1000}; REPEAT=1
 else
-  A_DELTAS=100000; B_SESSIONS=64; B_TURNS=200; C_SESSIONS=64; C_TURNS=20; IDLE_SESSIONS=${IDLE_SESSIONS:-9500}
+  A_DELTAS=100000; B_SESSIONS=64; B_TURNS=200; B_THINK=20ms; C_SESSIONS=64; C_TURNS=20; IDLE_SESSIONS=${IDLE_SESSIONS:-9500}
 fi
 FRESH_COST=${FRESH_COST:-50ms}
 
@@ -151,7 +151,7 @@ start_proxies
 for r in $(seq "$REPEAT"); do
   for t in direct nginx haproxy wsgate; do
     run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS"
-    run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5
+    run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK"
   done
 done
 
@@ -174,4 +174,4 @@ for t in nginx haproxy wsgate; do
   sleep 1
 done
 
-python3 "$ROOT/bench/report.py" "$RUNS" "$FRESH_COST" "$IDLE_SESSIONS" | tee "$OUT/latest.md"
+python3 "$ROOT/bench/report.py" "$RUNS" "$FRESH_COST" "$IDLE_SESSIONS" "$B_THINK" | tee "$OUT/latest.md"

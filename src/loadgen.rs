@@ -76,6 +76,8 @@ pub struct Report {
     pub rss_per_session_kib: Option<f64>,
     /// The mock upstream's counters after the run.
     pub mock: Option<Value>,
+    /// Upstream connections the mock accepted during this run.
+    pub upstream_connections_opened: Option<u64>,
 }
 
 struct Stats {
@@ -309,6 +311,10 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         cfg: cfg.clone(),
     });
     let rss_before = cfg.rss_pid.and_then(rss_kib);
+    let mock_before = match &cfg.mock_url {
+        Some(url) => mock_stats(url).await,
+        None => None,
+    };
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.sessions {
@@ -358,6 +364,10 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
     report.event_latency_us = percentiles(&stats.latency_us, 1.0);
     if let Some(url) = &cfg.mock_url {
         report.mock = mock_stats(url).await;
+        let accepted = |v: &Option<Value>| v.as_ref().and_then(|m| m["accepted"].as_u64());
+        if let (Some(before), Some(after)) = (accepted(&mock_before), accepted(&report.mock)) {
+            report.upstream_connections_opened = Some(after.saturating_sub(before));
+        }
     }
     report
 }
@@ -391,8 +401,8 @@ pub fn table(r: &Report) -> String {
             r.rss_before_kib, r.rss_held_kib
         ));
     }
-    if let Some(m) = &r.mock {
-        s.push_str(&format!("mock upstream       {m}\n"));
+    if let Some(n) = r.upstream_connections_opened {
+        s.push_str(&format!("upstream conns      {n} opened during the run\n"));
     }
     s
 }

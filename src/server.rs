@@ -98,6 +98,10 @@ pub async fn serve(
             shared.stopped.cancel();
         }
     };
+    // Events are small and latency-sensitive: no Nagle on client sockets.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -241,8 +241,8 @@ where
     let reject = state.config.reject_status;
     let extra = state.config.response_headers.clone();
     let keys = state.config.require_keys.clone();
-    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback type
     let mut stats_request = false;
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback type
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() == "/mock/stats" {
             stats_request = true;

@@ -1,0 +1,122 @@
+//! Micro-benchmarks of the per-frame hot path: event-type sniffing (vs a full JSON parse),
+//! terminal inspection, client-frame parsing, the pump -> session handoff, and relaying one
+//! frame through tungstenite (decode as the upstream's client, encode as the client's server).
+//! Run: `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::io::{Read, Write};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use wsgate::event::{self, ClientEvent, Terminal};
+use wsgate::pump::PumpEvent;
+
+const DELTA: &str = r#"{"type":"response.output_text.delta","sequence_number":8,"item_id":"msg_01","output_index":1,"content_index":0,"delta":"There are two files: ","logprobs":[]}"#;
+const COMPLETED: &str = r#"{"type":"response.completed","sequence_number":13,"response":{"id":"resp_B2","object":"response","status":"completed","output":[],"usage":{"input_tokens":6230,"input_tokens_details":{"cached_tokens":6016},"output_tokens":41,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":6271}}}"#;
+
+fn create_body() -> String {
+    let mut body = wsgate::client::create_body(
+        Some("5d0c2f7e-1b7a-4c1e-9a51-3f2b8e0d4c11"),
+        &"x".repeat(20_000),
+        Some("resp_A1"),
+    );
+    body["tools"] = serde_json::json!([{"type": "function", "name": "exec_command", "parameters": {"type": "object"}}]);
+    body.to_string()
+}
+
+/// An in-memory byte pipe for tungstenite.
+#[derive(Default)]
+struct Pipe(std::collections::VecDeque<u8>);
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.0.len());
+        for (i, b) in self.0.drain(..n).enumerate() {
+            buf[i] = b;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sniffing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sniff");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("sniff_type (fast path)", |b| {
+        b.iter(|| event::sniff_type(black_box(DELTA)))
+    });
+    g.bench_function("full serde_json::Value parse", |b| {
+        b.iter(|| {
+            serde_json::from_str::<serde_json::Value>(black_box(DELTA))
+                .map(|v| v["type"].is_string())
+        })
+    });
+    g.bench_function("is_terminal on a delta", |b| {
+        b.iter(|| event::sniff_type(black_box(DELTA)).is_some_and(|t| event::is_terminal(&t)))
+    });
+    g.bench_function("Terminal::inspect (completed)", |b| {
+        b.iter(|| Terminal::inspect("response.completed", black_box(COMPLETED)))
+    });
+    g.finish();
+    let body = create_body();
+    let mut g = c.benchmark_group("client frame");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("ClientEvent::parse (20 KB create)", |b| {
+        b.iter(|| ClientEvent::parse(black_box(&body)).map(|e| e.is_create()))
+    });
+    g.finish();
+}
+
+fn relay(c: &mut Criterion) {
+    let mut g = c.benchmark_group("relay one frame");
+    g.throughput(Throughput::Elements(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<PumpEvent>(64);
+    let text = Utf8Bytes::from_static(DELTA);
+    g.bench_function("pump -> session channel handoff", |b| {
+        b.iter(|| {
+            tx.try_send(PumpEvent::Frame(Message::Text(text.clone())))
+                .ok();
+            black_box(rx.try_recv().ok())
+        })
+    });
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    // Upstream side: frames the upstream (a server) wrote, read by our client-role socket.
+    let mut upstream_server =
+        WebSocket::from_raw_socket(Pipe::default(), Role::Server, Some(config));
+    let mut upstream_client =
+        WebSocket::from_raw_socket(Pipe::default(), Role::Client, Some(config));
+    // Client side: our server-role socket writes to the client.
+    let mut to_client = WebSocket::from_raw_socket(Pipe::default(), Role::Server, Some(config));
+    g.bench_function("decode from upstream + sniff + encode to client", |b| {
+        b.iter(|| {
+            upstream_server.send(Message::Text(text.clone())).ok();
+            let bytes: Vec<u8> = upstream_server.get_mut().0.drain(..).collect();
+            upstream_client.get_mut().0.extend(bytes);
+            let msg = upstream_client.read().expect("a frame");
+            if let Message::Text(t) = &msg {
+                black_box(event::sniff_type(t).is_some_and(|t| event::is_terminal(&t)));
+            }
+            to_client.send(msg).ok();
+            black_box(to_client.get_mut().0.drain(..).count())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sniffing, relay);
+criterion_main!(benches);
