@@ -22,7 +22,7 @@ use crate::error::ConfigError;
 /// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "paths", "clients", "upstream", "accounts", "routing", "pool", "relay", "shutdown",
-    "admin", "log",
+    "admin", "limits", "log",
 ];
 
 /// The whole gateway configuration (DESIGN §5).
@@ -50,6 +50,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// `/metrics`, `/readyz`, `/status`, `/status.json`.
     pub admin: AdminConfig,
+    /// Connection and time limits for clients and turns.
+    pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -124,6 +126,35 @@ pub struct RoutingConfig {
     pub cooldown: Duration,
     /// Remembered conversation -> account assignments. Default 100000.
     pub max_conversations: usize,
+}
+
+/// Connection and time limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client WebSocket sessions at once; more get HTTP 503 before the upgrade. Default 10000.
+    pub max_client_connections: usize,
+    /// Sessions at once per client key (`clients[].name`); 0 = no per-key limit. Default 0.
+    pub max_connections_per_client: usize,
+    /// A new session must send its first frame within this; else close 1008. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub first_frame_timeout: Duration,
+    /// During a turn, the upstream must send something within this; else the client gets an
+    /// `error` event with status 504 and the connection is discarded. Default `300s` (Codex's
+    /// own stream idle timeout).
+    #[serde(with = "humantime_serde")]
+    pub turn_idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_client_connections: 10_000,
+            max_connections_per_client: 0,
+            first_frame_timeout: Duration::from_secs(60),
+            turn_idle_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Operator endpoints.
@@ -242,6 +273,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             shutdown: ShutdownConfig::default(),
             admin: AdminConfig::default(),
+            limits: LimitsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -384,6 +416,19 @@ impl Config {
         match crate::upstream::UpstreamUrl::parse(&self.upstream.url) {
             Ok(_) => {}
             Err(msg) => return invalid("upstream.url", msg),
+        }
+        let l = &self.limits;
+        if l.max_client_connections == 0 {
+            return invalid("limits.max_client_connections", "must be at least 1".into());
+        }
+        if l.first_frame_timeout.is_zero() {
+            return invalid(
+                "limits.first_frame_timeout",
+                "must be greater than 0".into(),
+            );
+        }
+        if l.turn_idle_timeout.is_zero() {
+            return invalid("limits.turn_idle_timeout", "must be greater than 0".into());
         }
         if self.admin.key_env.is_some() && self.admin.key_file.is_some() {
             return invalid("admin", "set at most one of `key_env` or `key_file`".into());

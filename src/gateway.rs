@@ -56,6 +56,11 @@ pub(crate) struct Shared {
     admin_key: RwLock<Option<Vec<u8>>>,
     /// Where the separate admin listener is bound, if `admin.listen` is set.
     pub admin_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    /// One permit per client session (`limits.max_client_connections`).
+    pub client_slots: Arc<tokio::sync::Semaphore>,
+    /// Sessions per client key name (`limits.max_connections_per_client`); bounded by the
+    /// number of configured client keys.
+    per_client: dashmap::DashMap<String, Arc<tokio::sync::Semaphore>>,
     /// The pool's reaper, stopped with the gateway.
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
 }
@@ -86,6 +91,7 @@ impl Gateway {
     /// Builds the gateway state. Must run inside a tokio runtime (it spawns the pool reaper).
     pub fn new(config: Config, secrets: Secrets) -> Result<Gateway, StartError> {
         config.validate()?;
+        let max_clients = config.limits.max_client_connections;
         // Metric handles registered below must see the real recorder.
         let prometheus = crate::metrics::install();
         let pool = Pool::new(config.pool.clone());
@@ -113,6 +119,8 @@ impl Gateway {
                 usage: Default::default(),
                 admin_key: RwLock::new(secrets.admin.as_ref().map(|k| k.as_bytes().to_vec())),
                 admin_addr: std::sync::Mutex::new(None),
+                client_slots: Arc::new(tokio::sync::Semaphore::new(max_clients)),
+                per_client: dashmap::DashMap::new(),
                 _reaper: tokio_util::task::AbortOnDropHandle::new(reaper),
             }),
         })
@@ -198,6 +206,7 @@ impl Gateway {
             (old.relay != config.relay, "relay"),
             (old.log != config.log, "log"),
             (old.admin.listen != config.admin.listen, "admin.listen"),
+            (old.limits != config.limits, "limits"),
         ] {
             if changed {
                 summary.needs_restart.push(key);
@@ -243,6 +252,24 @@ impl Shared {
             .read()
             .map(|c| c.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// A per-client-key session permit; `None` when there is no per-key limit,
+    /// `Some(Err(()))` when the key is at its limit.
+    pub fn client_permit(
+        &self,
+        client: &str,
+    ) -> Option<Result<tokio::sync::OwnedSemaphorePermit, ()>> {
+        let limit = self.config().limits.max_connections_per_client;
+        if limit == 0 {
+            return None;
+        }
+        let sem = self
+            .per_client
+            .entry(client.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit)))
+            .clone();
+        Some(sem.try_acquire_owned().map_err(|_| ()))
     }
 
     pub fn admin_key(&self) -> Option<Vec<u8>> {

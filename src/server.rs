@@ -279,6 +279,26 @@ async fn upgrade(
             return r;
         }
     };
+    let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
+        crate::metrics::error("too_many_connections");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the gateway is at limits.max_client_connections",
+        );
+    };
+    let client_slot = match shared.client_permit(&client) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(())) => {
+            crate::metrics::error("too_many_connections_for_client");
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections_for_client",
+                "this client key is at limits.max_connections_per_client",
+            );
+        }
+    };
     if shared.shutdown.is_cancelled() {
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -383,6 +403,8 @@ async fn upgrade(
     let shared = shared.clone();
     shared.sessions.clone().spawn(
         async move {
+            // Held for the session's life: they count it against the connection limits.
+            let _permits = (slot, client_slot);
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(

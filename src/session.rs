@@ -82,12 +82,17 @@ pub(crate) struct Session {
     turn_seq: u64,
     /// Turns completed on the current upstream in this session.
     conn_turns: u64,
+    /// The first-frame and turn-idle deadline; armed only when one of them applies.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// True once the client sent a frame.
+    got_frame: bool,
+    /// When the upstream last sent something (checked lazily when the timer fires).
+    last_upstream: Instant,
 }
 
 impl Session {
     pub fn new(gw: Arc<Shared>, client: ClientWs, start: SessionStart) -> Session {
         Session {
-            gw,
             id: start.id,
             span: start.span,
             client,
@@ -99,6 +104,10 @@ impl Session {
             held: VecDeque::new(),
             turn_seq: 0,
             conn_turns: 0,
+            timer: Box::pin(tokio::time::sleep(gw.config().limits.first_frame_timeout)),
+            got_frame: false,
+            last_upstream: Instant::now(),
+            gw,
         }
     }
 
@@ -117,6 +126,7 @@ impl Session {
                 continue;
             }
             let idle = self.turn.is_none();
+            let timed = !self.got_frame || self.turn.is_some();
             let flow = tokio::select! {
                 biased;
                 _ = self.gw.shutdown.cancelled(), if idle => {
@@ -125,6 +135,7 @@ impl Session {
                 }
                 ev = next_upstream(&mut self.upstream) => self.upstream_event(ev).await,
                 msg = self.client.next() => self.client_message(msg).await,
+                _ = &mut self.timer, if timed => self.on_timer().await,
             };
             if flow == Flow::Stop {
                 break;
@@ -151,9 +162,47 @@ impl Session {
 
     // === client side ===
 
+    /// The first-frame or turn-idle deadline passed (or a stale one: re-armed).
+    async fn on_timer(&mut self) -> Flow {
+        let limits = self.gw.config().limits.clone();
+        if !self.got_frame {
+            crate::metrics::error("first_frame_timeout");
+            let reason = format!(
+                "no request within {:?} (limits.first_frame_timeout)",
+                limits.first_frame_timeout
+            );
+            self.close_client(close::client::POLICY, &reason).await;
+            return Flow::Stop;
+        }
+        let Some(turn) = self.turn.as_ref() else {
+            return Flow::Continue;
+        };
+        let due = self.last_upstream.max(turn.started) + limits.turn_idle_timeout;
+        if Instant::now() < due {
+            self.timer.as_mut().reset(due);
+            return Flow::Continue;
+        }
+        // The upstream went quiet mid-turn: give up on this connection.
+        crate::metrics::error("turn_idle_timeout");
+        crate::metrics::turn("upstream_failed", turn.started.elapsed());
+        self.turn = None;
+        if let Some(up) = self.upstream.take() {
+            info!(upstream.id = up.id(), "upstream silent mid-turn; discarded");
+            self.evict(up, EvictReason::Dead);
+        }
+        let msg = format!(
+            "no upstream event for {:?} (limits.turn_idle_timeout); the upstream connection was discarded",
+            limits.turn_idle_timeout
+        );
+        self.send_error(504, "upstream_timeout", &msg).await
+    }
+
     async fn client_message(&mut self, msg: Option<Result<Message, tungstenite::Error>>) -> Flow {
         match msg {
-            Some(Ok(Message::Text(text))) => self.client_text(text).await,
+            Some(Ok(Message::Text(text))) => {
+                self.got_frame = true;
+                self.client_text(text).await
+            }
             Some(Ok(Message::Binary(_))) => {
                 crate::metrics::error("client_binary_frame");
                 self.close_client(
@@ -327,6 +376,10 @@ impl Session {
             debug!(parent: &span, error = %e, "upstream send failed");
         }
         debug!(parent: &span, "turn started");
+        self.last_upstream = Instant::now();
+        self.timer
+            .as_mut()
+            .reset(self.last_upstream + self.gw.config().limits.turn_idle_timeout);
         self.turn = Some(Turn {
             seq: self.turn_seq,
             span,
@@ -451,6 +504,7 @@ impl Session {
     async fn upstream_event(&mut self, ev: Option<PumpEvent>) -> Flow {
         let mut next = ev;
         let mut sent = 0usize;
+        self.last_upstream = Instant::now();
         // Counted once per batch, whichever way the batch ends.
         let mut counted = BatchCount {
             gw: self.gw.clone(),
