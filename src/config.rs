@@ -144,6 +144,9 @@ pub struct LimitsConfig {
     /// own stream idle timeout).
     #[serde(with = "humantime_serde")]
     pub turn_idle_timeout: Duration,
+    /// Browser `Origin` values accepted on upgrades. Empty = any. Requests without an
+    /// `Origin` header (Codex, other non-browser clients) are always accepted. Default empty.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -153,6 +156,7 @@ impl Default for LimitsConfig {
             max_connections_per_client: 0,
             first_frame_timeout: Duration::from_secs(60),
             turn_idle_timeout: Duration::from_secs(300),
+            allowed_origins: Vec::new(),
         }
     }
 }

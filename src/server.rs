@@ -279,6 +279,18 @@ async fn upgrade(
             return r;
         }
     };
+    let origins = &shared.config().limits.allowed_origins;
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !origins.is_empty()
+        && !origins.iter().any(|o| origin.as_bytes() == o.as_bytes())
+    {
+        crate::metrics::error("origin_not_allowed");
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin is not in limits.allowed_origins",
+        );
+    }
     let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
         crate::metrics::error("too_many_connections");
         return json_error(

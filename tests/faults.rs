@@ -252,3 +252,129 @@ async fn account_change_during_a_session_moves_on_and_never_sends_a_continuation
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_handshake_failures_reach_the_client_with_their_status() {
+    use wsgate::client::{Client, ClientError};
+    // Refused: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("ws://{}/v1/responses", closed.local_addr().unwrap());
+    drop(closed);
+    init();
+    let (config, secrets) = config(&dead_url, &["acct-a"]);
+    let gw = start_with(config, secrets).await;
+    let refused = Client::connect(&gw.url(), &gw.codex_headers(&unique("refused"))).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Refused { status: 502, body }) if body.contains("upstream_connect_failed")),
+        "{:?}",
+        refused.err()
+    );
+    assert_eq!(gw.gateway.pool_stats().total, 0);
+    gw.stop().await;
+
+    // Timed out: the upstream never finishes its handshake in time.
+    let slow = MockUpstream::start(MockConfig {
+        handshake_delay: std::time::Duration::from_secs(3),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&slow, &["acct-a"], |c| {
+        c.upstream.connect_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let timed_out = Client::connect(&gw.url(), &gw.codex_headers(&unique("slow"))).await;
+    assert!(
+        matches!(&timed_out, Err(ClientError::Refused { status: 504, body }) if body.contains("upstream_timeout")),
+        "{:?}",
+        timed_out.err()
+    );
+    gw.stop().await;
+
+    // HTTP statuses on the upstream upgrade come back as the same status before the client's own upgrade.
+    for status in [401u16, 403, 500, 426] {
+        let mock = MockUpstream::start(MockConfig {
+            reject_status: Some(status),
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+        match Client::connect(&gw.url(), &gw.codex_headers(&unique("status"))).await {
+            Err(ClientError::Refused { status: got, body }) => {
+                assert_eq!(got, status, "{body}");
+                assert!(body.contains("upstream_rejected"), "{body}");
+            }
+            other => panic!("{status}: expected a refusal, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(
+            gw.gateway.pool_stats().total,
+            0,
+            "{status}: the failed dial released its slot"
+        );
+        gw.stop().await;
+    }
+
+    // 429 on the upgrade: that client gets HTTP 429, and the account cools down, so the next
+    // client upgrades and its request gets a 429 event with a retry hint.
+    let mock = MockUpstream::start(MockConfig {
+        reject_status: Some(429),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let first = Client::connect(&gw.url(), &gw.codex_headers(&unique("limited"))).await;
+    assert!(
+        matches!(&first, Err(ClientError::Refused { status: 429, .. })),
+        "{:?}",
+        first.err()
+    );
+    assert_eq!(gw.gateway.account_state("acct-a"), Some("cooling"));
+    let conv = unique("limited");
+    let mut c = gw.connect(&conv).await;
+    let t = c.turn(&create_body(Some(&conv), "hi", None)).await.unwrap();
+    assert_eq!(t.terminal()["status"], 429);
+    assert_eq!(t.terminal()["error"]["code"], "all_accounts_unavailable");
+    assert!(
+        t.terminal()["error"]["resets_in_seconds"]
+            .as_u64()
+            .is_some()
+    );
+    c.close().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn origin_allow_list() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.allowed_origins = vec!["https://ok.example".into()]
+    })
+    .await;
+    let conv = unique("origin");
+    let mut h = gw.codex_headers(&conv);
+    h.push(("origin", "https://evil.example"));
+    match wsgate::client::Client::connect(&gw.url(), &h).await {
+        Err(wsgate::client::ClientError::Refused { status, body }) => {
+            assert_eq!(status, 403);
+            assert!(body.contains("origin_not_allowed"));
+        }
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    let mut ok = gw.codex_headers(&conv);
+    ok.push(("origin", "https://ok.example"));
+    wsgate::client::Client::connect(&gw.url(), &ok)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // No Origin at all (Codex): accepted.
+    gw.connect(&conv).await.close().await;
+    assert_eq!(
+        mock.accepted(),
+        1,
+        "the refused request never dialed upstream"
+    );
+    gw.stop().await;
+}
