@@ -142,6 +142,42 @@ impl Client {
         }
     }
 
+    /// Connects over wss:// trusting `tls` (tests, private CAs).
+    pub async fn connect_tls(
+        url: &str,
+        headers: &[(&str, &str)],
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Client, ClientError> {
+        let mut req = url.into_client_request()?;
+        for (k, v) in headers {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                req.headers_mut().insert(k, v);
+            }
+        }
+        let connector = tokio_tungstenite::Connector::Rustls(tls);
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector))
+            .await
+        {
+            Ok((ws, resp)) => Ok(Client {
+                ws,
+                response_headers: resp.headers().clone(),
+                timeout: Duration::from_secs(20),
+            }),
+            Err(tungstenite::Error::Http(resp)) => Err(ClientError::Refused {
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Sets how long [`Client::recv`] waits for one frame.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

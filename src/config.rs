@@ -22,7 +22,7 @@ use crate::error::ConfigError;
 /// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "paths", "clients", "upstream", "accounts", "routing", "pool", "relay", "shutdown",
-    "admin", "limits", "log",
+    "admin", "limits", "tls", "log",
 ];
 
 /// The whole gateway configuration (DESIGN §5).
@@ -52,6 +52,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Connection and time limits for clients and turns.
     pub limits: LimitsConfig,
+    /// Serve wss:// (and https://) on `listen` with this certificate. Default: plain.
+    pub tls: Option<TlsConfig>,
     /// Logging.
     pub log: LogConfig,
 }
@@ -126,6 +128,16 @@ pub struct RoutingConfig {
     pub cooldown: Duration,
     /// Remembered conversation -> account assignments. Default 100000.
     pub max_conversations: usize,
+}
+
+/// The listener's TLS certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
 }
 
 /// Connection and time limits.
@@ -278,6 +290,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             admin: AdminConfig::default(),
             limits: LimitsConfig::default(),
+            tls: None,
             log: LogConfig::default(),
         }
     }

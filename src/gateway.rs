@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     admin_key: RwLock<Option<Vec<u8>>>,
     /// Where the separate admin listener is bound, if `admin.listen` is set.
     pub admin_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    /// The listener's TLS config (`tls`), built at start so bad files are a start error.
+    pub listener_tls: Option<Arc<rustls::ServerConfig>>,
     /// One permit per client session (`limits.max_client_connections`).
     pub client_slots: Arc<tokio::sync::Semaphore>,
     /// Sessions per client key name (`limits.max_connections_per_client`); bounded by the
@@ -92,6 +94,10 @@ impl Gateway {
     pub fn new(config: Config, secrets: Secrets) -> Result<Gateway, StartError> {
         config.validate()?;
         let max_clients = config.limits.max_client_connections;
+        let listener_tls = match &config.tls {
+            Some(t) => Some(crate::listener::server_config(&t.cert_file, &t.key_file)?),
+            None => None,
+        };
         // Metric handles registered below must see the real recorder.
         let prometheus = crate::metrics::install();
         let pool = Pool::new(config.pool.clone());
@@ -120,6 +126,7 @@ impl Gateway {
                 admin_key: RwLock::new(secrets.admin.as_ref().map(|k| k.as_bytes().to_vec())),
                 admin_addr: std::sync::Mutex::new(None),
                 client_slots: Arc::new(tokio::sync::Semaphore::new(max_clients)),
+                listener_tls,
                 per_client: dashmap::DashMap::new(),
                 _reaper: tokio_util::task::AbortOnDropHandle::new(reaper),
             }),
@@ -207,6 +214,7 @@ impl Gateway {
             (old.log != config.log, "log"),
             (old.admin.listen != config.admin.listen, "admin.listen"),
             (old.limits != config.limits, "limits"),
+            (old.tls != config.tls, "tls"),
         ] {
             if changed {
                 summary.needs_restart.push(key);

@@ -18,6 +18,7 @@
 //! - [`pool`]: `Pool`, `PoolKey`, `Pooled`, decisions, evictions, the reaper.
 //! - [`gateway`]: shared state and the acquire path.
 //! - `session`: one client WebSocket and its turn loop.
+//! - [`listener`]: the optional TLS listener.
 //! - [`server`]: axum routes, authentication, the upgrade, shutdown drain.
 //! - [`reload`]: hot reload on SIGHUP and config file changes.
 //! - [`metrics`]: Prometheus metric names, buckets and hot-path handles.
@@ -38,6 +39,7 @@ pub mod event;
 pub mod gateway;
 pub mod headers;
 pub mod ids;
+pub mod listener;
 pub mod loadgen;
 pub mod metrics;
 pub mod mock;

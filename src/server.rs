@@ -11,6 +11,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use axum::serve::ListenerExt;
 use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -98,16 +99,24 @@ pub async fn serve(
             shared.stopped.cancel();
         }
     };
-    // Events are small and latency-sensitive: no Nagle on client sockets.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(drained)
-    .await?;
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    match shared.listener_tls.clone() {
+        Some(tls) => {
+            let listener = crate::listener::TlsListener::new(listener, tls)?.tap_io(|_| {});
+            axum::serve(listener, service)
+                .with_graceful_shutdown(drained)
+                .await?;
+        }
+        None => {
+            // Events are small and latency-sensitive: no Nagle on client sockets.
+            let listener = listener.tap_io(|tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, service)
+                .with_graceful_shutdown(drained)
+                .await?;
+        }
+    }
     shared
         .listening
         .store(false, std::sync::atomic::Ordering::Release);

@@ -107,3 +107,90 @@ fn bad_ca_file_is_a_start_error() {
     });
     assert!(err.contains("ca_file"), "{err}");
 }
+
+#[tokio::test]
+async fn tls_listener_serves_wss_clients() {
+    init();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.tls = Some(wsgate::config::TlsConfig {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        })
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let client_tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let conv = unique("wss");
+    let url = format!("wss://127.0.0.1:{}/v1/responses", gw.addr.port());
+    let mut c = Client::connect_tls(&url, &gw.codex_headers(&conv), client_tls.clone())
+        .await
+        .unwrap();
+    assert!(
+        c.turn(&create_body(Some(&conv), "over wss", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    c.close().await;
+    // Plain ws:// to the TLS port does not get a session.
+    assert!(
+        Client::connect(&gw.url(), &gw.codex_headers(&unique("plain")))
+            .await
+            .is_err()
+    );
+    // A silent TCP client does not block others from completing their handshake.
+    let _silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut c2 = Client::connect_tls(&url, &gw.codex_headers(&conv), client_tls)
+        .await
+        .unwrap();
+    assert!(
+        c2.turn(&create_body(Some(&conv), "still served", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    c2.close().await;
+    gw.stop().await;
+}
+
+#[test]
+fn bad_listener_certificate_is_a_start_error() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, "nope").unwrap();
+    std::fs::write(&key, "nope").unwrap();
+    let (mut config, secrets) = config("ws://127.0.0.1:1/v1/responses", &["acct-a"]);
+    config.tls = Some(wsgate::config::TlsConfig {
+        cert_file: cert,
+        key_file: key,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        wsgate::Gateway::new(config, secrets)
+            .err()
+            .unwrap()
+            .to_string()
+    });
+    assert!(err.contains("tls.cert_file"), "{err}");
+}
