@@ -24,6 +24,7 @@ pub const FRAMES: &str = "wsgate_frames_total";
 pub const BYTES: &str = "wsgate_bytes_total";
 pub const ERRORS: &str = "wsgate_errors_total";
 pub const SESSIONS: &str = "wsgate_sessions_active";
+pub const TASKS: &str = "wsgate_tasks";
 pub const POOLED: &str = "wsgate_pool_connections";
 pub const ACCOUNTS: &str = "wsgate_accounts";
 pub const TURN_FIRST_EVENT: &str = "wsgate_turn_first_event_seconds";
@@ -80,6 +81,7 @@ fn describe() {
     describe_counter!(BYTES, "Payload bytes relayed, by direction");
     describe_counter!(ERRORS, "Errors by kind");
     describe_gauge!(SESSIONS, "Client sessions connected now");
+    describe_gauge!(TASKS, "Live tasks by kind (session, upstream_pump)");
     describe_gauge!(POOLED, "Pooled upstream connections by account and state");
     describe_gauge!(ACCOUNTS, "Accounts by state");
     describe_histogram!(

@@ -23,6 +23,8 @@ pub struct Status {
     pub not_ready: Option<String>,
     pub draining: bool,
     pub sessions_active: usize,
+    /// Live tasks: session tasks and upstream pumps (one per open upstream connection).
+    pub tasks: TaskCounts,
     pub accounts: Vec<AccountStatus>,
     pub pool: PoolSummary,
     pub connections: Vec<ConnStatus>,
@@ -30,6 +32,12 @@ pub struct Status {
     pub decisions: DecisionTotals,
     /// Completed turns' `cached_tokens / input_tokens`, by pool decision.
     pub cached_token_ratio: BTreeMap<&'static str, Option<f64>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TaskCounts {
+    pub sessions: usize,
+    pub upstream_pumps: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -199,6 +207,10 @@ impl Shared {
             not_ready,
             draining: self.shutdown.is_cancelled(),
             sessions_active: self.active_sessions.load(Ordering::Acquire),
+            tasks: TaskCounts {
+                sessions: self.sessions.len(),
+                upstream_pumps: self.dialer.tasks().len(),
+            },
             accounts,
             pool,
             connections,
@@ -212,6 +224,9 @@ impl Shared {
     pub fn update_gauges(&self) {
         use ::metrics::gauge;
         gauge!(crate::metrics::SESSIONS).set(self.active_sessions.load(Ordering::Acquire) as f64);
+        gauge!(crate::metrics::TASKS, "kind" => "session").set(self.sessions.len() as f64);
+        gauge!(crate::metrics::TASKS, "kind" => "upstream_pump")
+            .set(self.dialer.tasks().len() as f64);
         let slots = self.pool.snapshot();
         let accounts = self.accounts.all();
         for a in &accounts {

@@ -1,0 +1,242 @@
+//! Soak (issue 6, item 3): thousands of sessions against the gateway binary, each with a
+//! random fault, bounded in count and time. Afterwards the gateway's RSS is within a small
+//! margin of its post-warm-up value and its sessions, session tasks, busy slots and stray
+//! upstream pumps are back to zero. `SOAK_SESSIONS=50000 cargo test --test soak` runs longer.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use wsgate::client::{Client, ClientError, create_body};
+use wsgate::mock::{MockConfig, MockUpstream};
+
+const CONVERSATIONS: u64 = 150;
+
+/// xorshift64*: deterministic per session, no extra dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+}
+
+/// Runs one session with scenario `kind`; `Err` only when the gateway did not give a clear answer.
+async fn session(url: &str, run: &str, i: u64, kind: u64) -> Result<(), String> {
+    let conv = format!("{run}-{}", i % CONVERSATIONS);
+    let headers = [
+        ("authorization", "Bearer test-client-key"),
+        ("session-id", conv.as_str()),
+    ];
+    let mut c = Client::connect(url, &headers)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    c.set_timeout(Duration::from_secs(10));
+    let body = |text: &str| create_body(Some(&conv), text, None);
+    let clear = |r: Result<wsgate::client::TurnOutcome, ClientError>, what: &str| match r {
+        Ok(t) if t.is_completed() || t.terminal()["status"].is_u64() => Ok(()),
+        Ok(t) => Err(format!("{what}: unclear terminal {}", t.terminal())),
+        Err(ClientError::Closed(Some(_))) => Ok(()),
+        Err(e) => Err(format!("{what}: {e}")),
+    };
+    match kind {
+        0 | 1 | 2 => {
+            // Normal multi-turn work with continuations.
+            let t = c
+                .turn(&body("hi [[mock: deltas=5]]"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let t2 = c
+                .turn(&create_body(Some(&conv), "more", t.response_id()))
+                .await;
+            clear(t2, "continuation")?;
+        }
+        3 => clear(
+            c.turn(&body("[[mock: deltas=6, close=1012@mid]]")).await,
+            "1012",
+        )?,
+        4 => clear(
+            c.turn(&body("[[mock: deltas=6, close=1011@mid]]")).await,
+            "1011",
+        )?,
+        5 => clear(c.turn(&body("[[mock: close=eof@before]]")).await, "eof")?,
+        6 => {
+            // Leave mid-turn.
+            c.send_json(&body("[[mock: deltas=40, interval=5]]"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = c.recv().await;
+            c.abort();
+            return Ok(());
+        }
+        7 => {
+            c.send_text("{not json").await.map_err(|e| e.to_string())?;
+            let ev = c.recv().await.map_err(|e| e.to_string())?;
+            if ev["status"] != 400 {
+                return Err(format!("invalid json: {ev}"));
+            }
+            clear(c.turn(&body("after the bad frame")).await, "after bad json")?;
+        }
+        8 => {
+            c.send_message(Message::binary(vec![0u8; 8]))
+                .await
+                .map_err(|e| e.to_string())?;
+            match c.recv().await {
+                Err(ClientError::Closed(Some(f))) if u16::from(f.code) == 1003 => {}
+                other => return Err(format!("binary: {other:?}")),
+            }
+        }
+        9 => clear(
+            c.turn(&create_body(Some(&conv), "orphan", Some("resp_0_0")))
+                .await,
+            "orphan continuation",
+        )?,
+        10 => {
+            c.send_text(&"x".repeat(300 * 1024))
+                .await
+                .map_err(|e| e.to_string())?;
+            match c.recv().await {
+                Err(ClientError::Closed(Some(f))) if u16::from(f.code) == 1009 => {}
+                other => return Err(format!("oversize: {other:?}")),
+            }
+        }
+        11 => clear(c.turn(&body("[[mock: stall=1500]]")).await, "stall")?,
+        _ => {
+            // Connect and vanish without a word.
+            c.abort();
+            return Ok(());
+        }
+    }
+    c.close().await;
+    Ok(())
+}
+
+async fn phase(
+    url: Arc<String>,
+    run: Arc<String>,
+    count: u64,
+    concurrency: usize,
+    seed: u64,
+) -> (u64, Vec<String>) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let (url, run, next) = (url.clone(), run.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15));
+            let mut failures = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return failures;
+                }
+                // Mostly normal sessions; each fault kind about 1 in 20; stalls rarer.
+                let roll = rng.next() % 40;
+                let kind = match roll {
+                    0..=19 => roll % 3,
+                    20..=37 => 3 + (roll - 20) % 8,
+                    38 => 11,
+                    _ => 12,
+                };
+                if let Err(e) = session(&url, &run, i, kind).await {
+                    failures.push(format!("session {i} kind {kind}: {e}"));
+                }
+            }
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        failures.extend(r.unwrap());
+    }
+    (count, failures)
+}
+
+async fn status(addr: std::net::SocketAddr) -> Value {
+    serde_json::from_str(&http_get(addr, "/status.json", None).await.1).unwrap()
+}
+
+async fn settle(gw: &GatewayProcess) -> Value {
+    let mut s = status(gw.addr).await;
+    for _ in 0..200 {
+        let pooled_idle = s["pool"]["idle"].as_u64().unwrap();
+        if s["sessions_active"] == 0
+            && s["tasks"]["sessions"] == 0
+            && s["pool"]["busy"] == 0
+            && s["pool"]["dialing"] == 0
+            && s["tasks"]["upstream_pumps"].as_u64() == Some(pooled_idle)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s = status(gw.addr).await;
+    }
+    panic!("the gateway did not settle back to zero: {s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_with_random_faults_leaks_nothing() {
+    init();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {}\naccounts:\n  - id: acct-a\n    api_key_env: KEY_ACCT_A\npool:\n  max_per_account: 1000\n  busy_wait: 20ms\nrelay:\n  max_message_size: 256KiB\nlimits:\n  turn_idle_timeout: 500ms\n  first_frame_timeout: 5s\nlog:\n  level: warn\n",
+        mock.url()
+    );
+    let gw = GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "warn,wsgate::server=info")]);
+    let url = Arc::new(gw.url());
+    let run = Arc::new(unique("soak"));
+    let total: u64 = std::env::var("SOAK_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let started = std::time::Instant::now();
+
+    // Warm-up: every conversation once, so the pool and allocator reach their working size.
+    let (_, failures) = phase(url.clone(), run.clone(), CONVERSATIONS * 2, 16, 1).await;
+    assert!(failures.is_empty(), "warm-up: {failures:?}");
+    let warm = settle(&gw).await;
+    let baseline = gw.rss_kib();
+
+    let (count, failures) = phase(url.clone(), run.clone(), total, 32, 42).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {count} sessions had no clear answer, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let after = settle(&gw).await;
+    let rss = gw.rss_kib();
+    let growth = rss.saturating_sub(baseline);
+    eprintln!(
+        "soak: {count} sessions in {:?}; RSS {baseline} -> {rss} KiB; pool {} -> {}; mock accepted {}",
+        started.elapsed(),
+        warm["pool"],
+        after["pool"],
+        mock.accepted()
+    );
+    assert!(
+        growth < (baseline / 4).max(8 * 1024),
+        "RSS grew by {growth} KiB over {count} sessions"
+    );
+    assert!(
+        after["pool"]["total"].as_u64().unwrap() <= CONVERSATIONS,
+        "pool bounded by conversations: {}",
+        after["pool"]
+    );
+    assert_eq!(
+        mock.overlaps(),
+        0,
+        "never two creates in flight on one upstream"
+    );
+    let (_, body) = http_get(gw.addr, "/metrics", None).await;
+    let opened = prom_value(&body, "wsgate_client_connections_opened_total", &[]).unwrap();
+    let closed = prom_value(&body, "wsgate_client_connections_closed_total", &[]).unwrap();
+    assert_eq!(opened, closed, "every session that opened also closed");
+    assert!(opened >= (count + CONVERSATIONS * 2) as f64 * 0.99);
+}
