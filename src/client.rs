@@ -104,6 +104,29 @@ pub fn create_body(
     body
 }
 
+/// What tokio-tungstenite's connect functions return.
+type ConnectResult = Result<
+    (
+        WebSocketStream<MaybeTlsStream<TcpStream>>,
+        http::Response<Option<Vec<u8>>>,
+    ),
+    tungstenite::Error,
+>;
+
+/// The upgrade request for `url` with extra headers.
+fn request(url: &str, headers: &[(&str, &str)]) -> Result<http::Request<()>, ClientError> {
+    let mut req = url.into_client_request()?;
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            req.headers_mut().insert(k, v);
+        }
+    }
+    Ok(req)
+}
+
 /// One client WebSocket.
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -115,31 +138,7 @@ pub struct Client {
 impl Client {
     /// Connects to `url` with extra upgrade headers (`authorization`, `session-id`, ...).
     pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Client, ClientError> {
-        let mut req = url.into_client_request()?;
-        for (k, v) in headers {
-            if let (Ok(k), Ok(v)) = (
-                http::HeaderName::from_bytes(k.as_bytes()),
-                http::HeaderValue::from_str(v),
-            ) {
-                req.headers_mut().insert(k, v);
-            }
-        }
-        match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, resp)) => Ok(Client {
-                ws,
-                response_headers: resp.headers().clone(),
-                timeout: Duration::from_secs(20),
-            }),
-            Err(tungstenite::Error::Http(resp)) => Err(ClientError::Refused {
-                status: resp.status().as_u16(),
-                body: resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default(),
-            }),
-            Err(e) => Err(e.into()),
-        }
+        Self::finish(tokio_tungstenite::connect_async(request(url, headers)?).await)
     }
 
     /// Connects over wss:// trusting `tls` (tests, private CAs).
@@ -148,19 +147,16 @@ impl Client {
         headers: &[(&str, &str)],
         tls: std::sync::Arc<rustls::ClientConfig>,
     ) -> Result<Client, ClientError> {
-        let mut req = url.into_client_request()?;
-        for (k, v) in headers {
-            if let (Ok(k), Ok(v)) = (
-                http::HeaderName::from_bytes(k.as_bytes()),
-                http::HeaderValue::from_str(v),
-            ) {
-                req.headers_mut().insert(k, v);
-            }
-        }
         let connector = tokio_tungstenite::Connector::Rustls(tls);
-        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector))
-            .await
-        {
+        let req = request(url, headers)?;
+        Self::finish(
+            tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector))
+                .await,
+        )
+    }
+
+    fn finish(result: ConnectResult) -> Result<Client, ClientError> {
+        match result {
             Ok((ws, resp)) => Ok(Client {
                 ws,
                 response_headers: resp.headers().clone(),

@@ -278,7 +278,7 @@ impl Session {
 
     /// A client event that does not start a turn (`response.steer`, unknown types).
     async fn forward_other(&mut self, text: Utf8Bytes) -> Flow {
-        let Some(up) = self.upstream.as_mut().and_then(Pooled::conn_mut) else {
+        if self.upstream.as_ref().and_then(Pooled::conn).is_none() {
             return self
                 .send_error(
                     400,
@@ -286,17 +286,26 @@ impl Session {
                     "send response.create before other events on this connection",
                 )
                 .await;
-        };
+        }
+        if let Err(e) = self.send_upstream(text).await {
+            debug!(error = %e, "upstream send failed");
+            return self.upstream_ended(None, &e.to_string()).await;
+        }
+        Flow::Continue
+    }
+
+    /// Sends a client frame to the current upstream, counted. A failed send also surfaces as
+    /// the pump's end event, which the loop handles like any upstream failure.
+    async fn send_upstream(&mut self, text: Utf8Bytes) -> Result<(), tungstenite::Error> {
         count_frame(
             &self.gw.relay.frames_up,
             &self.gw.relay.bytes_up,
             text.len(),
         );
-        if let Err(e) = up.send(Message::Text(text)).await {
-            debug!(error = %e, "upstream send failed");
-            return self.upstream_ended(None, &e.to_string()).await;
+        match self.upstream.as_mut().and_then(Pooled::conn_mut) {
+            Some(conn) => conn.send(Message::Text(text)).await,
+            None => Err(tungstenite::Error::AlreadyClosed),
         }
-        Flow::Continue
     }
 
     async fn start_turn(
@@ -365,14 +374,7 @@ impl Session {
         up.set_reusable(false);
         let retry = (previous.is_none() && used_before).then(|| text.clone());
         // A failed send surfaces as the pump's end event, handled like any mid-turn failure.
-        count_frame(
-            &self.gw.relay.frames_up,
-            &self.gw.relay.bytes_up,
-            text.len(),
-        );
-        if let Some(conn) = up.conn_mut()
-            && let Err(e) = conn.send(Message::Text(text)).await
-        {
+        if let Err(e) = self.send_upstream(text).await {
             debug!(parent: &span, error = %e, "upstream send failed");
         }
         debug!(parent: &span, "turn started");
@@ -657,16 +659,9 @@ impl Session {
                     self.set_upstream(p);
                     if let Some(up) = self.upstream.as_mut() {
                         up.set_reusable(false);
-                        count_frame(
-                            &self.gw.relay.frames_up,
-                            &self.gw.relay.bytes_up,
-                            text.len(),
-                        );
-                        if let Some(conn) = up.conn_mut()
-                            && let Err(e) = conn.send(Message::Text(text)).await
-                        {
-                            debug!(error = %e, "retry send failed");
-                        }
+                    }
+                    if let Err(e) = self.send_upstream(text).await {
+                        debug!(error = %e, "retry send failed");
                     }
                     return Flow::Continue;
                 }

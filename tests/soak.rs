@@ -47,7 +47,7 @@ async fn session(url: &str, run: &str, i: u64, kind: u64) -> Result<(), String> 
         Err(e) => Err(format!("{what}: {e}")),
     };
     match kind {
-        0 | 1 | 2 => {
+        0..=2 => {
             // Normal multi-turn work with continuations.
             let t = c
                 .turn(&body("hi [[mock: deltas=5]]"))
