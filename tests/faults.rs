@@ -378,3 +378,95 @@ async fn origin_allow_list() {
     );
     gw.stop().await;
 }
+
+/// What the client of a turn should see when the upstream closes with `code` in `phase`.
+#[derive(Debug)]
+enum Expect {
+    CloseCode(u16),
+    ErrorStatus(u16),
+    Completed,
+}
+
+#[tokio::test]
+async fn upstream_close_table_every_code_and_phase() {
+    let mock = mock().await;
+    // Every combination leaves its conversation's connection pooled: room for all of them.
+    let gw = start_gateway(&mock, &["acct-a"], |c| c.pool.max_per_account = 100).await;
+    for code in ["eof", "1009", "1011", "1012", "1013"] {
+        for phase in ["before", "mid", "after", "idle:100"] {
+            let conv = unique(&format!("table-{code}"));
+            let restart = code == "1012" || code == "1013";
+            let expect = match (phase, restart) {
+                ("before" | "mid", true) => Expect::CloseCode(code.parse().unwrap()),
+                ("before" | "mid", false) => Expect::ErrorStatus(502),
+                _ => Expect::Completed,
+            };
+            let mut c = gw.connect(&conv).await;
+            let directive = format!("[[mock: deltas=4, close={code}@{phase}]]");
+            let got = c.turn(&create_body(Some(&conv), &directive, None)).await;
+            match (&expect, &got) {
+                (Expect::CloseCode(want), Err(e)) => {
+                    assert_eq!(e.close_code(), Some(*want), "{code}@{phase}: {e}")
+                }
+                (Expect::ErrorStatus(want), Ok(t)) => assert_eq!(
+                    t.terminal()["status"],
+                    *want,
+                    "{code}@{phase}: {:?}",
+                    t.terminal()
+                ),
+                (Expect::Completed, Ok(t)) => {
+                    assert!(t.is_completed(), "{code}@{phase}: {:?}", t.terminal())
+                }
+                _ => panic!(
+                    "{code}@{phase}: expected {expect:?}, got {:?}",
+                    got.as_ref()
+                        .map(|t| t.terminal().clone())
+                        .map_err(|e| e.to_string())
+                ),
+            }
+            if phase == "after" && restart {
+                // A restart code between turns is passed to the client too.
+                let e = c.recv().await.unwrap_err();
+                assert_eq!(e.close_code(), code.parse().ok(), "{code}@{phase}");
+                c.abort();
+            } else if matches!(expect, Expect::CloseCode(_)) {
+                c.abort();
+            } else {
+                c.close().await;
+            }
+            // Whatever happened, the conversation works again at once, and nothing is left over.
+            if phase.starts_with("idle") {
+                let evicted = || !evictions(&conv).is_empty();
+                assert!(
+                    wait_until(Duration::from_secs(5), evicted).await,
+                    "{code}@{phase}: idle close evicted"
+                );
+            }
+            let mut again = gw.connect(&conv).await;
+            let t = again
+                .turn(&create_body(Some(&conv), "next session", None))
+                .await
+                .unwrap();
+            assert!(
+                t.is_completed(),
+                "{code}@{phase}: next session {:?}",
+                t.terminal()
+            );
+            again.close().await;
+            let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;
+            assert!(
+                wait_until(Duration::from_secs(5), settled).await,
+                "{code}@{phase}: counts back to zero"
+            );
+            // The failed connection was never handed out again.
+            let lines = decisions(&conv);
+            assert_eq!(lines.len(), 2, "{code}@{phase}: {lines:?}");
+            assert!(
+                lines[1].starts_with("new"),
+                "{code}@{phase}: the next session got a fresh connection: {lines:?}"
+            );
+        }
+    }
+    assert_eq!(mock.overlaps(), 0);
+    gw.stop().await;
+}

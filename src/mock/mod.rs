@@ -381,17 +381,20 @@ where
                     }
                 }
             }
-            Outcome::CloseLater(code, after) => {
+            Outcome::CloseLater(kind, after) => {
                 // Idle close, unless another create arrives first.
                 match tokio::time::timeout(after, rx.recv()).await {
                     Err(_) => {
-                        let reason = format!("mock idle close {code}").into();
-                        let frame = CloseFrame {
-                            code: CloseCode::from(code),
-                            reason,
-                        };
-                        let _ = sink.send(Message::Close(Some(frame))).await;
-                        let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                        if let CloseKind::Code(code) = kind {
+                            let reason = format!("mock idle close {code}").into();
+                            let frame = CloseFrame {
+                                code: CloseCode::from(code),
+                                reason,
+                            };
+                            let _ = sink.send(Message::Close(Some(frame))).await;
+                            let _ =
+                                tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                        }
                         break;
                     }
                     Ok(None) => break,
@@ -439,8 +442,8 @@ struct ConnState {
 enum Outcome {
     Continue,
     Close(u16),
-    /// Close with this code after the connection idled this long.
-    CloseLater(u16, Duration),
+    /// Close (with a code, or by dropping TCP) after the connection idled this long.
+    CloseLater(CloseKind, Duration),
     /// Send an unsolicited event after the connection idled this long.
     JunkLater(Duration),
     Eof,
@@ -790,8 +793,8 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
     if d.deaf {
         conn.deaf.store(true, Ordering::Release);
     }
-    if let Some((CloseKind::Code(code), Phase::Idle(after))) = d.close {
-        return Outcome::CloseLater(code, after);
+    if let Some((kind, Phase::Idle(after))) = d.close {
+        return Outcome::CloseLater(kind, after);
     }
     if let Some(after) = d.junk_after {
         return Outcome::JunkLater(after);
