@@ -470,3 +470,129 @@ async fn upstream_close_table_every_code_and_phase() {
     assert_eq!(mock.overlaps(), 0);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_protocol_violations_mid_turn_give_502_and_discard() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.relay.max_message_size = bytesize::ByteSize::mib(1);
+        c.pool.max_per_account = 100;
+    })
+    .await;
+    for what in ["binary", "badutf8", "huge"] {
+        let conv = unique(&format!("inject-{what}"));
+        let mut c = gw.connect(&conv).await;
+        let t = c
+            .turn(&create_body(
+                Some(&conv),
+                &format!("[[mock: deltas=6, inject={what}]]"),
+                None,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(t.terminal()["type"], "error", "{what}: {:?}", t.terminal());
+        assert_eq!(t.terminal()["status"], 502, "{what}");
+        assert!(
+            t.events
+                .iter()
+                .all(|e| e["delta"].as_str().is_none_or(|d| d.len() < 1000)),
+            "{what}: nothing oversized reached the client"
+        );
+        assert_eq!(evictions(&conv), ["dead"], "{what}");
+        // The session goes on with a fresh connection.
+        assert!(
+            c.turn(&create_body(Some(&conv), "again", None))
+                .await
+                .unwrap()
+                .is_completed(),
+            "{what}"
+        );
+        c.close().await;
+    }
+    let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;
+    assert!(wait_until(Duration::from_secs(5), settled).await);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn client_non_create_first_and_a_burst_of_ten_thousand_frames() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| c.relay.max_queued_frames = 16).await;
+    // A non-create event first: a clear 400, nothing sent upstream.
+    let conv = unique("first");
+    let mut c =
+        wsgate::client::Client::connect(&gw.url(), &[("authorization", "Bearer test-client-key")])
+            .await
+            .unwrap();
+    c.send_json(&serde_json::json!({"type": "response.processed", "response_id": "resp_x"}))
+        .await
+        .unwrap();
+    let ev = c.recv().await.unwrap();
+    assert_eq!(
+        (ev["status"].as_u64(), ev["error"]["code"].as_str()),
+        (Some(400), Some("no_active_connection")),
+        "{ev}"
+    );
+    assert!(
+        c.turn(&create_body(Some(&conv), "then a real turn", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    c.close().await;
+
+    // 10,000 frames as fast as the socket takes them while a turn streams: the session is
+    // closed with 1008 once the hold queue is full; a bystander is unaffected.
+    let bystander = unique("bystander");
+    let mut by = gw.connect(&bystander).await;
+    by.send_json(&create_body(
+        Some(&bystander),
+        "[[mock: deltas=30, interval=10]]",
+        None,
+    ))
+    .await
+    .unwrap();
+    let flood = unique("flood");
+    let mut f = gw.connect(&flood).await;
+    f.send_json(&create_body(
+        Some(&flood),
+        "[[mock: deltas=30, interval=10]]",
+        None,
+    ))
+    .await
+    .unwrap();
+    let frame = create_body(Some(&flood), "again", None).to_string();
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        if f.send_text(&frame).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let err = loop {
+        match f.recv().await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(sent, 10_000, "the socket took the whole burst");
+    assert_eq!(
+        err.close_code(),
+        Some(1008),
+        "the flood ends with 1008: {err}"
+    );
+    let t = by.read_turn().await.unwrap();
+    assert!(t.is_completed());
+    assert_eq!(
+        t.events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .count(),
+        30
+    );
+    by.close().await;
+    assert_eq!(mock.overlaps(), 0);
+    let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;
+    assert!(wait_until(Duration::from_secs(5), settled).await);
+    gw.stop().await;
+}

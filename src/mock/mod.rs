@@ -742,6 +742,27 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                 {
                     return o;
                 }
+                if n == deltas / 2
+                    && let Some(what) = &d.inject
+                {
+                    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+                    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+                    let frame = match what.as_str() {
+                        "binary" => Message::binary(vec![0u8, 1, 2, 3]),
+                        "badutf8" => Message::Frame(Frame::message(
+                            vec![b'{', 0xff, 0xfe, b'}'],
+                            OpCode::Data(Data::Text),
+                            true,
+                        )),
+                        _ => Message::text(format!(
+                            "{{\"type\":\"response.output_text.delta\",\"delta\":\"{}\"}}",
+                            "x".repeat(4 << 20)
+                        )),
+                    };
+                    if em.sink.send(frame).await.is_err() {
+                        return Outcome::Gone;
+                    }
+                }
                 let sent = if state.config.speed {
                     // Hand-built frame with its send time, so clients can measure latency.
                     let ts = std::time::SystemTime::now()

@@ -56,6 +56,8 @@ pub struct Directives {
     pub deaf: bool,
     /// This long after the turn, send an unsolicited event while the connection idles.
     pub junk_after: Option<Duration>,
+    /// Mid-turn, send something a real upstream never sends: `binary`, `badutf8`, `huge`.
+    pub inject: Option<String>,
 }
 
 impl Default for Directives {
@@ -72,6 +74,7 @@ impl Default for Directives {
             resets_in_seconds: None,
             deaf: false,
             junk_after: None,
+            inject: None,
         }
     }
 }
@@ -83,7 +86,8 @@ impl Directives {
     /// `stall=MS` (after `response.created`), `tool` (a function-call turn),
     /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after, idle:MS, stale),
     /// `deaf` (after the turn stop reading: no pongs), `junk=idle:MS` (an unsolicited event
-    /// while idle),
+    /// while idle), `inject=binary|badutf8|huge` (mid-turn: a binary frame, a text frame that is
+    /// not UTF-8, or a 4 MiB event),
     /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event).
     pub fn parse(text: &str) -> Directives {
         let mut d = Directives::default();
@@ -102,6 +106,7 @@ impl Directives {
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
                     "deaf" => d.deaf = true,
+                    "inject" => d.inject = Some(v.to_string()),
                     "junk" => d.junk_after = Some(ms(v.strip_prefix("idle:").unwrap_or(v))),
                     "fail" => d.fail = Some(v.to_string()),
                     "error" => {
