@@ -45,8 +45,6 @@ pub mod client {
     pub const POLICY: u16 = 1008;
     /// Frame or message over `relay.max_message_size`.
     pub const TOO_BIG: u16 = 1009;
-    /// The gateway could not serve the session (internal).
-    pub const INTERNAL: u16 = 1011;
     /// The gateway is shutting down; reconnect elsewhere.
     pub const RESTART: u16 = 1012;
 }

@@ -95,32 +95,6 @@ impl<'a> ClientEvent<'a> {
     }
 }
 
-/// The error `code` of an upstream `error` / `response.failed` event, if any.
-pub fn error_code(text: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Inner {
-        #[serde(default)]
-        code: Option<String>,
-        #[serde(rename = "type", default)]
-        kind: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct Resp {
-        #[serde(default)]
-        error: Option<Inner>,
-    }
-    #[derive(Deserialize)]
-    struct Ev {
-        #[serde(default)]
-        error: Option<Inner>,
-        #[serde(default)]
-        response: Option<Resp>,
-    }
-    let ev: Ev = serde_json::from_str(text).ok()?;
-    let inner = ev.error.or(ev.response.and_then(|r| r.error))?;
-    inner.code.or(inner.kind)
-}
-
 /// Error codes that mean the account hit a rate or usage limit.
 const RATE_LIMIT_CODES: &[&str] = &[
     "usage_limit_reached",
@@ -217,9 +191,10 @@ impl Terminal {
     }
 }
 
-/// An `error` event from the gateway itself. `status` is top-level, as Codex requires
-/// (an `error` without it is ignored and the turn hangs).
-pub fn error_event(status: u16, code: &str, message: &str) -> String {
+/// An `error` event from the gateway itself, as a JSON value (callers may add fields).
+/// `status` is top-level, as Codex requires (an `error` without it is ignored and the turn
+/// hangs).
+pub fn error_value(status: u16, code: &str, message: &str) -> serde_json::Value {
     let kind = match status {
         429 => "rate_limit_error",
         400..=499 => "invalid_request_error",
@@ -230,7 +205,11 @@ pub fn error_event(status: u16, code: &str, message: &str) -> String {
         "status": status,
         "error": { "type": kind, "code": code, "message": message },
     })
-    .to_string()
+}
+
+/// [`error_value`] as frame text.
+pub fn error_event(status: u16, code: &str, message: &str) -> String {
+    error_value(status, code, message).to_string()
 }
 
 #[cfg(test)]
@@ -344,18 +323,7 @@ mod tests {
     }
 
     #[test]
-    fn error_codes_and_events() {
-        assert_eq!(
-            error_code(r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"previous_response_not_found"}}"#).as_deref(),
-            Some("previous_response_not_found")
-        );
-        assert_eq!(
-            error_code(
-                r#"{"type":"response.failed","response":{"error":{"code":"server_error"}}}"#
-            )
-            .as_deref(),
-            Some("server_error")
-        );
+    fn error_events() {
         let ev: serde_json::Value =
             serde_json::from_str(&error_event(502, "upstream_closed", "gone")).unwrap();
         assert_eq!(ev["type"], "error");

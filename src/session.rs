@@ -419,21 +419,14 @@ impl Session {
     }
 
     async fn acquire_failed(&mut self, e: AcquireError) -> Flow {
-        let event = match &e {
-            AcquireError::NoAccount { retry_after } => {
-                let mut ev: serde_json::Value = serde_json::from_str(&event::error_event(
-                    e.http_status(),
-                    e.code(),
-                    &e.to_string(),
-                ))
-                .unwrap_or_default();
-                if let Some(d) = retry_after {
-                    ev["error"]["resets_in_seconds"] = serde_json::json!(d.as_secs().max(1));
-                }
-                ev.to_string()
-            }
-            _ => event::error_event(e.http_status(), e.code(), &e.to_string()),
-        };
+        let mut ev = event::error_value(e.http_status(), e.code(), &e.to_string());
+        if let AcquireError::NoAccount {
+            retry_after: Some(d),
+        } = &e
+        {
+            ev["error"]["resets_in_seconds"] = serde_json::json!(d.as_secs().max(1));
+        }
+        let event = ev.to_string();
         debug!(error = %e, "acquire failed");
         crate::metrics::error(e.code());
         match self.client.send(Message::text(event)).await {

@@ -227,16 +227,23 @@ impl Shared {
         gauge!(crate::metrics::TASKS, "kind" => "session").set(self.sessions.len() as f64);
         gauge!(crate::metrics::TASKS, "kind" => "upstream_pump")
             .set(self.dialer.tasks().len() as f64);
-        let slots = self.pool.snapshot();
+        const STATES: [&str; 3] = ["idle", "busy", "dialing"];
+        // One pass over the slots; every configured account gets all three series (0 included).
         let accounts = self.accounts.all();
-        for a in &accounts {
-            for state in ["idle", "busy", "dialing"] {
-                let n = slots
-                    .iter()
-                    .filter(|s| s.key.account == a.id && s.state == state)
-                    .count();
-                gauge!(crate::metrics::POOLED, "account" => a.id.to_string(), "state" => state)
-                    .set(n as f64);
+        let mut counts: std::collections::HashMap<&str, [usize; 3]> =
+            accounts.iter().map(|a| (a.id.as_str(), [0; 3])).collect();
+        for s in self.pool.snapshot() {
+            if let (Some(c), Some(i)) = (
+                counts.get_mut(s.key.account.as_str()),
+                STATES.iter().position(|st| *st == s.state),
+            ) {
+                c[i] += 1;
+            }
+        }
+        for (account, c) in &counts {
+            for (state, n) in STATES.iter().zip(c) {
+                gauge!(crate::metrics::POOLED, "account" => account.to_string(), "state" => *state)
+                    .set(*n as f64);
             }
         }
         for state in ["usable", "cooling", "auth_failed", "disabled"] {
@@ -258,11 +265,7 @@ pub struct UsageTotals {
 
 impl UsageTotals {
     pub fn add(&self, decision: Decision, input: u64, cached: u64) {
-        let i = match decision {
-            Decision::Reuse => 0,
-            Decision::New(_) => 1,
-            Decision::Bypass(_) => 2,
-        };
+        let i = decision.slot();
         self.slots[i].0.fetch_add(input, Ordering::Relaxed);
         self.slots[i].1.fetch_add(cached, Ordering::Relaxed);
     }

@@ -543,11 +543,8 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
     let body: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            let err = crate::event::error_event(400, "invalid_json", &format!("mock: {e}"));
-            return if em
-                .emit(serde_json::from_str(&err).unwrap_or(Value::Null))
-                .await
-            {
+            let err = crate::event::error_value(400, "invalid_json", &format!("mock: {e}"));
+            return if em.emit(err).await {
                 Outcome::Continue
             } else {
                 Outcome::Gone
@@ -640,12 +637,7 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         }
         ok
     } else if let Some((status, code)) = &d.error {
-        let mut err: Value = serde_json::from_str(&crate::event::error_event(
-            *status,
-            code,
-            &format!("mock error {code}"),
-        ))
-        .unwrap_or(Value::Null);
+        let mut err = crate::event::error_value(*status, code, &format!("mock error {code}"));
         if let Some(r) = d.resets_in_seconds {
             err["error"]["resets_in_seconds"] = json!(r);
         }

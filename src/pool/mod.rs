@@ -158,6 +158,15 @@ impl fmt::Display for Decision {
 }
 
 impl Decision {
+    /// 0 for reuse, 1 for new, 2 for bypass (per-decision counters).
+    pub fn slot(&self) -> usize {
+        match self {
+            Decision::Reuse => 0,
+            Decision::New(_) => 1,
+            Decision::Bypass(_) => 2,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Decision::Reuse => "-",
@@ -386,12 +395,7 @@ impl<C: PoolConn> Pool<C> {
             ),
         }
         crate::metrics::decision(decision);
-        let i = match decision {
-            Decision::Reuse => 0,
-            Decision::New(_) => 1,
-            Decision::Bypass(_) => 2,
-        };
-        self.inner.totals[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.totals[decision.slot()].fetch_add(1, Ordering::Relaxed);
         if let Ok(mut r) = self.inner.recent.lock() {
             if r.len() == RECENT_DECISIONS {
                 r.pop_front();
@@ -449,6 +453,21 @@ impl<C: PoolConn> Pool<C> {
             .collect()
     }
 
+    /// A guard on `key`'s slot; reused when it comes with an idle connection. Not reusable
+    /// until its holder says so.
+    fn pooled(&self, key: PoolKey, id: u64, conn: Option<C>) -> Pooled<C> {
+        Pooled {
+            reused: conn.is_some(),
+            conn,
+            id,
+            account: key.account.clone(),
+            key: Some(key),
+            pool: Arc::downgrade(&self.inner),
+            reusable: false,
+            decision: Decision::Reuse,
+        }
+    }
+
     fn unpooled(&self, account: &AccountId) -> Pooled<C> {
         Pooled {
             decision: Decision::Bypass(BypassReason::NoKey),
@@ -490,16 +509,7 @@ impl<C: PoolConn> Pool<C> {
         self.record_decision(Decision::Reuse, &key.account, Some(key), id, Some(age));
         Some(Checkout {
             decision: Decision::Reuse,
-            pooled: Pooled {
-                conn: Some(conn),
-                id,
-                account: key.account.clone(),
-                key: Some(key.clone()),
-                pool: Arc::downgrade(&self.inner),
-                reusable: false,
-                reused: true,
-                decision: Decision::Reuse,
-            },
+            pooled: self.pooled(key.clone(), id, Some(conn)),
         })
     }
 
@@ -581,20 +591,7 @@ impl<C: PoolConn> Pool<C> {
         };
         drop(doomed);
         match outcome {
-            Ok((decision, conn, id)) => {
-                let reused = conn.is_some();
-                let pooled = Pooled {
-                    decision: Decision::Reuse,
-                    conn,
-                    id,
-                    account: key.account.clone(),
-                    key: Some(key),
-                    pool: Arc::downgrade(inner),
-                    reusable: false,
-                    reused,
-                };
-                (decision, pooled)
-            }
+            Ok((decision, conn, id)) => (decision, self.pooled(key, id, conn)),
             Err(decision) => {
                 let mut p = self.unpooled(&key.account);
                 // Bypass connections are unpooled but the log still names the conversation.
