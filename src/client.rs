@@ -68,6 +68,14 @@ impl TurnOutcome {
         self.terminal()["response"]["usage"]["input_tokens_details"]["cached_tokens"].as_u64()
     }
 
+    /// How many `response.output_text.delta` events the turn had.
+    pub fn delta_count(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .count()
+    }
+
     /// Concatenated `response.output_text.delta` text.
     pub fn text(&self) -> String {
         self.events

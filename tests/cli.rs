@@ -131,13 +131,7 @@ async fn mock_upstream_subcommand_serves_turns() {
         .await
         .unwrap();
     assert!(t.is_completed());
-    assert_eq!(
-        t.events
-            .iter()
-            .filter(|e| e["type"] == "response.output_text.delta")
-            .count(),
-        5
-    );
+    assert_eq!(t.delta_count(), 5);
     let t2 = c
         .turn(&create_body(Some("c"), "again", t.response_id()))
         .await

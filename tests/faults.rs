@@ -583,13 +583,7 @@ async fn client_non_create_first_and_a_burst_of_ten_thousand_frames() {
     );
     let t = by.read_turn().await.unwrap();
     assert!(t.is_completed());
-    assert_eq!(
-        t.events
-            .iter()
-            .filter(|e| e["type"] == "response.output_text.delta")
-            .count(),
-        30
-    );
+    assert_eq!(t.delta_count(), 30);
     by.close().await;
     assert_eq!(mock.overlaps(), 0);
     let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;

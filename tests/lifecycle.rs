@@ -135,15 +135,7 @@ async fn sighup_reloads_the_running_binary() {
     );
     // Still serving.
     let conv = unique("hup");
-    let mut c = Client::connect(
-        &gw.url(),
-        &[
-            ("authorization", "Bearer test-client-key"),
-            ("session-id", conv.as_str()),
-        ],
-    )
-    .await
-    .unwrap();
+    let mut c = gw.connect(&conv).await;
     assert!(
         c.turn(&create_body(Some(&conv), "hi", None))
             .await
@@ -191,13 +183,7 @@ async fn sigterm_drains_in_flight_turns_closes_idle_clients_with_1012_and_exits_
     // The turn in flight completes.
     let rest = busy.read_turn().await.unwrap();
     assert!(rest.is_completed());
-    assert_eq!(
-        rest.events
-            .iter()
-            .filter(|e| e["type"] == "response.output_text.delta")
-            .count(),
-        30
-    );
+    assert_eq!(rest.delta_count(), 30);
     // New connections are refused.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(Client::connect(&gw.url(), &idle_h).await.is_err());
@@ -230,15 +216,7 @@ async fn a_second_signal_exits_at_once() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
     let mut gw = GatewayProcess::start(&yaml(&mock, &["acct-a"], 8));
     let conv = unique("twice");
-    let mut c = Client::connect(
-        &gw.url(),
-        &[
-            ("authorization", "Bearer test-client-key"),
-            ("session-id", conv.as_str()),
-        ],
-    )
-    .await
-    .unwrap();
+    let mut c = gw.connect(&conv).await;
     c.send_json(&create_body(
         Some(&conv),
         "[[mock: deltas=100, interval=100]]",

@@ -207,15 +207,7 @@ async fn json_logs_carry_span_fields() {
     );
     let mut gw = GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "wsgate=debug")]);
     let conv = unique("json");
-    let mut c = wsgate::client::Client::connect(
-        &gw.url(),
-        &[
-            ("authorization", "Bearer test-client-key"),
-            ("session-id", conv.as_str()),
-        ],
-    )
-    .await
-    .unwrap();
+    let mut c = gw.connect(&conv).await;
     assert!(
         c.turn(&create_body(Some(&conv), "hi", None))
             .await

@@ -284,13 +284,7 @@ async fn max_age_expires_between_turns_never_mid_turn() {
         .await
         .unwrap();
     assert!(long.is_completed());
-    assert_eq!(
-        long.events
-            .iter()
-            .filter(|e| e["type"] == "response.output_text.delta")
-            .count(),
-        20
-    );
+    assert_eq!(long.delta_count(), 20);
     // The connection is now past max_age: the next full turn rotates to a fresh one.
     let next = s2
         .turn(&create_body(Some(&conv), "after rotation", None))

@@ -316,6 +316,17 @@ impl GatewayProcess {
         format!("ws://{}/v1/responses", self.addr)
     }
 
+    /// Connects with the test client key for `conversation` (session-id header).
+    pub async fn connect(&self, conversation: &str) -> wsgate::client::Client {
+        let headers = [
+            ("authorization", "Bearer test-client-key"),
+            ("session-id", conversation),
+        ];
+        wsgate::client::Client::connect(&self.url(), &headers)
+            .await
+            .expect("connect to the gateway process")
+    }
+
     pub fn config_path(&self) -> std::path::PathBuf {
         self._dir.path().join("gateway.yaml")
     }
