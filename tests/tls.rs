@@ -9,6 +9,26 @@ use support::*;
 use wsgate::client::{Client, ClientError, create_body};
 use wsgate::mock::{MockConfig, MockUpstream};
 
+/// A self-signed certificate for 127.0.0.1 and localhost.
+fn self_signed() -> rcgen::CertifiedKey<rcgen::KeyPair> {
+    rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+}
+
+/// The error `Gateway::new` gives for this config (it needs a runtime for its reaper).
+fn start_error(config: wsgate::Config, secrets: wsgate::config::Secrets) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        wsgate::Gateway::new(config, secrets)
+            .err()
+            .expect("a start error")
+            .to_string()
+    })
+}
+
 struct TlsMock {
     mock: MockUpstream,
     ca_pem: String,
@@ -16,9 +36,7 @@ struct TlsMock {
 
 async fn tls_mock() -> TlsMock {
     init(); // installs the ring provider explicitly
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
+    let ck = self_signed();
     let cert: CertificateDer<'static> = ck.cert.der().clone();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
     let server = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -95,25 +113,14 @@ fn bad_ca_file_is_a_start_error() {
     std::fs::write(&ca, "not a certificate").unwrap();
     let (mut config, secrets) = config("wss://127.0.0.1:1/v1/responses", &["acct-a"]);
     config.upstream.ca_file = Some(ca);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let err = rt.block_on(async {
-        wsgate::Gateway::new(config, secrets)
-            .err()
-            .unwrap()
-            .to_string()
-    });
+    let err = start_error(config, secrets);
     assert!(err.contains("ca_file"), "{err}");
 }
 
 #[tokio::test]
 async fn tls_listener_serves_wss_clients() {
     init();
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
+    let ck = self_signed();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
@@ -182,15 +189,6 @@ fn bad_listener_certificate_is_a_start_error() {
         cert_file: cert,
         key_file: key,
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let err = rt.block_on(async {
-        wsgate::Gateway::new(config, secrets)
-            .err()
-            .unwrap()
-            .to_string()
-    });
+    let err = start_error(config, secrets);
     assert!(err.contains("tls.cert_file"), "{err}");
 }
