@@ -232,6 +232,10 @@ impl Gateway {
         if let Ok(mut k) = shared.client_keys.write() {
             *k = client_keys(&secrets);
         }
+        // Permits of removed client keys go with them (sessions holding one keep it).
+        shared
+            .per_client
+            .retain(|name, _| config.clients.iter().any(|c| &c.name == name));
         if let Ok(mut k) = shared.admin_key.write() {
             *k = secrets.admin.as_ref().map(|k| k.as_bytes().to_vec());
         }
