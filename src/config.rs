@@ -148,6 +148,14 @@ pub struct LimitsConfig {
     pub max_client_connections: usize,
     /// Sessions at once per client key (`clients[].name`); 0 = no per-key limit. Default 0.
     pub max_connections_per_client: usize,
+    /// A client must complete its handshake within this: the TLS handshake (with `tls`), and
+    /// then the whole HTTP upgrade request head; else the connection is closed. Also closes
+    /// idle keep-alive HTTP connections. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections in their handshake (TLS or HTTP, not yet a WebSocket session) at once,
+    /// health checks and scrapes included; more wait in the accept backlog. Default 1024.
+    pub max_handshakes: usize,
     /// A new session must send its first frame within this; else close 1008. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub first_frame_timeout: Duration,
@@ -166,6 +174,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_client_connections: 10_000,
             max_connections_per_client: 0,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
             first_frame_timeout: Duration::from_secs(60),
             turn_idle_timeout: Duration::from_secs(300),
             allowed_origins: Vec::new(),
@@ -437,6 +447,12 @@ impl Config {
         let l = &self.limits;
         if l.max_client_connections == 0 {
             return invalid("limits.max_client_connections", "must be at least 1".into());
+        }
+        if l.handshake_timeout.is_zero() {
+            return invalid("limits.handshake_timeout", "must be greater than 0".into());
+        }
+        if l.max_handshakes == 0 {
+            return invalid("limits.max_handshakes", "must be at least 1".into());
         }
         if l.first_frame_timeout.is_zero() {
             return invalid(

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub stopped: CancellationToken,
     /// Every session task; waited on at shutdown.
     pub sessions: TaskTracker,
+    /// The main listener's HTTP connections not (yet) upgraded.
+    pub http_connections: TaskTracker,
     pub active_sessions: AtomicUsize,
     next_session: AtomicU64,
     /// Per-frame counters.
@@ -65,6 +67,42 @@ pub(crate) struct Shared {
     per_client: dashmap::DashMap<String, Arc<tokio::sync::Semaphore>>,
     /// The pool's reaper, stopped with the gateway.
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+/// What the gateway holds right now. Between sessions, everything but the idle pooled
+/// connections (each with its one pump task) is zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Connected client sessions.
+    pub sessions: usize,
+    /// Session tasks alive (a session's task outlives its counter by its teardown).
+    pub session_tasks: usize,
+    /// HTTP connections on the main listener not (yet) upgraded.
+    pub http_connections: usize,
+    /// Upstream pump tasks: one per open upstream connection.
+    pub upstream_pumps: usize,
+    /// Pool slots counted against `max_total` (idle + busy + dialing).
+    pub pool_reserved: usize,
+    pub pool_idle: usize,
+    pub pool_busy: usize,
+    pub pool_dialing: usize,
+    /// The per-account reservation counts, summed (must equal `pool_reserved`).
+    pub pool_reserved_by_account: usize,
+}
+
+impl Resources {
+    /// No session, no HTTP connection, no checkout or dial in flight, and every upstream
+    /// connection (and pump) is an idle pooled one, with the cap counters agreeing.
+    pub fn quiescent(&self) -> bool {
+        self.sessions == 0
+            && self.session_tasks == 0
+            && self.http_connections == 0
+            && self.pool_busy == 0
+            && self.pool_dialing == 0
+            && self.pool_reserved == self.pool_idle
+            && self.pool_reserved_by_account == self.pool_reserved
+            && self.upstream_pumps == self.pool_idle
+    }
 }
 
 /// `(client name, key bytes)` pairs.
@@ -116,6 +154,7 @@ impl Gateway {
                 shutdown: CancellationToken::new(),
                 stopped: CancellationToken::new(),
                 sessions: TaskTracker::new(),
+                http_connections: TaskTracker::new(),
                 active_sessions: AtomicUsize::new(0),
                 next_session: AtomicU64::new(1),
                 relay: crate::metrics::Relay::new(),
@@ -145,6 +184,23 @@ impl Gateway {
     /// Sessions currently connected.
     pub fn active_sessions(&self) -> usize {
         self.shared.active_sessions.load(Ordering::Acquire)
+    }
+
+    /// Live resource counts, for leak checks: see [`Resources::quiescent`].
+    pub fn resources(&self) -> Resources {
+        let shared = &self.shared;
+        let pool = shared.pool.stats();
+        Resources {
+            sessions: self.active_sessions(),
+            session_tasks: shared.sessions.len(),
+            http_connections: shared.http_connections.len(),
+            upstream_pumps: shared.dialer.tasks().len(),
+            pool_reserved: pool.total,
+            pool_idle: pool.idle,
+            pool_busy: pool.busy,
+            pool_dialing: pool.dialing,
+            pool_reserved_by_account: pool.reserved_by_account,
+        }
     }
 
     /// Where the separate admin listener is bound (`admin.listen`), once serving.

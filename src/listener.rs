@@ -1,28 +1,132 @@
-//! The optional TLS listener (`tls.cert_file` / `tls.key_file`): an axum [`Listener`] whose
-//! TLS handshakes run in their own tasks (bounded, with a timeout), so a slow or silent client
-//! cannot stall the accept loop.
+//! Accepting connections: our own HTTP/1.1 accept loop ([`serve_http`]) and the optional TLS
+//! listener (`tls.cert_file` / `tls.key_file`).
+//!
+//! axum's `serve` has no deadline for a client's request head, so a client that opens TCP and
+//! sends nothing (or a header a byte a minute) would hold a socket and a task forever. Here
+//! every connection must deliver its complete request head within `limits.handshake_timeout`
+//! (hyper's header-read timer; it also closes idle keep-alive connections), TLS handshakes run
+//! in their own tasks with the same deadline, and connections that have not (yet) become
+//! WebSocket sessions are bounded by `limits.max_handshakes`: past that, new ones wait in the
+//! kernel's accept backlog.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tower::ServiceExt;
 use tracing::debug;
 
 use crate::error::StartError;
 
-/// TLS handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 256;
-/// A client must finish its TLS handshake within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadlines and bounds for connections that are not (yet) WebSocket sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeLimits {
+    /// TLS handshake, and then the complete HTTP request head, each within this.
+    pub timeout: Duration,
+    /// Connections in their TLS or HTTP phase at once.
+    pub max: usize,
+}
+
+impl HandshakeLimits {
+    pub fn from_config(limits: &crate::config::LimitsConfig) -> HandshakeLimits {
+        HandshakeLimits {
+            timeout: limits.handshake_timeout,
+            max: limits.max_handshakes,
+        }
+    }
+}
+
+/// Serves `app` over HTTP/1.1 (with upgrades) on `listener` until `stop` resolves; then stops
+/// accepting, asks every open HTTP connection to finish its request and close, and waits for
+/// them (at most `limits.timeout`). Upgraded connections are not waited for: they belong to
+/// their session from the 101 on.
+///
+/// Each connection runs as a task of `connections` (so its length is the number open).
+pub async fn serve_http<L>(
+    mut listener: L,
+    app: Router,
+    limits: HandshakeLimits,
+    connections: TaskTracker,
+    stop: impl Future<Output = ()>,
+) where
+    L: Listener<Addr = SocketAddr>,
+{
+    let slots = Arc::new(Semaphore::new(limits.max.max(1)));
+    let stopping = CancellationToken::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.timeout);
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let (io, peer) = tokio::select! {
+            conn = listener.accept() => conn,
+            _ = &mut stop => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let stopping = stopping.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stopping.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_timeout() => {
+                    crate::metrics::error("handshake_timeout");
+                    debug!(client.addr = %peer, "client handshake timed out");
+                }
+                Err(e) => debug!(client.addr = %peer, error = %e, "client connection failed"),
+            }
+        });
+    }
+    stopping.cancel();
+    connections.close();
+    if tokio::time::timeout(limits.timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        debug!(
+            remaining = connections.len(),
+            "HTTP connections still open at stop"
+        );
+    }
+}
 
 /// Builds the server TLS config from PEM files (ring provider, HTTP/1.1 ALPN).
 pub fn server_config(
@@ -62,11 +166,12 @@ impl TlsListener {
     pub fn new(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
+        limits: HandshakeLimits,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let handshakes = Arc::new(Semaphore::new(limits.max.max(1)));
         let accept = tokio::spawn(async move {
             loop {
                 let Ok(permit) = handshakes.clone().acquire_owned().await else {
@@ -84,14 +189,17 @@ impl TlsListener {
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
                             debug!(client.addr = %peer, error = %e, "TLS handshake failed")
                         }
-                        Err(_) => debug!(client.addr = %peer, "TLS handshake timed out"),
+                        Err(_) => {
+                            crate::metrics::error("handshake_timeout");
+                            debug!(client.addr = %peer, "TLS handshake timed out")
+                        }
                     }
                 });
             }

@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 use crate::error::AcquireError;
 use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, conversation_from_headers};
+use crate::listener::{HandshakeLimits, TlsListener, serve_http};
 use crate::session::{Session, SessionStart};
 
 /// Serves `gateway` on `listener` until `shutdown` resolves, then drains: new upgrades get
@@ -41,6 +42,7 @@ pub async fn serve(
     for path in &config.paths {
         router = router.route(path, any(upgrade));
     }
+    let limits = HandshakeLimits::from_config(&config.limits);
     let mut admin_server = None;
     match config.admin.listen {
         None => router = router.merge(admin_routes()),
@@ -57,14 +59,17 @@ pub async fn serve(
                 .fallback(not_found)
                 .with_state(gateway.clone());
             let stopped = shared.stopped.clone();
-            admin_server = Some(tokio::spawn(async move {
-                axum::serve(admin_listener, app)
-                    .with_graceful_shutdown(stopped.cancelled_owned())
-                    .await
-            }));
+            admin_server = Some(tokio::spawn(serve_http(
+                admin_listener,
+                app,
+                limits,
+                tokio_util::task::TaskTracker::new(),
+                stopped.cancelled_owned(),
+            )));
         }
     }
     let app = router.fallback(not_found).with_state(gateway.clone());
+    let connections = shared.http_connections.clone();
     let addr = listener.local_addr()?;
     shared
         .listening
@@ -99,22 +104,17 @@ pub async fn serve(
             shared.stopped.cancel();
         }
     };
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
     match shared.listener_tls.clone() {
         Some(tls) => {
-            let listener = crate::listener::TlsListener::new(listener, tls)?.tap_io(|_| {});
-            axum::serve(listener, service)
-                .with_graceful_shutdown(drained)
-                .await?;
+            let listener = TlsListener::new(listener, tls, limits)?;
+            serve_http(listener, app, limits, connections, drained).await;
         }
         None => {
             // Events are small and latency-sensitive: no Nagle on client sockets.
             let listener = listener.tap_io(|tcp: &mut tokio::net::TcpStream| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(listener, service)
-                .with_graceful_shutdown(drained)
-                .await?;
+            serve_http(listener, app, limits, connections, drained).await;
         }
     }
     shared

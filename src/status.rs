@@ -37,6 +37,8 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 pub struct TaskCounts {
     pub sessions: usize,
+    /// HTTP connections on the main listener not (yet) upgraded (this request's included).
+    pub http_connections: usize,
     pub upstream_pumps: usize,
 }
 
@@ -209,6 +211,7 @@ impl Shared {
             sessions_active: self.active_sessions.load(Ordering::Acquire),
             tasks: TaskCounts {
                 sessions: self.sessions.len(),
+                http_connections: self.http_connections.len(),
                 upstream_pumps: self.dialer.tasks().len(),
             },
             accounts,

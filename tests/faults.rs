@@ -45,6 +45,7 @@ async fn restart_code_is_forwarded_and_evicts(code: u16) {
     assert_eq!(decisions(&conv), ["new miss", "reuse -", "new evicted"]);
     assert_eq!(mock.accepted(), 2);
     s3.close().await;
+    gw.assert_quiescent(&format!("close {code}")).await;
     gw.stop().await;
 }
 
@@ -104,6 +105,7 @@ async fn failure_becomes_error_event(directive: &str) {
     s2.close().await;
     assert_eq!(decisions(&conv), ["new miss", "new dead", "reuse -"]);
     assert_eq!(mock.accepted(), 2);
+    gw.assert_quiescent(directive).await;
     gw.stop().await;
 }
 
@@ -162,6 +164,7 @@ async fn client_leaving_mid_turn_discards_the_upstream_and_late_frames_never_lea
     assert_eq!(decisions(&conv), ["new miss", "new miss"]);
     assert_eq!(mock.accepted(), 2);
     s2.close().await;
+    gw.assert_quiescent("client left mid-turn").await;
     gw.stop().await;
 }
 
@@ -270,6 +273,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
         refused.err()
     );
     assert_eq!(gw.gateway.pool_stats().total, 0);
+    gw.assert_quiescent("upstream refused").await;
     gw.stop().await;
 
     // Timed out: the upstream never finishes its handshake in time.
@@ -289,6 +293,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
         "{:?}",
         timed_out.err()
     );
+    gw.assert_quiescent("upstream handshake timeout").await;
     gw.stop().await;
 
     // HTTP statuses on the upstream upgrade come back as the same status before the client's own upgrade.
@@ -312,6 +317,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
             0,
             "{status}: the failed dial released its slot"
         );
+        gw.assert_quiescent(&format!("upstream {status}")).await;
         gw.stop().await;
     }
 
@@ -342,6 +348,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
             .is_some()
     );
     c.close().await;
+    gw.assert_quiescent("upstream 429").await;
     gw.stop().await;
 }
 
@@ -392,9 +399,12 @@ async fn upstream_close_table_every_code_and_phase() {
     let mock = mock().await;
     // Every combination leaves its conversation's connection pooled: room for all of them.
     let gw = start_gateway(&mock, &["acct-a"], |c| c.pool.max_per_account = 100).await;
+    let mut bystander = gw.bystander().await;
     for code in ["eof", "1009", "1011", "1012", "1013"] {
         for phase in ["before", "mid", "after", "idle:100"] {
+            let row = format!("{code}@{phase}");
             let conv = unique(&format!("table-{code}"));
+            bystander.start().await;
             let restart = code == "1012" || code == "1013";
             let expect = match (phase, restart) {
                 ("before" | "mid", true) => Expect::CloseCode(code.parse().unwrap()),
@@ -453,11 +463,9 @@ async fn upstream_close_table_every_code_and_phase() {
                 t.terminal()
             );
             again.close().await;
-            let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;
-            assert!(
-                wait_until(Duration::from_secs(5), settled).await,
-                "{code}@{phase}: counts back to zero"
-            );
+            bystander.finish(&row).await;
+            // Nothing left over but the bystander's session.
+            gw.assert_settled(1, &row).await;
             // The failed connection was never handed out again.
             let lines = decisions(&conv);
             assert_eq!(lines.len(), 2, "{code}@{phase}: {lines:?}");
@@ -467,6 +475,8 @@ async fn upstream_close_table_every_code_and_phase() {
             );
         }
     }
+    bystander.close().await;
+    gw.assert_quiescent("close table").await;
     assert_eq!(mock.overlaps(), 0);
     gw.stop().await;
 }
@@ -479,8 +489,10 @@ async fn upstream_protocol_violations_mid_turn_give_502_and_discard() {
         c.pool.max_per_account = 100;
     })
     .await;
+    let mut bystander = gw.bystander().await;
     for what in ["binary", "badutf8", "huge"] {
         let conv = unique(&format!("inject-{what}"));
+        bystander.start().await;
         let mut c = gw.connect(&conv).await;
         let t = c
             .turn(&create_body(
@@ -508,9 +520,11 @@ async fn upstream_protocol_violations_mid_turn_give_502_and_discard() {
             "{what}"
         );
         c.close().await;
+        bystander.finish(what).await;
+        gw.assert_settled(1, what).await;
     }
-    let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;
-    assert!(wait_until(Duration::from_secs(5), settled).await);
+    bystander.close().await;
+    gw.assert_quiescent("protocol violations").await;
     gw.stop().await;
 }
 
@@ -540,6 +554,7 @@ async fn client_non_create_first_and_a_burst_of_ten_thousand_frames() {
             .is_completed()
     );
     c.close().await;
+    gw.assert_quiescent("non-create first").await;
 
     // 10,000 frames as fast as the socket takes them while a turn streams: the session is
     // closed with 1008 once the hold queue is full; a bystander is unaffected.
@@ -586,7 +601,6 @@ async fn client_non_create_first_and_a_burst_of_ten_thousand_frames() {
     assert_eq!(t.delta_count(), 30);
     by.close().await;
     assert_eq!(mock.overlaps(), 0);
-    let settled = || gw.gateway.active_sessions() == 0 && gw.gateway.pool_stats().busy == 0;
-    assert!(wait_until(Duration::from_secs(5), settled).await);
+    gw.assert_quiescent("burst").await;
     gw.stop().await;
 }

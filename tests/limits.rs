@@ -1,6 +1,6 @@
 //! Limits from config (issue 6, item 2): client connections, per-client-key connections,
-//! first-frame timeout, turn idle timeout, queued frames. After each, the gateway's counts
-//! are back to zero.
+//! the handshake timeout and bound, first-frame timeout, turn idle timeout, queued frames.
+//! After each, the gateway's counts are back to zero.
 
 mod support;
 
@@ -12,18 +12,6 @@ use wsgate::mock::{MockConfig, MockUpstream};
 
 async fn mock() -> MockUpstream {
     MockUpstream::start(MockConfig::default()).await.unwrap()
-}
-
-async fn settled(gw: &TestGateway) {
-    let zero = || {
-        let s = gw.gateway.pool_stats();
-        gw.gateway.active_sessions() == 0 && s.busy == 0 && s.dialing == 0
-    };
-    assert!(
-        wait_until(Duration::from_secs(5), zero).await,
-        "sessions and busy slots back to zero: {:?}",
-        gw.gateway.pool_stats()
-    );
 }
 
 #[tokio::test]
@@ -56,7 +44,7 @@ async fn max_client_connections_gives_503_before_the_upgrade() {
     );
     c.close().await;
     b.close().await;
-    settled(&gw).await;
+    gw.assert_quiescent("max client connections").await;
     gw.stop().await;
 }
 
@@ -100,7 +88,7 @@ async fn per_client_key_connection_limit() {
     .unwrap();
     other.close().await;
     first.close().await;
-    settled(&gw).await;
+    gw.assert_quiescent("per-client key").await;
     // The key's permit came back.
     let again = gw.connect(&unique("pk")).await;
     again.close().await;
@@ -120,7 +108,7 @@ async fn a_client_that_never_sends_a_frame_is_closed_and_its_upstream_pooled() {
     let err = c.recv().await.unwrap_err();
     assert_eq!(err.close_code(), Some(1008), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    settled(&gw).await;
+    gw.assert_quiescent("first frame").await;
     assert_eq!(
         gw.gateway.pool_stats().idle,
         1,
@@ -181,7 +169,7 @@ async fn a_turn_whose_upstream_goes_silent_gets_504_and_the_session_goes_on() {
         .unwrap();
     assert!(t.is_completed(), "{:?}", t.terminal());
     c.close().await;
-    settled(&gw).await;
+    gw.assert_quiescent("turn idle").await;
     gw.stop().await;
 }
 
@@ -211,11 +199,102 @@ async fn queued_frames_limit_closes_with_1008() {
     };
     assert_eq!(err.close_code(), Some(1008), "{err}");
     assert_eq!(mock.overlaps(), 0);
-    settled(&gw).await;
+    gw.assert_quiescent("queued frames").await;
     assert_eq!(
         evictions(&conv),
         ["discarded"],
         "the turn in flight was abandoned with the session"
     );
+    gw.stop().await;
+}
+
+/// Reads until the peer closes (EOF or reset); returns how long that took, or `None` if the
+/// socket was still open after `max`.
+async fn closed_within(s: &mut tokio::net::TcpStream, max: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((started + max).into(), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn handshake_timeout_closes_silent_and_trickling_clients_and_frees_their_slots() {
+    use tokio::io::AsyncWriteExt;
+    let mock = mock().await;
+    let timeout = Duration::from_millis(400);
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.handshake_timeout = timeout;
+        c.limits.max_handshakes = 2;
+    })
+    .await;
+
+    // Connected, never sends a byte: closed once the timeout passes, not before.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(5))
+        .await
+        .expect("a silent client is closed");
+    assert!(
+        took >= timeout - Duration::from_millis(50),
+        "closed too early: {took:?}"
+    );
+
+    // Sends its request head a line every 100 ms (slowloris): closed at the timeout, long
+    // before its head would be complete.
+    let mut trickle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for i in 0..30 {
+        let line = if i == 0 {
+            "GET /v1/responses HTTP/1.1\r\n".to_string()
+        } else {
+            format!("x-slow-{i}: {i}\r\n")
+        };
+        if trickle.write_all(line.as_bytes()).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = cut
+        || closed_within(&mut trickle, Duration::from_millis(100))
+            .await
+            .is_some();
+    assert!(cut, "a trickling client is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed at the deadline, not when the head would be complete: {:?}",
+        started.elapsed()
+    );
+
+    // Two silent connections take both handshake slots: a real client waits for a slot (in
+    // the accept backlog), is served once the silent ones time out, and its session is not
+    // subject to the handshake deadline.
+    let _a = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let conv = unique("after-slots");
+    let started = Instant::now();
+    let mut c = gw.connect(&conv).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(150),
+        "the third connection waited for a slot: {waited:?}"
+    );
+    tokio::time::sleep(timeout * 2).await;
+    assert!(
+        c.turn(&create_body(Some(&conv), "after the deadline", None))
+            .await
+            .unwrap()
+            .is_completed(),
+        "an upgraded session outlives the handshake deadline"
+    );
+    c.close().await;
+    gw.assert_quiescent("handshake timeout").await;
     gw.stop().await;
 }

@@ -586,6 +586,9 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    if !d.delay.is_zero() {
+        tokio::time::sleep(d.delay).await;
+    }
     if conn.next == 0 && !state.config.fresh_cost.is_zero() {
         // A cold connection: the upstream has to set it up and load the prompt.
         tokio::time::sleep(state.config.fresh_cost).await;

@@ -45,6 +45,8 @@ pub struct Directives {
     pub deltas: usize,
     pub delta_size: usize,
     pub interval: Duration,
+    /// Silence before the first event (the turn's "before first event" phase).
+    pub delay: Duration,
     pub stall: Duration,
     pub tool: bool,
     pub close: Option<(CloseKind, Phase)>,
@@ -66,6 +68,7 @@ impl Default for Directives {
             deltas: 3,
             delta_size: 0,
             interval: Duration::ZERO,
+            delay: Duration::ZERO,
             stall: Duration::ZERO,
             tool: false,
             close: None,
@@ -83,7 +86,7 @@ impl Directives {
     /// Parses every `[[mock: k=v, ...]]` block in `text`. Unknown keys are ignored.
     ///
     /// Keys: `deltas=N`, `size=BYTES` (per delta), `interval=MS` (between deltas),
-    /// `stall=MS` (after `response.created`), `tool` (a function-call turn),
+    /// `delay=MS` (before the first event), `stall=MS` (after `response.created`), `tool` (a function-call turn),
     /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after, idle:MS, stale),
     /// `deaf` (after the turn stop reading: no pongs), `junk=idle:MS` (an unsolicited event
     /// while idle), `inject=binary|badutf8|huge` (mid-turn: a binary frame, a text frame that is
@@ -103,6 +106,7 @@ impl Directives {
                     "deltas" => d.deltas = v.parse().unwrap_or(d.deltas).min(10_000_000),
                     "size" => d.delta_size = v.parse().unwrap_or(0).min(16 * 1024 * 1024),
                     "interval" => d.interval = ms(v),
+                    "delay" => d.delay = ms(v),
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
                     "deaf" => d.deaf = true,
@@ -297,8 +301,9 @@ mod tests {
     #[test]
     fn directives() {
         let d = Directives::parse(
-            "hello [[mock: deltas=7, size=100, close=1012@mid, tool, interval=5]] x",
+            "hello [[mock: deltas=7, size=100, close=1012@mid, tool, interval=5, delay=40]] x",
         );
+        assert_eq!(d.delay, Duration::from_millis(40));
         assert_eq!(d.deltas, 7);
         assert_eq!(d.delta_size, 100);
         assert_eq!(d.interval, Duration::from_millis(5));

@@ -226,6 +226,8 @@ pub struct PoolStats {
     pub busy: usize,
     pub dialing: usize,
     pub tombstones: usize,
+    /// The per-account reservation counts, summed (equals `total`).
+    pub reserved_by_account: usize,
 }
 
 // === impl Pool ===
@@ -668,6 +670,12 @@ impl<C: PoolConn> Pool<C> {
                 SlotState::Idle { .. } => s.idle += 1,
             }
         }
+        s.reserved_by_account = self
+            .inner
+            .per_account
+            .lock()
+            .map(|p| p.values().sum())
+            .unwrap_or(0);
         s.tombstones = self
             .inner
             .tombstones

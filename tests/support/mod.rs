@@ -178,6 +178,50 @@ impl TestGateway {
         );
     }
 
+    /// Waits (up to 5 s) until nothing but idle pooled connections is left: no session,
+    /// session task, HTTP connection, checkout or dial; one pump per pooled connection; the
+    /// cap counters agree. `what` names the case in the failure message.
+    pub async fn assert_quiescent(&self, what: &str) {
+        self.assert_settled(0, what).await;
+    }
+
+    /// As [`assert_quiescent`](Self::assert_quiescent), with exactly `sessions` sessions
+    /// between turns still connected (bystanders): a task and a checked-out upstream each.
+    pub async fn assert_settled(&self, sessions: usize, what: &str) {
+        let settled = || {
+            let r = self.gateway.resources();
+            if sessions == 0 {
+                return r.quiescent();
+            }
+            r.sessions == sessions
+                && r.session_tasks == sessions
+                && r.pool_busy == sessions
+                && wsgate::gateway::Resources {
+                    sessions: 0,
+                    session_tasks: 0,
+                    pool_busy: 0,
+                    pool_idle: r.pool_idle + r.pool_busy,
+                    ..r
+                }
+                .quiescent()
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), settled).await,
+            "{what}: resources not back to zero (besides {sessions} sessions): {:?}",
+            self.gateway.resources()
+        );
+    }
+
+    /// A session on its own conversation, to show that a fault elsewhere leaves it alone.
+    pub async fn bystander(&self) -> Bystander {
+        let conversation = unique("bystander");
+        let client = self.connect(&conversation).await;
+        Bystander {
+            conversation,
+            client,
+        }
+    }
+
     /// Which account the gateway assigns to `conversation`.
     pub fn account_of(&self, conversation: &str) -> String {
         self.gateway
@@ -192,6 +236,52 @@ impl TestGateway {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+    }
+}
+
+/// A session streaming a slow turn while something else goes wrong.
+pub struct Bystander {
+    conversation: String,
+    client: Client,
+}
+
+impl Bystander {
+    const DELTAS: usize = 20;
+
+    /// Starts a turn of 20 deltas, 10 ms apart.
+    pub async fn start(&mut self) {
+        let body = wsgate::client::create_body(
+            Some(&self.conversation),
+            "[[mock: deltas=20, interval=10]]",
+            None,
+        );
+        self.client.send_json(&body).await.expect("bystander send");
+    }
+
+    /// Reads the turn to its end: it must be complete, every delta in order.
+    pub async fn finish(&mut self, what: &str) {
+        let t = self
+            .client
+            .read_turn()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: bystander failed: {e}"));
+        assert!(t.is_completed(), "{what}: bystander {:?}", t.terminal());
+        assert_eq!(t.delta_count(), Self::DELTAS, "{what}: bystander deltas");
+        let deltas: Vec<&str> = t
+            .events
+            .iter()
+            .filter_map(|e| e["delta"].as_str())
+            .collect();
+        for (i, d) in deltas.iter().enumerate() {
+            assert!(
+                d.contains(&format!("delta {i}.")),
+                "{what}: bystander delta {i} out of order: {d}"
+            );
+        }
+    }
+
+    pub async fn close(self) {
+        self.client.close().await;
     }
 }
 
