@@ -361,14 +361,34 @@ async fn upgrade(
         span.record("conversation", field::display(c));
     }
 
-    // With a conversation id the upstream is acquired before the client's 101.
+    // With a conversation id the upstream is acquired before the client's 101. The acquire
+    // runs in its own task: if the client leaves mid-dial (hyper then drops this handler),
+    // the dial still completes and the clean connection waits in the pool for the client's
+    // reconnect instead of being thrown away half-open. The task holds the client's
+    // connection slot until it ends, so abandoned dials stay within
+    // `limits.max_client_connections`.
     let mut upstream = None;
+    let mut slot = slot;
     if let Some(c) = &conversation {
-        match shared
-            .acquire(Some(c), &id.to_string(), &forward, None)
+        let acquired = shared.sessions.spawn({
+            let (shared, c, forward) = (shared.clone(), c.clone(), forward.clone());
+            async move {
+                let acquired = shared
+                    .acquire(Some(&c), &id.to_string(), &forward, None)
+                    .await;
+                (slot, acquired)
+            }
             .instrument(span.clone())
-            .await
-        {
+        });
+        let Ok((held, acquired)) = acquired.await else {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "acquiring the upstream failed",
+            );
+        };
+        slot = held;
+        match acquired {
             Ok(p) => {
                 span.record("account", field::display(p.account()));
                 upstream = Some(p);

@@ -604,3 +604,132 @@ async fn client_non_create_first_and_a_burst_of_ten_thousand_frames() {
     gw.assert_quiescent("burst").await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn client_disconnects_at_every_phase() {
+    use tokio::io::AsyncWriteExt;
+    // Dials take 200 ms, so a client can leave while its upstream is being dialed.
+    let mock = MockUpstream::start(MockConfig {
+        handshake_delay: Duration::from_millis(200),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| c.pool.max_per_account = 100).await;
+    let mut bystander = gw.bystander().await;
+    let phases = [
+        "tcp only",
+        "half a request head",
+        "during the upstream dial",
+        "after the 101",
+        "before the first event",
+        "mid-stream",
+        "mid-stream, with a close frame",
+        "with a create held behind the turn",
+        "right after the terminal event",
+    ];
+    for phase in phases {
+        let conv = unique("leave");
+        bystander.start().await;
+        // What the conversation's connection should have become once the client is gone.
+        let mut evicted = true;
+        match phase {
+            "tcp only" | "half a request head" => {
+                evicted = false;
+                let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+                if phase != "tcp only" {
+                    let head = raw_upgrade(&conv);
+                    s.write_all(&head.as_bytes()[..head.len() / 2])
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            "during the upstream dial" => {
+                evicted = false;
+                let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+                s.write_all(raw_upgrade(&conv).as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert_eq!(gw.gateway.resources().pool_dialing, 1, "{phase}");
+            }
+            "after the 101" => {
+                evicted = false;
+                gw.connect(&conv).await.abort();
+            }
+            "right after the terminal event" => {
+                evicted = false;
+                let mut c = gw.connect(&conv).await;
+                let t = c.turn(&create_body(Some(&conv), "hi", None)).await.unwrap();
+                assert!(t.is_completed(), "{phase}");
+                c.abort();
+            }
+            _ => {
+                let mut c = gw.connect(&conv).await;
+                let directive = match phase {
+                    "before the first event" => "[[mock: delay=300]]",
+                    _ => "[[mock: deltas=50, interval=10]]",
+                };
+                c.send_json(&create_body(Some(&conv), directive, None))
+                    .await
+                    .unwrap();
+                match phase {
+                    "before the first event" => tokio::time::sleep(Duration::from_millis(50)).await,
+                    _ => {
+                        for _ in 0..5 {
+                            c.recv().await.unwrap();
+                        }
+                    }
+                }
+                if phase.contains("held") {
+                    c.send_json(&create_body(Some(&conv), "held", None))
+                        .await
+                        .unwrap();
+                }
+                if phase.contains("close frame") {
+                    c.close().await;
+                } else {
+                    c.abort();
+                }
+            }
+        }
+        // Gone: the gateway lets go of everything the client held; the bystander never noticed.
+        gw.assert_settled(1, phase).await;
+        bystander.finish(phase).await;
+        let evictions = evictions(&conv);
+        if evicted {
+            assert_eq!(
+                evictions,
+                ["discarded"],
+                "{phase}: a turn in flight poisons"
+            );
+        } else {
+            assert!(evictions.is_empty(), "{phase}: {evictions:?}");
+        }
+        // The conversation works again at once.
+        let mut again = gw.connect(&conv).await;
+        let t = again
+            .turn(&create_body(Some(&conv), "back", None))
+            .await
+            .unwrap();
+        assert!(t.is_completed(), "{phase}: {:?}", t.terminal());
+        again.close().await;
+        gw.assert_settled(1, phase).await;
+        let lines = decisions(&conv);
+        if evicted || phase.contains("request head") || phase == "tcp only" {
+            assert!(
+                lines.last().is_some_and(|l| l.starts_with("new")),
+                "{phase}: {lines:?}"
+            );
+        } else {
+            assert_eq!(
+                lines.last().map(String::as_str),
+                Some("reuse -"),
+                "{phase}: a clean connection is reused"
+            );
+        }
+    }
+    bystander.close().await;
+    gw.assert_quiescent("client disconnects").await;
+    assert_eq!(mock.overlaps(), 0, "no two turns ever shared an upstream");
+    gw.stop().await;
+}

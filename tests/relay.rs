@@ -223,7 +223,7 @@ async fn bad_input_gets_clear_errors_and_other_sessions_are_unaffected() {
     assert!(t.is_completed());
     assert_eq!(t.delta_count(), 40);
     by.close().await;
-    assert!(wait_until(Duration::from_secs(5), || gw.gateway.active_sessions() == 0).await);
+    gw.assert_quiescent("bad client input").await;
     gw.stop().await;
 }
 

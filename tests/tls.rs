@@ -3,6 +3,9 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
@@ -126,11 +129,13 @@ async fn tls_listener_serves_wss_clients() {
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let handshake_timeout = Duration::from_millis(500);
     let gw = start_gateway(&mock, &["acct-a"], |c| {
         c.tls = Some(wsgate::config::TlsConfig {
             cert_file: cert.clone(),
             key_file: key.clone(),
-        })
+        });
+        c.limits.handshake_timeout = handshake_timeout;
     })
     .await;
     let mut roots = rustls::RootCertStore::empty();
@@ -163,8 +168,9 @@ async fn tls_listener_serves_wss_clients() {
             .is_err()
     );
     // A silent TCP client does not block others from completing their handshake.
-    let _silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let mut c2 = Client::connect_tls(&url, &gw.codex_headers(&conv), client_tls)
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let silent_since = Instant::now();
+    let mut c2 = Client::connect_tls(&url, &gw.codex_headers(&conv), client_tls.clone())
         .await
         .unwrap();
     assert!(
@@ -173,7 +179,32 @@ async fn tls_listener_serves_wss_clients() {
             .unwrap()
             .is_completed()
     );
+    // ... and is disconnected at the handshake deadline.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "silent TCP client closed: {read:?}"
+    );
+    assert!(silent_since.elapsed() >= handshake_timeout - Duration::from_millis(50));
+    // So is a client that finishes TLS but never sends its HTTP request.
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_tls)
+        .connect(
+            rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mute_since = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "mute TLS client closed: {read:?}"
+    );
+    assert!(mute_since.elapsed() >= handshake_timeout - Duration::from_millis(50));
     c2.close().await;
+    gw.assert_quiescent("tls listener").await;
     gw.stop().await;
 }
 

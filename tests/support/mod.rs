@@ -467,6 +467,16 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A WebSocket upgrade request for `conversation` as raw bytes (for clients that leave during
+/// their own handshake).
+pub fn raw_upgrade(conversation: &str) -> String {
+    format!(
+        "GET /v1/responses HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer test-client-key\r\nsession-id: {conversation}\r\n\r\n"
+    )
+}
+
 /// A plain HTTP/1.1 GET on `addr` (with an optional bearer key): `(status, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
