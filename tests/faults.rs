@@ -733,3 +733,83 @@ async fn client_disconnects_at_every_phase() {
     assert_eq!(mock.overlaps(), 0, "no two turns ever shared an upstream");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_cannot_choose_where_the_gateway_dials() {
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let configured = mock().await;
+    let elsewhere = mock().await;
+    let gw = start_gateway(&configured, &["acct-a"], |_| {}).await;
+    let conv = unique("dest");
+    let other = elsewhere.url();
+    let other_host = other
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // Every way a client might name a destination: an absolute-form target, Host, forwarding
+    // and provider-ish headers, a query string, and URL-ish fields in the body.
+    let head = format!(
+        "GET {other}?upstream={other}&base_url={other} HTTP/1.1\r\nHost: {other_host}\r\n\
+         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer test-client-key\r\n\
+         session-id: {conv}\r\nX-Forwarded-Host: {other_host}\r\nForwarded: host={other_host}\r\n\
+         X-Upstream-Url: {other}\r\nOpenAI-Base-URL: {other}\r\nX-Codex-Base-Url: {other}\r\n\r\n"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "101 head");
+        response.push(byte[0]);
+    }
+    let response = String::from_utf8_lossy(&response).to_string();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    let mut body = create_body(Some(&conv), "where am I", None);
+    body["base_url"] = other.clone().into();
+    body["url"] = other.clone().into();
+    ws.send(Message::text(body.to_string())).await.unwrap();
+    let completed = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let ev: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if ev["type"] == "response.completed" {
+                    break true;
+                }
+                assert_ne!(ev["type"], "error", "{ev}");
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("stream ended: {other:?}"),
+        }
+    };
+    assert!(completed);
+    assert_eq!(elsewhere.accepted(), 0, "nothing reached the other address");
+    assert_eq!(
+        configured.accepted(),
+        1,
+        "the configured upstream served it"
+    );
+    let upstream_req = configured.connection(1).unwrap();
+    for name in [
+        "x-forwarded-host",
+        "forwarded",
+        "x-upstream-url",
+        "openai-base-url",
+    ] {
+        assert_eq!(upstream_req.header(name), None, "{name} is not forwarded");
+    }
+    assert_ne!(
+        upstream_req.header("host"),
+        Some(other_host.as_str()),
+        "the upstream's Host is its own"
+    );
+    ws.close(None).await.unwrap();
+    gw.assert_quiescent("client-named destination").await;
+    gw.stop().await;
+}

@@ -103,16 +103,21 @@ async fn a_client_that_never_sends_a_frame_is_closed_and_its_upstream_pooled() {
     })
     .await;
     let conv = unique("silent");
+    // A session that sent its first frame in time streams on while the silent one is closed.
+    let mut bystander = gw.bystander().await;
+    bystander.start().await;
     let mut c = gw.connect(&conv).await;
     let started = Instant::now();
     let err = c.recv().await.unwrap_err();
     assert_eq!(err.close_code(), Some(1008), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
+    bystander.finish("first frame").await;
+    bystander.close().await;
     gw.assert_quiescent("first frame").await;
     assert_eq!(
         gw.gateway.pool_stats().idle,
-        1,
-        "a clean upstream goes back to the pool"
+        2,
+        "a clean upstream goes back to the pool (beside the bystander's)"
     );
     // A client that does send in time is not affected.
     let mut ok = gw.connect(&conv).await;
@@ -142,12 +147,15 @@ async fn a_turn_whose_upstream_goes_silent_gets_504_and_the_session_goes_on() {
     })
     .await;
     let conv = unique("stall");
+    let mut bystander = gw.bystander().await;
     let mut c = gw.connect(&conv).await;
     let started = Instant::now();
+    bystander.start().await;
     let t = c
         .turn(&create_body(Some(&conv), "[[mock: stall=5000]]", None))
         .await
         .unwrap();
+    bystander.finish("stalled upstream").await;
     let ev = t.terminal();
     assert_eq!(ev["type"], "error");
     assert_eq!(ev["status"], 504, "{ev}");
@@ -169,6 +177,7 @@ async fn a_turn_whose_upstream_goes_silent_gets_504_and_the_session_goes_on() {
         .unwrap();
     assert!(t.is_completed(), "{:?}", t.terminal());
     c.close().await;
+    bystander.close().await;
     gw.assert_quiescent("turn idle").await;
     gw.stop().await;
 }

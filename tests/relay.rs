@@ -48,7 +48,21 @@ async fn slow_client_back_pressures_the_upstream_with_bounded_gateway_memory() {
     .await
     .unwrap();
     let mut events = vec![c.recv().await.unwrap(), c.recv().await.unwrap()];
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // While the stalled stream is held, another session streams a whole turn unhindered.
+    let other = unique("beside-slow");
+    let mut by = gw.connect(&other).await;
+    let t = by
+        .turn(&create_body(
+            Some(&other),
+            "[[mock: deltas=20, interval=10]]",
+            None,
+        ))
+        .await
+        .unwrap();
+    assert!(t.is_completed(), "bystander: {:?}", t.terminal());
+    assert_eq!(t.delta_count(), 20);
+    by.close().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let stalled_at = mock.bytes_sent() - sent_before;
     let mut peak = gw.rss_kib();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -100,6 +114,7 @@ async fn slow_client_back_pressures_the_upstream_with_bounded_gateway_memory() {
         "slow client: baseline {baseline} KiB, peak {peak} KiB, upstream stalled at {stalled_at} bytes"
     );
     c.close().await;
+    gw.settle().await;
 }
 
 #[tokio::test]

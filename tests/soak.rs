@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::Value;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::client::{Client, ClientError, create_body};
@@ -178,30 +177,6 @@ async fn phase(
     (count, failures)
 }
 
-async fn status(addr: std::net::SocketAddr) -> Value {
-    serde_json::from_str(&http_get(addr, "/status.json", None).await.1).unwrap()
-}
-
-async fn settle(gw: &GatewayProcess) -> Value {
-    let mut s = status(gw.addr).await;
-    for _ in 0..200 {
-        let pooled_idle = s["pool"]["idle"].as_u64().unwrap();
-        if s["sessions_active"] == 0
-            && s["tasks"]["sessions"] == 0
-            && s["pool"]["busy"] == 0
-            && s["pool"]["dialing"] == 0
-            && s["tasks"]["upstream_pumps"].as_u64() == Some(pooled_idle)
-            // This very request's connection.
-            && s["tasks"]["http_connections"] == 1
-        {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        s = status(gw.addr).await;
-    }
-    panic!("the gateway did not settle back to zero: {s}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_random_faults_leaks_nothing() {
     init();
@@ -222,7 +197,7 @@ async fn soak_with_random_faults_leaks_nothing() {
     // Warm-up: every conversation once, so the pool and allocator reach their working size.
     let (_, failures) = phase(url.clone(), run.clone(), CONVERSATIONS * 2, 16, 1).await;
     assert!(failures.is_empty(), "warm-up: {failures:?}");
-    let warm = settle(&gw).await;
+    let warm = gw.settle().await;
     let baseline = gw.rss_kib();
 
     let (count, failures) = phase(url.clone(), run.clone(), total, 32, 42).await;
@@ -232,7 +207,7 @@ async fn soak_with_random_faults_leaks_nothing() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    let after = settle(&gw).await;
+    let after = gw.settle().await;
     let rss = gw.rss_kib();
     let growth = rss.saturating_sub(baseline);
     eprintln!(

@@ -406,6 +406,34 @@ impl GatewayProcess {
         format!("ws://{}/v1/responses", self.addr)
     }
 
+    /// `/status.json`.
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&http_get(self.addr, "/status.json", None).await.1)
+            .expect("status.json")
+    }
+
+    /// Waits (up to 10 s) until `/status.json` shows nothing but idle pooled connections: no
+    /// session or session task, no busy or dialing slot, one pump per pooled connection, and
+    /// no HTTP connection but the status request's own. Returns that status.
+    pub async fn settle(&self) -> serde_json::Value {
+        let mut s = self.status().await;
+        for _ in 0..200 {
+            let pooled_idle = s["pool"]["idle"].as_u64();
+            if s["sessions_active"] == 0
+                && s["tasks"]["sessions"] == 0
+                && s["pool"]["busy"] == 0
+                && s["pool"]["dialing"] == 0
+                && s["tasks"]["upstream_pumps"].as_u64() == pooled_idle
+                && s["tasks"]["http_connections"] == 1
+            {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s = self.status().await;
+        }
+        panic!("the gateway did not settle back to zero: {s}");
+    }
+
     /// Connects with the test client key for `conversation` (session-id header).
     pub async fn connect(&self, conversation: &str) -> wsgate::client::Client {
         let headers = [
