@@ -88,6 +88,8 @@ pub struct Resources {
     pub pool_dialing: usize,
     /// The per-account reservation counts, summed (must equal `pool_reserved`).
     pub pool_reserved_by_account: usize,
+    /// Entries of the per-account map (none at zero: at most one per reserved slot).
+    pub pool_account_entries: usize,
 }
 
 impl Resources {
@@ -101,6 +103,7 @@ impl Resources {
             && self.pool_dialing == 0
             && self.pool_reserved == self.pool_idle
             && self.pool_reserved_by_account == self.pool_reserved
+            && self.pool_account_entries <= self.pool_reserved
             && self.upstream_pumps == self.pool_idle
     }
 }
@@ -200,6 +203,7 @@ impl Gateway {
             pool_busy: pool.busy,
             pool_dialing: pool.dialing,
             pool_reserved_by_account: pool.reserved_by_account,
+            pool_account_entries: pool.account_entries,
         }
     }
 

@@ -228,6 +228,8 @@ pub struct PoolStats {
     pub tombstones: usize,
     /// The per-account reservation counts, summed (equals `total`).
     pub reserved_by_account: usize,
+    /// Entries in the per-account map (entries at zero are removed).
+    pub account_entries: usize,
 }
 
 // === impl Pool ===
@@ -670,12 +672,10 @@ impl<C: PoolConn> Pool<C> {
                 SlotState::Idle { .. } => s.idle += 1,
             }
         }
-        s.reserved_by_account = self
-            .inner
-            .per_account
-            .lock()
-            .map(|p| p.values().sum())
-            .unwrap_or(0);
+        if let Ok(p) = self.inner.per_account.lock() {
+            s.reserved_by_account = p.values().sum();
+            s.account_entries = p.len();
+        }
         s.tombstones = self
             .inner
             .tombstones
