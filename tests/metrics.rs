@@ -12,8 +12,20 @@ use wsgate::mock::{MockConfig, MockUpstream};
 #[tokio::test]
 async fn metrics_count_a_scripted_run_exactly() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.handshake_timeout = Duration::from_millis(200)
+    })
+    .await;
     let (a, b) = (unique("ma"), unique("mb"));
+    // One client connects and never sends its request: a handshake timeout.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
 
     // A: new, then reuse while a concurrent session bypasses (busy).
     gw.warm(&a).await;
@@ -85,6 +97,10 @@ async fn metrics_count_a_scripted_run_exactly() {
     assert_eq!(v("wsgate_turns_total", &[("terminal", "completed")]), 5.0);
     assert_eq!(
         v("wsgate_turns_total", &[("terminal", "upstream_failed")]),
+        1.0
+    );
+    assert_eq!(
+        v("wsgate_errors_total", &[("kind", "handshake_timeout")]),
         1.0
     );
     assert_eq!(v("wsgate_client_connections_opened_total", &[]), 6.0);
