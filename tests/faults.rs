@@ -649,8 +649,11 @@ async fn client_disconnects_at_every_phase() {
                 evicted = false;
                 let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
                 s.write_all(raw_upgrade(&conv).as_bytes()).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                assert_eq!(gw.gateway.resources().pool_dialing, 1, "{phase}");
+                let dialing = || gw.gateway.resources().pool_dialing == 1;
+                assert!(
+                    wait_until(Duration::from_secs(5), dialing).await,
+                    "{phase}: the dial started"
+                );
             }
             "after the 101" => {
                 evicted = false;
@@ -665,6 +668,13 @@ async fn client_disconnects_at_every_phase() {
             }
             _ => {
                 let mut c = gw.connect(&conv).await;
+                let creates = || {
+                    mock.connections()
+                        .iter()
+                        .map(|c| c.creates.load(std::sync::atomic::Ordering::Acquire))
+                        .sum::<usize>()
+                };
+                let before = creates();
                 let directive = match phase {
                     "before the first event" => "[[mock: delay=300]]",
                     _ => "[[mock: deltas=50, interval=10]]",
@@ -673,7 +683,11 @@ async fn client_disconnects_at_every_phase() {
                     .await
                     .unwrap();
                 match phase {
-                    "before the first event" => tokio::time::sleep(Duration::from_millis(50)).await,
+                    "before the first event" => {
+                        // The create is upstream; its first event is 300 ms away.
+                        let forwarded = || creates() > before;
+                        assert!(wait_until(Duration::from_secs(5), forwarded).await);
+                    }
                     _ => {
                         for _ in 0..5 {
                             c.recv().await.unwrap();
