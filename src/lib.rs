@@ -18,7 +18,7 @@
 //! - [`pool`]: `Pool`, `PoolKey`, `Pooled`, decisions, evictions, the reaper.
 //! - [`gateway`]: shared state and the acquire path.
 //! - `session`: one client WebSocket and its turn loop.
-//! - [`listener`]: the optional TLS listener.
+//! - [`listener`]: the HTTP/1.1 accept loop (handshake deadline and bound) and the TLS listener.
 //! - [`server`]: axum routes, authentication, the upgrade, shutdown drain.
 //! - [`reload`]: hot reload on SIGHUP and config file changes.
 //! - [`metrics`]: Prometheus metric names, buckets and hot-path handles.
