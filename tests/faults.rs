@@ -256,6 +256,33 @@ async fn account_change_during_a_session_moves_on_and_never_sends_a_continuation
     gw.stop().await;
 }
 
+/// A client without a conversation id header upgrades first; the upstream is dialed at its
+/// first request. Sends two requests (fresh conversations) and returns their terminal events;
+/// the session stays open through both.
+async fn first_requests(gw: &TestGateway) -> [serde_json::Value; 2] {
+    let mut c =
+        wsgate::client::Client::connect(&gw.url(), &[("authorization", "Bearer test-client-key")])
+            .await
+            .unwrap();
+    let mut out = [serde_json::Value::Null, serde_json::Value::Null];
+    for ev in &mut out {
+        let conv = unique("first-request");
+        let t = c.turn(&create_body(Some(&conv), "hi", None)).await.unwrap();
+        *ev = t.terminal().clone();
+    }
+    c.close().await;
+    out
+}
+
+/// Both of [`first_requests`] fail with an `error` event of `status` and `code`.
+async fn assert_first_request_fails(gw: &TestGateway, status: u16, code: &str) {
+    for ev in first_requests(gw).await {
+        assert_eq!(ev["type"], "error", "{status}: {ev}");
+        assert_eq!(ev["status"], status, "{status}: {ev}");
+        assert_eq!(ev["error"]["code"], code, "{status}: {ev}");
+    }
+}
+
 #[tokio::test]
 async fn upstream_handshake_failures_reach_the_client_with_their_status() {
     use wsgate::client::{Client, ClientError};
@@ -273,6 +300,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
         refused.err()
     );
     assert_eq!(gw.gateway.pool_stats().total, 0);
+    assert_first_request_fails(&gw, 502, "upstream_connect_failed").await;
     gw.assert_quiescent("upstream refused").await;
     gw.stop().await;
 
@@ -293,6 +321,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
         "{:?}",
         timed_out.err()
     );
+    assert_first_request_fails(&gw, 504, "upstream_timeout").await;
     gw.assert_quiescent("upstream handshake timeout").await;
     gw.stop().await;
 
@@ -318,6 +347,30 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
             "{status}: the failed dial released its slot"
         );
         gw.assert_quiescent(&format!("upstream {status}")).await;
+        gw.stop().await;
+
+        // Without a conversation id header the client upgrades first and the upstream is
+        // dialed at its first request: the refusal is an `error` event with the same status.
+        // A credential refusal (401/403) takes the only account out until a reload, so the
+        // next request hears that no account is usable; other refusals repeat.
+        let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+        let [first, second] = first_requests(&gw).await;
+        assert_eq!(
+            (&first["type"], &first["status"], &first["error"]["code"]),
+            (&"error".into(), &status.into(), &"upstream_rejected".into()),
+            "{status}: {first}"
+        );
+        let (want_status, want_code) = match status {
+            401 | 403 => (429, "all_accounts_unavailable"),
+            _ => (status, "upstream_rejected"),
+        };
+        assert_eq!(
+            (&second["status"], &second["error"]["code"]),
+            (&want_status.into(), &want_code.into()),
+            "{status}: {second}"
+        );
+        gw.assert_quiescent(&format!("upstream {status} at the first request"))
+            .await;
         gw.stop().await;
     }
 
