@@ -72,6 +72,10 @@ async fn metrics_count_a_scripted_run_exactly() {
 
     let (status, text) = http_get(gw.addr, "/metrics", None).await;
     assert_eq!(status, 200);
+    assert!(
+        !text.contains("sk-acct") && !text.contains("test-client-key"),
+        "no secrets in metrics"
+    );
     let v = |name: &str, labels: &[(&str, &str)]| {
         prom_value(&text, name, labels)
             .unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"))

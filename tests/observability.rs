@@ -128,7 +128,10 @@ async fn status_json_matches_the_pool() {
         !body.contains(&idle) && !body.contains(&busy),
         "full conversation ids are not shown"
     );
-    assert!(!body.contains("sk-acct"), "no secrets");
+    assert!(
+        !body.contains("sk-acct") && !body.contains("test-client-key"),
+        "no secrets"
+    );
     // The HTML page carries the same facts.
     let (status, html) = http_get(gw.addr, "/status", None).await;
     assert_eq!(status, 200);
@@ -140,6 +143,10 @@ async fn status_json_matches_the_pool() {
     assert!(
         !html.contains("<script") && !html.contains("http://") && !html.contains("https://"),
         "self-contained"
+    );
+    assert!(
+        !html.contains("sk-acct") && !html.contains("test-client-key"),
+        "no secrets on the page"
     );
     held.close().await;
     gw.stop().await;
@@ -257,7 +264,7 @@ async fn json_logs_carry_span_fields() {
     assert_eq!(field("upstream.reused"), false);
     assert_eq!(field("turn.seq"), 1);
     assert!(
-        !gw.stderr_text().contains("sk-acct-a"),
+        !gw.stderr_text().contains("sk-acct-a") && !gw.stderr_text().contains("test-client-key"),
         "no secrets in logs"
     );
     gw.child.kill().ok();
