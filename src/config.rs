@@ -156,6 +156,9 @@ pub struct LimitsConfig {
     /// Connections in their handshake (TLS or HTTP, not yet a WebSocket session) at once,
     /// health checks and scrapes included; more wait in the accept backlog. Default 1024.
     pub max_handshakes: usize,
+    /// Largest HTTP request head (request line + headers) accepted; larger gets HTTP 431.
+    /// Default `64KiB`.
+    pub max_header_size: ByteSize,
     /// A new session must send its first frame within this; else close 1008. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub first_frame_timeout: Duration,
@@ -176,6 +179,7 @@ impl Default for LimitsConfig {
             max_connections_per_client: 0,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            max_header_size: ByteSize::kib(64),
             first_frame_timeout: Duration::from_secs(60),
             turn_idle_timeout: Duration::from_secs(300),
             allowed_origins: Vec::new(),
@@ -451,6 +455,12 @@ impl Config {
         if l.handshake_timeout.is_zero() {
             return invalid("limits.handshake_timeout", "must be greater than 0".into());
         }
+        if l.max_header_size.as_u64() < 8 * 1024 || l.max_header_size.as_u64() > 1024 * 1024 {
+            return invalid(
+                "limits.max_header_size",
+                "must be between 8KiB and 1MiB".into(),
+            );
+        }
         if l.max_handshakes == 0 {
             return invalid("limits.max_handshakes", "must be at least 1".into());
         }
@@ -696,6 +706,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("clients"), "{err}");
+    }
+
+    #[test]
+    fn handshake_limits_are_checked() {
+        let c = Config::from_yaml("limits:\n  handshake_timeout: 2s\n  max_header_size: 32KiB\n")
+            .unwrap();
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.max_header_size, ByteSize::kib(32));
+        for (yaml, key) in [
+            (
+                "limits:\n  handshake_timeout: 0s\n",
+                "limits.handshake_timeout",
+            ),
+            ("limits:\n  max_handshakes: 0\n", "limits.max_handshakes"),
+            (
+                "limits:\n  max_header_size: 1KiB\n",
+                "limits.max_header_size",
+            ),
+            (
+                "limits:\n  max_header_size: 2MiB\n",
+                "limits.max_header_size",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct HandshakeLimits {
     pub timeout: Duration,
     /// Connections in their TLS or HTTP phase at once.
     pub max: usize,
+    /// Largest request head, in bytes (HTTP 431 beyond).
+    pub max_header_size: usize,
 }
 
 impl HandshakeLimits {
@@ -48,6 +50,7 @@ impl HandshakeLimits {
         HandshakeLimits {
             timeout: limits.handshake_timeout,
             max: limits.max_handshakes,
+            max_header_size: usize::try_from(limits.max_header_size.as_u64()).unwrap_or(usize::MAX),
         }
     }
 }
@@ -72,7 +75,8 @@ pub async fn serve_http<L>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.timeout);
+        .header_read_timeout(limits.timeout)
+        .max_header_size(limits.max_header_size);
     tokio::pin!(stop);
     loop {
         let slot = tokio::select! {

@@ -307,3 +307,44 @@ async fn handshake_timeout_closes_silent_and_trickling_clients_and_frees_their_s
     gw.assert_quiescent("handshake timeout").await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_request_head_gets_431_and_a_large_one_is_fine() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.max_header_size = bytesize::ByteSize::kib(16)
+    })
+    .await;
+    let conv = unique("head");
+    // 12 KiB of headers: under the limit, served.
+    let big = "x".repeat(12 * 1024);
+    let mut headers = gw.codex_headers(&conv);
+    headers.push(("x-codex-big", big.as_str()));
+    let mut c = Client::connect(&gw.url(), &headers).await.unwrap();
+    assert!(
+        c.turn(&create_body(Some(&conv), "big head", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    c.close().await;
+    // 40 KiB: HTTP 431, nothing dialed for it.
+    let accepted = mock.accepted();
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = raw_upgrade(&unique("head")).replace(
+        "\r\n\r\n",
+        &format!("\r\nx-huge: {}\r\n\r\n", "y".repeat(40 * 1024)),
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut response)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.1 431"),
+        "oversized head: {response}"
+    );
+    assert_eq!(mock.accepted(), accepted);
+    gw.assert_quiescent("request head size").await;
+    gw.stop().await;
+}
