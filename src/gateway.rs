@@ -39,7 +39,7 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Cancelled when the drain is over and the listeners stop.
     pub stopped: CancellationToken,
-    /// Every session task; waited on at shutdown.
+    /// Every session task (and upgrade-time acquire task); waited on at shutdown.
     pub sessions: TaskTracker,
     /// The main listener's HTTP connections not (yet) upgraded.
     pub http_connections: TaskTracker,
@@ -75,7 +75,8 @@ pub(crate) struct Shared {
 pub struct Resources {
     /// Connected client sessions.
     pub sessions: usize,
-    /// Session tasks alive (a session's task outlives its counter by its teardown).
+    /// Session tasks alive, upgrade-time acquire tasks included (a session's task outlives
+    /// its counter by its teardown).
     pub session_tasks: usize,
     /// HTTP connections on the main listener not (yet) upgraded.
     pub http_connections: usize,
