@@ -11,17 +11,11 @@ use wsgate::config::Config;
 use wsgate::mock::{MockConfig, MockUpstream};
 
 fn yaml(mock: &MockUpstream, accounts: &[&str], max_per_account: usize) -> String {
-    let mut y = format!(
-        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {}\npool:\n  max_per_account: {max_per_account}\nshutdown:\n  grace: 10s\naccounts:\n",
-        mock.url()
-    );
-    for a in accounts {
-        y.push_str(&format!(
-            "  - id: {a}\n    api_key_env: KEY_{}\n",
-            a.to_uppercase().replace('-', "_")
-        ));
-    }
-    y
+    test_yaml(
+        &mock.url(),
+        accounts,
+        &format!("pool:\n  max_per_account: {max_per_account}\nshutdown:\n  grace: 10s\n"),
+    )
 }
 
 fn lookup(k: &str) -> Option<String> {
@@ -155,10 +149,6 @@ async fn sigterm_drains_in_flight_turns_closes_idle_clients_with_1012_and_exits_
         ("authorization", "Bearer test-client-key"),
         ("session-id", idle_conv.as_str()),
     ];
-    let busy_h = [
-        ("authorization", "Bearer test-client-key"),
-        ("session-id", busy_conv.as_str()),
-    ];
     let mut idle = Client::connect(&gw.url(), &idle_h).await.unwrap();
     assert!(
         idle.turn(&create_body(Some(&idle_conv), "hi", None))
@@ -166,7 +156,7 @@ async fn sigterm_drains_in_flight_turns_closes_idle_clients_with_1012_and_exits_
             .unwrap()
             .is_completed()
     );
-    let mut busy = Client::connect(&gw.url(), &busy_h).await.unwrap();
+    let mut busy = gw.connect(&busy_conv).await;
     busy.send_json(&create_body(
         Some(&busy_conv),
         "[[mock: deltas=30, interval=40]]",

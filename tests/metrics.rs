@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use wsgate::client::{Client, create_body};
+use wsgate::client::create_body;
 use wsgate::mock::{MockConfig, MockUpstream};
 
 #[tokio::test]
@@ -58,9 +58,7 @@ async fn metrics_count_a_scripted_run_exactly() {
     assert_eq!(err.close_code(), Some(1012));
     gw.warm(&b).await;
     // No conversation id at all.
-    let mut s6 = Client::connect(&gw.url(), &[("authorization", "Bearer test-client-key")])
-        .await
-        .unwrap();
+    let mut s6 = gw.connect_without_conversation().await;
     assert!(
         s6.turn(&create_body(None, "anonymous", None))
             .await

@@ -208,9 +208,10 @@ async fn admin_key_and_separate_admin_listener() {
 async fn json_logs_carry_span_fields() {
     init();
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {}\naccounts:\n  - id: acct-a\n    api_key_env: KEY_ACCT_A\nlog:\n  format: json\n  level: debug\n",
-        mock.url()
+    let yaml = test_yaml(
+        &mock.url(),
+        &["acct-a"],
+        "log:\n  format: json\n  level: debug\n",
     );
     let mut gw = GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "wsgate=debug")]);
     let conv = unique("json");

@@ -309,12 +309,9 @@ async fn max_age_expires_between_turns_never_mid_turn() {
 async fn conversation_from_prompt_cache_key_and_no_key_bypass() {
     let mock = mock().await;
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
-    let auth = [("authorization", "Bearer test-client-key")];
     let conv = unique("pck");
     for _ in 0..2 {
-        let mut c = wsgate::client::Client::connect(&gw.url(), &auth)
-            .await
-            .unwrap();
+        let mut c = gw.connect_without_conversation().await;
         assert!(
             c.turn(&create_body(Some(&conv), "hi", None))
                 .await
@@ -327,9 +324,7 @@ async fn conversation_from_prompt_cache_key_and_no_key_bypass() {
     assert_eq!(decisions(&conv), ["new miss", "reuse -"]);
 
     let before = log_lines(&["reason=no_key"]).len();
-    let mut c = wsgate::client::Client::connect(&gw.url(), &auth)
-        .await
-        .unwrap();
+    let mut c = gw.connect_without_conversation().await;
     assert!(
         c.turn(&create_body(None, "no id anywhere", None))
             .await

@@ -15,17 +15,10 @@ use wsgate::mock::{MockConfig, MockUpstream};
 async fn slow_client_back_pressures_the_upstream_with_bounded_gateway_memory() {
     init();
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {}\naccounts:\n  - id: acct-a\n    api_key_env: KEY_ACCT_A\nrelay:\n  buffer_frames: 4\n",
-        mock.url()
-    );
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "relay:\n  buffer_frames: 4\n");
     let gw = GatewayProcess::start(&yaml);
     let conv = unique("slow");
-    let headers = [
-        ("authorization", "Bearer test-client-key"),
-        ("session-id", conv.as_str()),
-    ];
-    let mut c = Client::connect(&gw.url(), &headers).await.unwrap();
+    let mut c = gw.connect(&conv).await;
     assert!(
         c.turn(&create_body(Some(&conv), "warm up", None))
             .await

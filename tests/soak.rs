@@ -181,9 +181,10 @@ async fn phase(
 async fn soak_with_random_faults_leaks_nothing() {
     init();
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {}\naccounts:\n  - id: acct-a\n    api_key_env: KEY_ACCT_A\npool:\n  max_per_account: 1000\n  busy_wait: 20ms\nrelay:\n  max_message_size: 256KiB\nlimits:\n  turn_idle_timeout: 500ms\n  first_frame_timeout: 5s\nlog:\n  level: warn\n",
-        mock.url()
+    let yaml = test_yaml(
+        &mock.url(),
+        &["acct-a"],
+        "pool:\n  max_per_account: 1000\n  busy_wait: 20ms\nrelay:\n  max_message_size: 256KiB\nlimits:\n  turn_idle_timeout: 500ms\n  first_frame_timeout: 5s\nlog:\n  level: warn\n",
     );
     let gw = GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "warn,wsgate::server=info")]);
     let url = Arc::new(gw.url());

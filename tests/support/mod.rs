@@ -100,8 +100,9 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Test config: the mock as upstream, one client key, accounts `acct-a`, `acct-b`, ...
-pub fn config(upstream_url: &str, accounts: &[&str]) -> (Config, Secrets) {
+/// The test config as YAML: the mock as upstream, one client key (`TEST_CLIENT_KEY`),
+/// `accounts` (keys from `KEY_<ACCOUNT>`), then the top-level sections in `extra`.
+pub fn test_yaml(upstream_url: &str, accounts: &[&str], extra: &str) -> String {
     let mut yaml = format!(
         "listen: 127.0.0.1:0\nclients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\nupstream:\n  url: {upstream_url}\n  connect_timeout: 5s\naccounts:\n"
     );
@@ -111,7 +112,13 @@ pub fn config(upstream_url: &str, accounts: &[&str]) -> (Config, Secrets) {
             a.to_uppercase().replace('-', "_")
         ));
     }
-    let config = Config::from_yaml(&yaml).expect("test config");
+    yaml.push_str(extra);
+    yaml
+}
+
+/// Test config: the mock as upstream, one client key, accounts `acct-a`, `acct-b`, ...
+pub fn config(upstream_url: &str, accounts: &[&str]) -> (Config, Secrets) {
+    let config = Config::from_yaml(&test_yaml(upstream_url, accounts, "")).expect("test config");
     let secrets = config
         .resolve_secrets(&|k| match k {
             "TEST_CLIENT_KEY" => Some(CLIENT_KEY.into()),
@@ -210,6 +217,13 @@ impl TestGateway {
             "{what}: resources not back to zero (besides {sessions} sessions): {:?}",
             self.gateway.resources()
         );
+    }
+
+    /// A session without a conversation id header (the id comes from the first request).
+    pub async fn connect_without_conversation(&self) -> Client {
+        Client::connect(&self.url(), &[("authorization", "Bearer test-client-key")])
+            .await
+            .expect("connect to gateway")
     }
 
     /// A session on its own conversation, to show that a fault elsewhere leaves it alone.
