@@ -146,16 +146,10 @@ fn admin_denied(gw: &Gateway, headers: &HeaderMap) -> Option<Response> {
     let keys = [("admin".to_string(), key)];
     match authenticate(&keys, headers) {
         Ok(_) => None,
-        Err(()) => {
-            let mut r = json_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_admin_key",
-                "missing or wrong admin key",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Some(r)
-        }
+        Err(()) => Some(unauthorized(
+            "invalid_admin_key",
+            "missing or wrong admin key",
+        )),
     }
 }
 
@@ -223,6 +217,14 @@ fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// HTTP 401 asking for a Bearer key.
+fn unauthorized(code: &str, message: &str) -> Response {
+    let mut r = json_error(StatusCode::UNAUTHORIZED, code, message);
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
 /// Checks `Authorization: Bearer <key>` against the configured client keys in constant time.
 /// Returns the client's name.
 fn authenticate<'a>(
@@ -278,14 +280,7 @@ async fn upgrade(
         Ok(name) => name.unwrap_or("-").to_string(),
         Err(()) => {
             debug!(client.addr = %peer, "rejected client key");
-            let mut r = json_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "missing or wrong gateway API key",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            return unauthorized("invalid_api_key", "missing or wrong gateway API key");
         }
     };
     let origins = &shared.config().limits.allowed_origins;
