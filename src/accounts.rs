@@ -9,7 +9,6 @@
 //! - The sticky map is FIFO-bounded by `routing.max_conversations`; a forgotten conversation is
 //!   simply assigned again (to the least-loaded account).
 
-use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Secrets};
+use crate::fifo::FifoMap;
 use crate::ids::{AccountId, ConversationId};
 
 /// Whether an account can take traffic.
@@ -185,7 +185,8 @@ pub struct NoUsableAccount {
 /// The configured accounts and the sticky assignments.
 pub struct Accounts {
     list: RwLock<Vec<Arc<Account>>>,
-    sticky: Mutex<Sticky>,
+    /// Sticky conversation -> account assignments (`routing.max_conversations`).
+    sticky: Mutex<FifoMap<ConversationId, AccountId>>,
     max_sticky: AtomicUsize,
 }
 
@@ -204,7 +205,7 @@ impl Accounts {
                     .map(|a| Arc::new(Account::from_config(a, secrets)))
                     .collect(),
             ),
-            sticky: Mutex::new(Sticky::default()),
+            sticky: Mutex::new(FifoMap::default()),
             max_sticky: AtomicUsize::new(max_sticky),
         }
     }
@@ -227,7 +228,7 @@ impl Accounts {
         let list = self.all();
         let mut previous = None;
         if let Some(c) = conversation
-            && let Some(id) = self.sticky.lock().ok().and_then(|s| s.get(c))
+            && let Some(id) = self.sticky.lock().ok().and_then(|s| s.get(c).cloned())
         {
             match list.iter().find(|a| a.id == id) {
                 Some(a) if a.is_usable() => {
@@ -264,8 +265,9 @@ impl Accounts {
         };
         if let Some(c) = conversation
             && let Ok(mut s) = self.sticky.lock()
+            && s.get(c) != Some(&account.id)
         {
-            s.put(
+            s.insert(
                 c.clone(),
                 account.id.clone(),
                 self.max_sticky.load(Ordering::Acquire),
@@ -329,45 +331,6 @@ impl Accounts {
         }
         *list = next;
         evict
-    }
-}
-
-/// Sticky conversation -> account assignments, FIFO-bounded.
-#[derive(Default)]
-struct Sticky {
-    map: HashMap<ConversationId, (AccountId, u64)>,
-    order: VecDeque<(ConversationId, u64)>,
-    seq: u64,
-}
-
-impl Sticky {
-    fn get(&self, c: &ConversationId) -> Option<AccountId> {
-        self.map.get(c).map(|(a, _)| a.clone())
-    }
-
-    fn put(&mut self, c: ConversationId, a: AccountId, cap: usize) {
-        if cap == 0 {
-            return;
-        }
-        if self.map.get(&c).is_some_and(|(cur, _)| *cur == a) {
-            return;
-        }
-        self.seq += 1;
-        self.map.insert(c.clone(), (a, self.seq));
-        self.order.push_back((c, self.seq));
-        while self.map.len() > cap {
-            let Some((k, s)) = self.order.pop_front() else {
-                break;
-            };
-            if self.map.get(&k).is_some_and(|(_, cur)| *cur == s) {
-                self.map.remove(&k);
-            }
-        }
-        if self.order.len() > 2 * self.map.len() + 16 {
-            let map = &self.map;
-            self.order
-                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
-        }
     }
 }
 
@@ -481,16 +444,16 @@ mod tests {
 
     #[test]
     fn sticky_map_is_bounded() {
-        let mut s = Sticky::default();
+        let mut s = FifoMap::default();
         for i in 0..10_000 {
-            s.put(
+            s.insert(
                 conv(&format!("c{}", i % 50)),
                 AccountId::new(if i % 2 == 0 { "a" } else { "b" }),
                 20,
             );
         }
-        assert!(s.map.len() <= 20);
-        assert!(s.order.len() <= 2 * 20 + 16);
+        assert!(s.len() <= 20);
+        assert!(s.queued() <= 2 * 20 + 16);
     }
 
     #[test]

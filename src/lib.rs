@@ -8,6 +8,7 @@
 //! - [`telemetry`]: tracing subscriber (pretty / JSON).
 //! - [`error`]: typed errors per boundary.
 //! - [`ids`]: `AccountId`, `ConversationId`.
+//! - `fifo`: `FifoMap`, the bounded map behind sticky assignments and tombstones.
 //! - [`accounts`]: upstream credentials, usability, conversation -> account assignment.
 //! - [`headers`]: conversation-id resolution, header forwarding rules.
 //! - [`event`]: frame sniffing, terminal events, gateway `error` events.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod event;
+mod fifo;
 pub mod gateway;
 pub mod headers;
 pub mod ids;

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::config::PoolConfig;
+use crate::fifo::FifoMap;
 use crate::ids::{AccountId, ConversationId};
 
 pub use reaper::spawn_reaper;
@@ -252,7 +253,8 @@ struct Inner<C> {
     /// Reserved slots per account; entries are removed when they reach zero.
     per_account: Mutex<HashMap<AccountId, usize>>,
     total: AtomicUsize,
-    tombstones: Mutex<Tombstones>,
+    /// Recent evictions, so the next `new` of a key can say why (`max_tombstones`).
+    tombstones: Mutex<FifoMap<PoolKey, EvictReason>>,
     limits: RwLock<PoolConfig>,
     next_id: AtomicU64,
     /// Woken when an idle connection may have died, so the reaper looks at once.
@@ -295,7 +297,7 @@ impl<C: PoolConn> Pool<C> {
                 slots: DashMap::new(),
                 per_account: Mutex::new(HashMap::new()),
                 total: AtomicUsize::new(0),
-                tombstones: Mutex::new(Tombstones::default()),
+                tombstones: Mutex::new(FifoMap::default()),
                 limits: RwLock::new(limits),
                 next_id: AtomicU64::new(1),
                 wake: Arc::new(Notify::new()),
@@ -583,7 +585,7 @@ impl<C: PoolConn> Pool<C> {
                         .tombstones
                         .lock()
                         .ok()
-                        .and_then(|mut t| t.take(&key))
+                        .and_then(|mut t| t.remove(&key))
                         .map(EvictReason::next_new_reason)
                         .unwrap_or(NewReason::Miss);
                     let reason = hint.unwrap_or(remembered);
@@ -676,12 +678,7 @@ impl<C: PoolConn> Pool<C> {
             s.reserved_by_account = p.values().sum();
             s.account_entries = p.len();
         }
-        s.tombstones = self
-            .inner
-            .tombstones
-            .lock()
-            .map(|t| t.map.len())
-            .unwrap_or(0);
+        s.tombstones = self.inner.tombstones.lock().map(|t| t.len()).unwrap_or(0);
         s
     }
 
@@ -754,7 +751,7 @@ impl<C: PoolConn> Inner<C> {
     fn tombstone(&self, key: &PoolKey, reason: EvictReason) {
         let cap = self.limits().max_tombstones;
         if let Ok(mut t) = self.tombstones.lock() {
-            t.put(key.clone(), reason, cap);
+            t.insert(key.clone(), reason, cap);
         }
     }
 
@@ -1005,44 +1002,6 @@ impl<C: PoolConn> Drop for Pooled<C> {
         if let (Some(pool), Some(key)) = (self.pool.upgrade(), self.key.as_ref()) {
             pool.put_back(key, self.id, conn, self.reusable);
         }
-    }
-}
-
-// === impl Tombstones ===
-
-/// Recent evictions, so the next `new` of a key can say why. FIFO-bounded.
-#[derive(Default)]
-struct Tombstones {
-    map: HashMap<PoolKey, (EvictReason, u64)>,
-    order: VecDeque<(PoolKey, u64)>,
-    seq: u64,
-}
-
-impl Tombstones {
-    fn put(&mut self, key: PoolKey, reason: EvictReason, cap: usize) {
-        if cap == 0 {
-            return;
-        }
-        self.seq += 1;
-        self.map.insert(key.clone(), (reason, self.seq));
-        self.order.push_back((key, self.seq));
-        while self.order.len() > cap {
-            if let Some((k, s)) = self.order.pop_front()
-                && self.map.get(&k).is_some_and(|(_, cur)| *cur == s)
-            {
-                self.map.remove(&k);
-            }
-        }
-        // Entries superseded by a newer put leave stale order records; compact when they pile up.
-        if self.order.len() > 2 * self.map.len() + 16 {
-            let map = &self.map;
-            self.order
-                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
-        }
-    }
-
-    fn take(&mut self, key: &PoolKey) -> Option<EvictReason> {
-        self.map.remove(key).map(|(r, _)| r)
     }
 }
 

@@ -298,13 +298,13 @@ async fn close_evicts_idle_and_disables() {
 
 #[test]
 fn tombstones_are_bounded() {
-    let mut t = Tombstones::default();
+    let mut t = FifoMap::default();
     for i in 0..1000 {
-        t.put(key("a", &format!("{}", i % 7)), EvictReason::Dead, 5);
-        t.put(key("a", &format!("x{i}")), EvictReason::Dead, 5);
+        t.insert(key("a", &format!("{}", i % 7)), EvictReason::Dead, 5);
+        t.insert(key("a", &format!("x{i}")), EvictReason::Dead, 5);
     }
-    assert!(t.map.len() <= 5);
-    assert!(t.order.len() <= 5 * 2 + 16);
+    assert!(t.len() <= 5);
+    assert!(t.queued() <= 5 * 2 + 16);
 }
 
 #[test]
