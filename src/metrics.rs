@@ -81,7 +81,10 @@ fn describe() {
     describe_counter!(BYTES, "Payload bytes relayed, by direction");
     describe_counter!(ERRORS, "Errors by kind");
     describe_gauge!(SESSIONS, "Client sessions connected now");
-    describe_gauge!(TASKS, "Live tasks by kind (session, upstream_pump)");
+    describe_gauge!(
+        TASKS,
+        "Live tasks by kind (session, upstream_pump, http_connection)"
+    );
     describe_gauge!(POOLED, "Pooled upstream connections by account and state");
     describe_gauge!(ACCOUNTS, "Accounts by state");
     describe_histogram!(

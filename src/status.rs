@@ -230,6 +230,8 @@ impl Shared {
         gauge!(crate::metrics::TASKS, "kind" => "session").set(self.sessions.len() as f64);
         gauge!(crate::metrics::TASKS, "kind" => "upstream_pump")
             .set(self.dialer.tasks().len() as f64);
+        gauge!(crate::metrics::TASKS, "kind" => "http_connection")
+            .set(self.http_connections.len() as f64);
         const STATES: [&str; 3] = ["idle", "busy", "dialing"];
         // One pass over the slots; every configured account gets all three series (0 included).
         let accounts = self.accounts.all();

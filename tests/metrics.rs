@@ -66,7 +66,7 @@ async fn metrics_count_a_scripted_run_exactly() {
             .is_completed()
     );
     s6.close().await;
-    assert!(wait_until(Duration::from_secs(5), || gw.gateway.active_sessions() == 0).await);
+    gw.assert_quiescent("scripted run").await;
 
     let (status, text) = http_get(gw.addr, "/metrics", None).await;
     assert_eq!(status, 200);
@@ -109,6 +109,13 @@ async fn metrics_count_a_scripted_run_exactly() {
     assert_eq!(v("wsgate_client_connections_closed_total", &[]), 6.0);
     assert_eq!(v("wsgate_upstream_connections_opened_total", &[]), 5.0);
     assert_eq!(v("wsgate_sessions_active", &[]), 0.0);
+    assert_eq!(v("wsgate_tasks", &[("kind", "session")]), 0.0);
+    assert_eq!(
+        v("wsgate_tasks", &[("kind", "http_connection")]),
+        1.0,
+        "only the scrape's own connection"
+    );
+    assert_eq!(v("wsgate_tasks", &[("kind", "upstream_pump")]), 2.0);
     assert_eq!(
         v(
             "wsgate_pool_connections",
