@@ -217,21 +217,6 @@ async fn queued_frames_limit_closes_with_1008() {
     gw.stop().await;
 }
 
-/// Reads until the peer closes (EOF or reset); returns how long that took, or `None` if the
-/// socket was still open after `max`.
-async fn closed_within(s: &mut tokio::net::TcpStream, max: Duration) -> Option<Duration> {
-    use tokio::io::AsyncReadExt;
-    let started = Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout_at((started + max).into(), s.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(_)) => continue,
-        }
-    }
-}
-
 #[tokio::test]
 async fn handshake_timeout_closes_silent_and_trickling_clients_and_frees_their_slots() {
     use tokio::io::AsyncWriteExt;

@@ -519,6 +519,24 @@ pub fn raw_upgrade(conversation: &str) -> String {
     )
 }
 
+/// Reads until the peer closes (EOF or reset); returns how long that took, or `None` if the
+/// stream was still open after `max`.
+pub async fn closed_within<S>(s: &mut S, max: Duration) -> Option<Duration>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(started + max, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
 /// A plain HTTP/1.1 GET on `addr` (with an optional bearer key): `(status, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
