@@ -1,12 +1,14 @@
-//! Upstream accounts: credentials, availability, load, and the conversation -> account
+//! Upstream accounts: credentials, availability, load, and the affinity -> account
 //! assignment.
 //!
-//! - A new conversation goes to the least-loaded usable account (open upstream connections
-//!   divided by `weight`); the assignment is sticky while that account stays usable.
-//! - An account is unusable while cooling down after a rate limit (until `resets_in_seconds`
-//!   or `routing.cooldown`), after a 401/403 at the handshake (until a config reload), while
-//!   disabled by an operator, or once removed from the config.
-//! - The sticky map is FIFO-bounded by `routing.max_conversations`; a forgotten conversation is
+//! - A new affinity (per client: `(client, affinity)`) goes to the least-loaded usable account
+//!   (open upstream connections divided by `weight`); the assignment is sticky while that
+//!   account stays usable.
+//! - An account is unusable while cooling down after an account-wide rate limit (until
+//!   `resets_in_seconds` or `routing.cooldown`), after the upstream refused its credential at
+//!   the handshake (until `routing.auth_retry` passes and the next dial checks it again, or a
+//!   reload), while disabled by an operator, or once removed from the config.
+//! - The sticky map is FIFO-bounded by `routing.max_conversations`; a forgotten affinity is
 //!   simply assigned again (to the least-loaded account).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -18,7 +20,10 @@ use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Secrets};
 use crate::fifo::FifoMap;
-use crate::ids::{AccountId, ConversationId};
+use crate::ids::{AccountId, ClientId, ConversationId};
+
+/// The key of a sticky assignment: affinities are scoped by the client.
+pub type AffinityKey = (ClientId, ConversationId);
 
 /// Whether an account can take traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +33,11 @@ pub enum Availability {
     Cooling {
         until: Instant,
     },
-    /// The upstream refused its credential at the handshake; until the next config reload.
-    AuthFailed,
+    /// The upstream refused its credential at the handshake. At `retry_at` it is usable again
+    /// and the next dial checks the credential (a reload forgives at once).
+    AuthFailed {
+        retry_at: Instant,
+    },
     /// Disabled by an operator (library API).
     Disabled,
     /// No longer in the config.
@@ -41,7 +49,7 @@ impl Availability {
         match self {
             Availability::Usable => "usable",
             Availability::Cooling { .. } => "cooling",
-            Availability::AuthFailed => "auth_failed",
+            Availability::AuthFailed { .. } => "auth_failed",
             Availability::Disabled => "disabled",
             Availability::Removed => "removed",
         }
@@ -53,6 +61,9 @@ pub struct Account {
     pub id: AccountId,
     credential: String,
     pub chatgpt_account_id: Option<String>,
+    /// `openai-organization` / `openai-project` sent on its dials.
+    pub organization: Option<String>,
+    pub project: Option<String>,
     weight: AtomicU32,
     /// 0 = use `pool.max_per_account`.
     max_connections: AtomicUsize,
@@ -77,6 +88,8 @@ impl Account {
             id: AccountId::new(id),
             credential,
             chatgpt_account_id,
+            organization: None,
+            project: None,
             weight: AtomicU32::new(1),
             max_connections: AtomicUsize::new(0),
             state: Mutex::new(Availability::Usable),
@@ -85,11 +98,13 @@ impl Account {
     }
 
     fn from_config(c: &AccountConfig, secrets: &Secrets) -> Self {
-        let a = Account::new(
+        let mut a = Account::new(
             &c.id,
             secrets.accounts.get(&c.id).cloned().unwrap_or_default(),
             c.chatgpt_account_id.clone(),
         );
+        a.organization = c.organization.clone();
+        a.project = c.project.clone();
         a.apply_settings(c);
         a
     }
@@ -123,10 +138,13 @@ impl Account {
         let Ok(mut s) = self.state.lock() else {
             return Availability::Disabled;
         };
-        if let Availability::Cooling { until } = *s
-            && Instant::now() >= until
-        {
-            *s = Availability::Usable;
+        match *s {
+            Availability::Cooling { until } | Availability::AuthFailed { retry_at: until }
+                if Instant::now() >= until =>
+            {
+                *s = Availability::Usable;
+            }
+            _ => {}
         }
         *s
     }
@@ -150,6 +168,8 @@ impl Account {
             .get(&c.id)
             .is_some_and(|k| *k == self.credential)
             && c.chatgpt_account_id == self.chatgpt_account_id
+            && c.organization == self.organization
+            && c.project == self.project
     }
 
     /// A load lease, held by each open upstream connection of this account.
@@ -185,8 +205,8 @@ pub struct NoUsableAccount {
 /// The configured accounts and the sticky assignments.
 pub struct Accounts {
     list: RwLock<Vec<Arc<Account>>>,
-    /// Sticky conversation -> account assignments (`routing.max_conversations`).
-    sticky: Mutex<FifoMap<ConversationId, AccountId>>,
+    /// Sticky (client, affinity) -> account assignments (`routing.max_conversations`).
+    sticky: Mutex<FifoMap<AffinityKey, AccountId>>,
     max_sticky: AtomicUsize,
 }
 
@@ -218,16 +238,16 @@ impl Accounts {
         self.list.read().ok()?.iter().find(|a| &a.id == id).cloned()
     }
 
-    /// The account for a conversation (sticky), or for `routing` (a session id) when there is
-    /// no conversation. A conversation whose account became unusable is reassigned.
+    /// The account for an affinity (sticky), or for `routing` (a session id) when there is
+    /// none. An affinity whose account became unusable is reassigned.
     pub fn assign(
         &self,
-        conversation: Option<&ConversationId>,
+        affinity: Option<&AffinityKey>,
         routing: &str,
     ) -> Result<Assignment, NoUsableAccount> {
         let list = self.all();
         let mut previous = None;
-        if let Some(c) = conversation
+        if let Some(c) = affinity
             && let Some(id) = self.sticky.lock().ok().and_then(|s| s.get(c).cloned())
         {
             match list.iter().find(|a| a.id == id) {
@@ -240,7 +260,7 @@ impl Accounts {
                 _ => previous = Some(id),
             }
         }
-        let key = conversation.map(ConversationId::as_str).unwrap_or(routing);
+        let key = affinity.map(|(_, a)| a.as_str()).unwrap_or(routing);
         let chosen = list
             .iter()
             .filter(|a| a.is_usable())
@@ -263,7 +283,7 @@ impl Accounts {
                 .min();
             return Err(NoUsableAccount { retry_after });
         };
-        if let Some(c) = conversation
+        if let Some(c) = affinity
             && let Ok(mut s) = self.sticky.lock()
             && s.get(c) != Some(&account.id)
         {
@@ -310,7 +330,7 @@ impl Accounts {
             match list.iter().find(|a| a.id.as_str() == c.id) {
                 Some(old) if old.same_credentials(c, secrets) => {
                     old.apply_settings(c);
-                    if old.availability() == Availability::AuthFailed {
+                    if matches!(old.availability(), Availability::AuthFailed { .. }) {
                         old.set(Availability::Usable);
                     }
                     next.push(old.clone());
@@ -351,6 +371,8 @@ mod tests {
                 chatgpt_account_id: None,
                 weight: *w,
                 max_connections: None,
+                organization: None,
+                project: None,
             })
             .collect();
         let mut secrets = Secrets::default();
@@ -360,8 +382,8 @@ mod tests {
         Accounts::from_config(&configs, &secrets, 1000)
     }
 
-    fn conv(s: &str) -> ConversationId {
-        ConversationId::new(s)
+    fn conv(s: &str) -> AffinityKey {
+        (ClientId::new("t"), ConversationId::new(s))
     }
 
     #[tokio::test(start_paused = true)]
@@ -413,7 +435,12 @@ mod tests {
     #[test]
     fn reload_removes_and_replaces_and_forgives_auth() {
         let a = accounts(&["a", "b", "c"], &[1, 1, 1]);
-        a.set_availability(&AccountId::new("c"), Availability::AuthFailed);
+        a.set_availability(
+            &AccountId::new("c"),
+            Availability::AuthFailed {
+                retry_at: Instant::now() + Duration::from_secs(3600),
+            },
+        );
         let mut configs: Vec<AccountConfig> = ["b", "c", "d"]
             .iter()
             .map(|id| AccountConfig {
@@ -425,6 +452,8 @@ mod tests {
                 chatgpt_account_id: None,
                 weight: 1,
                 max_connections: Some(3),
+                organization: None,
+                project: None,
             })
             .collect();
         configs[0].weight = 5;
@@ -440,6 +469,22 @@ mod tests {
         assert_eq!(c.max_connections(), Some(3));
         assert_eq!(a.get(&AccountId::new("b")).unwrap().weight(), 5);
         assert!(a.get(&AccountId::new("a")).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn affinities_are_per_client_and_auth_failures_are_retried() {
+        let a = accounts(&["a", "b"], &[1, 1]);
+        let mine = (ClientId::new("one"), ConversationId::new("s"));
+        let theirs = (ClientId::new("two"), ConversationId::new("s"));
+        let first = a.assign(Some(&mine), "x").unwrap().account;
+        let _lease = first.lease();
+        // The same affinity id of another client is another assignment (least loaded: b).
+        assert_ne!(a.assign(Some(&theirs), "x").unwrap().account.id, first.id);
+        let retry_at = Instant::now() + Duration::from_secs(300);
+        assert!(a.set_availability(&first.id, Availability::AuthFailed { retry_at }));
+        assert!(!first.is_usable());
+        tokio::time::sleep(Duration::from_secs(301)).await;
+        assert!(first.is_usable(), "checked again after routing.auth_retry");
     }
 
     #[test]

@@ -113,6 +113,12 @@ pub struct AccountConfig {
     /// Pooled connections of this account; default `pool.max_per_account`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Sent upstream as `openai-organization` (never taken from the client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<String>,
+    /// Sent upstream as `openai-project` (never taken from the client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 fn one() -> u32 {
@@ -128,6 +134,10 @@ pub struct RoutingConfig {
     pub cooldown: Duration,
     /// Remembered conversation -> account assignments. Default 100000.
     pub max_conversations: usize,
+    /// An account whose credential the upstream refused at the handshake is tried again
+    /// after this (the next dial is the check; it recovers if that succeeds). Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub auth_retry: Duration,
 }
 
 /// The listener's TLS certificate.
@@ -146,7 +156,7 @@ pub struct TlsConfig {
 pub struct LimitsConfig {
     /// Client WebSocket sessions at once; more get HTTP 503 before the upgrade. Default 10000.
     pub max_client_connections: usize,
-    /// Sessions at once per client key (`clients[].name`); 0 = no per-key limit. Default 0.
+    /// Sessions at once per client key (`clients[].name`); 0 = no per-key limit. Default 256.
     pub max_connections_per_client: usize,
     /// A client must complete its handshake within this: the TLS handshake (with `tls`), and
     /// then the whole HTTP upgrade request head; else the connection is closed. Also closes
@@ -176,7 +186,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_client_connections: 10_000,
-            max_connections_per_client: 0,
+            max_connections_per_client: 256,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             max_header_size: ByteSize::kib(64),
@@ -297,6 +307,8 @@ impl Default for Config {
                 chatgpt_account_id: None,
                 weight: 1,
                 max_connections: None,
+                organization: None,
+                project: None,
             }],
             routing: RoutingConfig::default(),
             pool: PoolConfig::default(),
@@ -326,6 +338,7 @@ impl Default for RoutingConfig {
         RoutingConfig {
             cooldown: Duration::from_secs(60),
             max_conversations: 100_000,
+            auth_retry: Duration::from_secs(300),
         }
     }
 }

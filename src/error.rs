@@ -61,13 +61,41 @@ pub enum DialError {
 }
 
 impl DialError {
-    /// The HTTP status a client should see for this failure.
+    /// The HTTP status a client should see for this failure. Only an upstream refusal's
+    /// 4xx/5xx passes through; any other non-101 answer (a 200, a 3xx, a 1xx) is a 502.
     pub fn http_status(&self) -> u16 {
         match self {
             DialError::Timeout(_) => 504,
-            DialError::Status { status, .. } => *status,
+            DialError::Status { status, .. } if (400..=599).contains(status) => *status,
             _ => 502,
         }
+    }
+
+    /// True if the upstream refused the account's credential (so the account, not the
+    /// request, is at fault): a 401 whose body names no other cause, or a 401/403 whose
+    /// `error.code`/`error.type` is a credential code. A 401 about the organization or
+    /// project, or a 403 about anything else, is not.
+    pub fn refuses_credential(&self) -> bool {
+        let DialError::Status { status, body } = self else {
+            return false;
+        };
+        if !matches!(status, 401 | 403) {
+            return false;
+        }
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let err = &v["error"];
+        let codes: Vec<&str> = [&err["code"], &err["type"]]
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        if codes.iter().any(|c| CREDENTIAL_CODES.contains(c)) {
+            return true;
+        }
+        // A bare 401 (no JSON, or a generic type) is about authentication.
+        *status == 401
+            && !codes
+                .iter()
+                .any(|c| !matches!(*c, "invalid_request_error" | "authentication_error"))
     }
 
     /// Short machine-readable code for the `error` event.
@@ -81,6 +109,18 @@ impl DialError {
         }
     }
 }
+
+/// `error.code` / `error.type` values of a handshake refusal that blame the credential.
+const CREDENTIAL_CODES: &[&str] = &[
+    "invalid_api_key",
+    "invalid_authentication",
+    "authentication_error",
+    "token_expired",
+    "token_invalidated",
+    "token_revoked",
+    "account_deactivated",
+    "invalid_access_token",
+];
 
 /// Why a session could not get an upstream connection.
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +136,16 @@ pub enum AcquireError {
     /// The gateway is shutting down.
     #[error("gateway is shutting down")]
     ShuttingDown,
+    /// `pool.max_total` upstream connections are open or dialing (one-shots included).
+    #[error("the gateway is at its upstream connection limit (pool.max_total); try again")]
+    AtCapacity,
 }
 
 impl AcquireError {
     pub fn http_status(&self) -> u16 {
         match self {
             AcquireError::NoAccount { .. } => 429,
-            AcquireError::ShuttingDown => 503,
+            AcquireError::ShuttingDown | AcquireError::AtCapacity => 503,
             AcquireError::Dial(d) => d.http_status(),
         }
     }
@@ -111,6 +154,7 @@ impl AcquireError {
         match self {
             AcquireError::NoAccount { .. } => "all_accounts_unavailable",
             AcquireError::ShuttingDown => "shutting_down",
+            AcquireError::AtCapacity => "upstream_capacity",
             AcquireError::Dial(d) => d.code(),
         }
     }
@@ -138,4 +182,43 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(status: u16, body: &str) -> DialError {
+        DialError::Status {
+            status,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn credential_refusals() {
+        assert!(refusal(401, "").refuses_credential(), "a bare 401");
+        assert!(refusal(401, "mock rejects with 401").refuses_credential());
+        assert!(
+            refusal(401, r#"{"error":{"code":"invalid_api_key","message":"x"}}"#)
+                .refuses_credential()
+        );
+        assert!(
+            !refusal(401, r#"{"error":{"code":"mismatched_organization"}}"#).refuses_credential(),
+            "the organization header, not the key"
+        );
+        assert!(!refusal(403, r#"{"error":{"code":"unsupported_country"}}"#).refuses_credential());
+        assert!(refusal(403, r#"{"error":{"type":"account_deactivated"}}"#).refuses_credential());
+        assert!(!refusal(403, "").refuses_credential());
+        assert!(!refusal(429, "").refuses_credential());
+    }
+
+    #[test]
+    fn only_4xx_and_5xx_pass_through() {
+        assert_eq!(refusal(200, "").http_status(), 502);
+        assert_eq!(refusal(302, "").http_status(), 502);
+        assert_eq!(refusal(100, "").http_status(), 502);
+        assert_eq!(refusal(403, "").http_status(), 403);
+        assert_eq!(refusal(503, "").http_status(), 503);
+    }
 }

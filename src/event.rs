@@ -10,9 +10,6 @@ use serde::Deserialize;
 /// Client event types that start a turn.
 pub const RESPONSE_CREATE: &str = "response.create";
 
-/// Client events meant for a response that is in flight: forwarded at once, never held.
-pub const IN_TURN_EVENTS: &[&str] = &["response.steer", "response.inject"];
-
 /// Upstream events that end a turn (DESIGN §1).
 pub fn is_terminal(event_type: &str) -> bool {
     matches!(
@@ -82,10 +79,6 @@ impl<'a> ClientEvent<'a> {
         self.kind() == RESPONSE_CREATE
     }
 
-    pub fn is_in_turn_event(&self) -> bool {
-        IN_TURN_EVENTS.contains(&self.kind())
-    }
-
     /// A `response.create` with a `previous_response_id` continues a response that only the
     /// upstream connection that produced it knows (store=false).
     pub fn is_continuation(&self) -> bool {
@@ -112,7 +105,8 @@ pub struct Terminal {
     pub usage: Option<(u64, u64)>,
     /// `response.id` of a `response.completed` (it can be continued on this connection).
     pub completed_response_id: Option<String>,
-    /// The account is rate- or usage-limited (status 429 or a limit code).
+    /// The account is rate- or usage-limited (status 429 or a limit code), account-wide: a
+    /// refusal of this one request (a request larger than the limit) does not count.
     pub rate_limited: bool,
     /// `resets_in_seconds` of a limit error, if given.
     pub retry_after: Option<std::time::Duration>,
@@ -131,6 +125,8 @@ impl Terminal {
             kind: Option<String>,
             #[serde(default)]
             resets_in_seconds: Option<f64>,
+            #[serde(default)]
+            message: Option<String>,
         }
         #[derive(Deserialize, Default)]
         struct Details {
@@ -182,13 +178,30 @@ impl Terminal {
         let is =
             |name: &str| err.code.as_deref() == Some(name) || err.kind.as_deref() == Some(name);
         t.connection_limit = is("websocket_connection_limit_reached");
-        t.rate_limited = ev.status == Some(429) || RATE_LIMIT_CODES.iter().any(|c| is(c));
+        let limited = ev.status == Some(429) || RATE_LIMIT_CODES.iter().any(|c| is(c));
+        t.rate_limited = limited && !request_specific(&err.code, &err.message);
         t.retry_after = err
             .resets_in_seconds
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(|s| std::time::Duration::from_secs_f64(s.min(7.0 * 86400.0)));
         t
     }
+}
+
+/// A limit refusal about this one request rather than the account: the real API answers a
+/// request larger than a per-minute token limit with 429 `rate_limit_exceeded` and "Request
+/// too large for ... Limit N, Requested M"; retrying it elsewhere or cooling the account helps
+/// nobody.
+fn request_specific(code: &Option<String>, message: &Option<String>) -> bool {
+    const REQUEST_CODES: &[&str] = &[
+        "request_too_large",
+        "context_length_exceeded",
+        "string_above_max_length",
+    ];
+    code.as_deref().is_some_and(|c| REQUEST_CODES.contains(&c))
+        || message
+            .as_deref()
+            .is_some_and(|m| m.to_ascii_lowercase().contains("request too large"))
 }
 
 /// An `error` event from the gateway itself, as a JSON value (callers may add fields).
@@ -262,11 +275,6 @@ mod tests {
         let ev = ClientEvent::parse(r#"{"type":"response.create","previous_response_id":null}"#)
             .unwrap();
         assert!(!ev.is_continuation());
-        assert!(
-            ClientEvent::parse(r#"{"type":"response.steer"}"#)
-                .unwrap()
-                .is_in_turn_event()
-        );
         assert!(matches!(
             ClientEvent::parse("{nope"),
             Err(ClientFrameError::InvalidJson(_))
@@ -304,6 +312,14 @@ mod tests {
             r#"{"type":"response.failed","response":{"id":"r","error":{"code":"rate_limit_exceeded","message":"try again"}}}"#,
         );
         assert!(t.rate_limited && t.retry_after.is_none() && t.completed_response_id.is_none());
+        let t = Terminal::inspect(
+            "error",
+            r#"{"type":"error","status":429,"error":{"code":"rate_limit_exceeded","message":"Request too large for gpt-5 in organization org-x on tokens per min (TPM): Limit 30000, Requested 52000."}}"#,
+        );
+        assert!(
+            !t.rate_limited,
+            "one oversized request does not cool the account"
+        );
         let t = Terminal::inspect(
             "error",
             r#"{"type":"error","status":400,"error":{"code":"websocket_connection_limit_reached"}}"#,

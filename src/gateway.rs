@@ -15,8 +15,10 @@ use crate::accounts::{Accounts, Availability};
 use crate::config::{Config, Secrets};
 use crate::error::{AcquireError, DialError, StartError};
 use crate::headers::ForwardHeaders;
-use crate::ids::{AccountId, ConversationId};
-use crate::pool::{self, Checkout, EvictReason, NewReason, Pool, PoolKey, PoolStats, Pooled};
+use crate::ids::{AccountId, ClientId, ConversationId, Route};
+use crate::pool::{
+    self, Checkout, CheckoutOptions, EvictReason, NewReason, Pool, PoolKey, PoolStats, Pooled,
+};
 use crate::upstream::{Dialer, UpstreamConn, ws_config};
 
 /// Cheap-to-clone handle to a running gateway's state. Tests and the demo use it to inspect
@@ -218,12 +220,12 @@ impl Gateway {
         self.shared.status()
     }
 
-    /// The account a conversation is assigned to now (assigning it if new).
-    pub fn assigned_account(&self, conversation: &str) -> Option<String> {
-        let c = ConversationId::new(conversation);
+    /// The account a client's affinity is assigned to now (assigning it if new).
+    pub fn assigned_account(&self, client: &str, affinity: &str) -> Option<String> {
+        let key = (ClientId::new(client), ConversationId::new(affinity));
         self.shared
             .accounts
-            .assign(Some(&c), conversation)
+            .assign(Some(&key), affinity)
             .ok()
             .map(|a| a.account.id.to_string())
     }
@@ -384,54 +386,67 @@ impl Shared {
         }
     }
 
-    /// Gets an upstream connection for a session: the conversation's account, then the pool's
-    /// decision (logged), then a dial unless the pool handed out a connection. A credential the
-    /// upstream refuses (401/403) or rate-limits (429) at the handshake makes that account
-    /// unusable and the acquire moves on to the next account.
-    /// `routing` spreads unpooled sessions over accounts when there is no conversation;
+    /// Gets an upstream connection for a route: the affinity's account, then the pool's
+    /// decision (logged), then a dial unless the pool handed out a connection. An upstream
+    /// that refuses the account's credential (see [`DialError::refuses_credential`]) or
+    /// rate-limits it (429) at the handshake makes that account unusable and the acquire moves
+    /// on to the next account; any other refusal is the request's and is returned as it is.
+    /// `routing` spreads unpooled sessions over accounts when there is no affinity;
     /// `hint` overrides the `new` reason (stale-reuse retry).
     pub async fn acquire(
         &self,
-        conversation: Option<&ConversationId>,
+        route: &Route,
         routing: &str,
         headers: &ForwardHeaders,
         hint: Option<NewReason>,
     ) -> Result<Pooled<UpstreamConn>, AcquireError> {
         let attempts = self.accounts.all().len().max(1);
+        let affinity = route
+            .affinity
+            .as_ref()
+            .map(|a| (route.client.clone(), a.clone()));
         let mut last_err = None;
         for _ in 0..attempts {
             if self.shutdown.is_cancelled() {
                 return Err(AcquireError::ShuttingDown);
             }
-            let assignment = self.accounts.assign(conversation, routing).map_err(|e| {
-                AcquireError::NoAccount {
+            let assignment = self
+                .accounts
+                .assign(affinity.as_ref(), routing)
+                .map_err(|e| AcquireError::NoAccount {
                     retry_after: e.retry_after,
-                }
-            })?;
+                })?;
             let account = assignment.account;
-            if let (Some(prev), Some(c)) = (assignment.previous, conversation) {
-                // The conversation changed accounts: its connections on the old one go.
-                self.pool.evict_key(
-                    &PoolKey {
-                        account: prev,
-                        conversation: c.clone(),
-                    },
-                    EvictReason::AccountChanged,
-                );
+            let key_on = |account: AccountId| {
+                route.lane.as_ref().map(|c| PoolKey {
+                    client: route.client.clone(),
+                    account,
+                    conversation: c.clone(),
+                })
+            };
+            if let Some(old) = assignment.previous.and_then(key_on) {
+                // The affinity changed accounts: the lane's connection on the old one goes.
+                self.pool.evict_key(&old, EvictReason::AccountChanged);
             }
-            let key = conversation.map(|c| PoolKey {
-                account: account.id.clone(),
-                conversation: c.clone(),
-            });
+            let key = key_on(account.id.clone());
             if let Some(k) = &key {
                 // A reconnecting client may race its own previous session's teardown.
                 self.pool
                     .wait_released(k, self.pool.limits().busy_wait)
                     .await;
             }
-            let Checkout { mut pooled, .. } =
-                self.pool
-                    .checkout_with(key, &account.id, account.max_connections(), hint);
+            let opts = CheckoutOptions {
+                account_cap: account.max_connections(),
+                hint,
+                affinity: route.affinity.clone(),
+            };
+            let Checkout { mut pooled, .. } = self
+                .pool
+                .checkout_with(key, &account.id, &opts)
+                .map_err(|_| {
+                    crate::metrics::error("upstream_capacity");
+                    AcquireError::AtCapacity
+                })?;
             if pooled.conn().is_none() {
                 match self.dialer.dial(pooled.id(), &account, headers).await {
                     Ok(conn) => pooled.attach(conn),
@@ -440,10 +455,13 @@ impl Shared {
                         crate::metrics::error("dial_failed");
                         drop(pooled);
                         match &e {
-                            DialError::Status {
-                                status: 401 | 403, ..
-                            } => {
-                                self.make_unusable(&account.id, Availability::AuthFailed);
+                            e if e.refuses_credential() => {
+                                let retry_at =
+                                    tokio::time::Instant::now() + self.config().routing.auth_retry;
+                                self.make_unusable(
+                                    &account.id,
+                                    Availability::AuthFailed { retry_at },
+                                );
                             }
                             DialError::Status { status: 429, .. } => {
                                 self.cool_down(&account.id, None)

@@ -1,17 +1,26 @@
-//! Header rules (DESIGN §2, §6): conversation-id resolution, what is forwarded upstream,
+//! Header rules (DESIGN §2, §6): lane and affinity resolution, what is forwarded upstream,
 //! and what is copied from the upstream's 101 back to the client.
+//!
+//! Headers that describe an account (`openai-organization`, `openai-project`,
+//! `chatgpt-account-id`, `authorization`) are never taken from the client: the dial sets them
+//! from the account.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::ids::ConversationId;
+use crate::ids::{ClientId, ConversationId, Route};
 
-/// Conversation id headers, in the order they are looked at.
-pub const CONVERSATION_HEADERS: &[&str] = &[
-    "session_id",
-    "session-id",
+/// Lane headers, in the order they are looked at (DESIGN §2): a thread's own id first, so a
+/// root thread and its sub-agents get a socket each.
+pub const LANE_HEADERS: &[&str] = &[
     "thread-id",
     "x-client-request-id",
+    "session-id",
+    "session_id",
 ];
+
+/// Affinity headers: a Codex process tree shares `session-id` (the root thread's id), so its
+/// threads share an account and its prompt cache.
+pub const AFFINITY_HEADERS: &[&str] = &["session-id", "session_id"];
 
 /// Exact names forwarded client -> upstream.
 const FORWARD: &[&str] = &[
@@ -22,8 +31,6 @@ const FORWARD: &[&str] = &[
     "session-id",
     "thread-id",
     "x-client-request-id",
-    "openai-organization",
-    "openai-project",
 ];
 
 /// Copied from the upstream 101 onto the client's 101.
@@ -37,10 +44,42 @@ pub const RESPONSE_COPY: &[&str] = &[
 /// Headers at most this long are forwarded; longer ones are dropped.
 const MAX_FORWARDED_VALUE: usize = 8 * 1024;
 
-/// The conversation id from the first header that has one. A header present but invalid is an
-/// error (the client gets HTTP 400), not a silent fallback.
-pub fn conversation_from_headers(headers: &HeaderMap) -> Result<Option<ConversationId>, String> {
-    for name in CONVERSATION_HEADERS {
+/// The lane and affinity ids the upgrade headers carry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderIds {
+    pub lane: Option<ConversationId>,
+    pub affinity: Option<ConversationId>,
+}
+
+impl HeaderIds {
+    /// Reads both ids. A header present but invalid is an error (the client gets HTTP 400),
+    /// not a silent fallback.
+    pub fn from_headers(headers: &HeaderMap) -> Result<HeaderIds, String> {
+        Ok(HeaderIds {
+            lane: first_id(headers, LANE_HEADERS)?,
+            affinity: first_id(headers, AFFINITY_HEADERS)?,
+        })
+    }
+
+    /// The route: lane = headers, else the body's `prompt_cache_key`; affinity = the
+    /// `session-id` header, else `prompt_cache_key`, else the lane.
+    pub fn route(&self, client: ClientId, prompt_cache_key: Option<ConversationId>) -> Route {
+        let lane = self.lane.clone().or_else(|| prompt_cache_key.clone());
+        let affinity = self
+            .affinity
+            .clone()
+            .or(prompt_cache_key)
+            .or_else(|| lane.clone());
+        Route {
+            client,
+            lane,
+            affinity,
+        }
+    }
+}
+
+fn first_id(headers: &HeaderMap, names: &[&str]) -> Result<Option<ConversationId>, String> {
+    for name in names {
         if let Some(v) = headers.get(*name) {
             let s = v
                 .to_str()
@@ -103,29 +142,51 @@ mod tests {
         h
     }
 
+    fn ids(pairs: &[(&str, &str)]) -> (Option<String>, Option<String>) {
+        let r = HeaderIds::from_headers(&map(pairs))
+            .unwrap()
+            .route(ClientId::anonymous(), None);
+        (
+            r.lane.map(|l| l.to_string()),
+            r.affinity.map(|a| a.to_string()),
+        )
+    }
+
     #[test]
-    fn conversation_order() {
-        let h = map(&[
-            ("x-client-request-id", "c"),
-            ("thread-id", "b"),
-            ("session-id", "a"),
+    fn lane_and_affinity_order() {
+        // A Codex sub-agent: its own thread id is the lane, the root's session id the affinity.
+        let sub = ids(&[
+            ("x-client-request-id", "child"),
+            ("thread-id", "child"),
+            ("session-id", "root"),
         ]);
+        assert_eq!(sub, (Some("child".into()), Some("root".into())));
         assert_eq!(
-            conversation_from_headers(&h).unwrap().unwrap().as_str(),
-            "a"
+            ids(&[("x-client-request-id", "c"), ("session_id", "s")]),
+            (Some("c".into()), Some("s".into()))
         );
-        let h = map(&[("x-client-request-id", "c"), ("thread-id", "b")]);
         assert_eq!(
-            conversation_from_headers(&h).unwrap().unwrap().as_str(),
-            "b"
+            ids(&[("session_id", "u"), ("session-id", "a")]),
+            (Some("a".into()), Some("a".into()))
         );
-        let h = map(&[("session_id", "u"), ("session-id", "a")]);
         assert_eq!(
-            conversation_from_headers(&h).unwrap().unwrap().as_str(),
-            "u"
+            ids(&[("thread-id", "t")]),
+            (Some("t".into()), Some("t".into()))
         );
-        assert!(conversation_from_headers(&map(&[])).unwrap().is_none());
-        assert!(conversation_from_headers(&map(&[("session-id", "has space")])).is_err());
+        assert_eq!(ids(&[]), (None, None));
+        assert!(HeaderIds::from_headers(&map(&[("session-id", "has space")])).is_err());
+        // The body's prompt_cache_key fills what the headers lack.
+        let pck = Some(ConversationId::new("pck"));
+        let r = HeaderIds::default().route(ClientId::anonymous(), pck.clone());
+        assert_eq!(
+            (r.lane.clone(), r.affinity.clone()),
+            (pck.clone(), pck.clone())
+        );
+        let r = HeaderIds::from_headers(&map(&[("thread-id", "t")]))
+            .unwrap()
+            .route(ClientId::anonymous(), pck.clone());
+        assert_eq!(r.affinity, pck);
+        assert_eq!(r.distinct_affinity(), pck.as_ref());
     }
 
     #[test]
@@ -137,6 +198,8 @@ mod tests {
             ("session-id", "s"),
             ("x-codex-turn-metadata", "{}"),
             ("chatgpt-account-id", "from-client"),
+            ("openai-organization", "org-evil"),
+            ("openai-project", "proj-evil"),
             ("sec-websocket-key", "k"),
             ("sec-websocket-extensions", "permessage-deflate"),
             ("connection", "Upgrade"),

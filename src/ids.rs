@@ -7,9 +7,15 @@ use std::sync::Arc;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AccountId(Arc<str>);
 
-/// A conversation (Codex thread) id, from headers or `prompt_cache_key` (DESIGN §2).
+/// A conversation id, from headers or `prompt_cache_key` (DESIGN §2): a lane (one upstream
+/// socket, serialized turns) or an affinity (which account serves it).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConversationId(Arc<str>);
+
+/// The tenant: the client key's name (`clients[].name`), or [`ClientId::anonymous`] when the
+/// gateway runs without client keys. One tenant never rides another's connection.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(Arc<str>);
 
 macro_rules! str_id {
     ($t:ident) => {
@@ -40,6 +46,35 @@ macro_rules! str_id {
 }
 str_id!(AccountId);
 str_id!(ConversationId);
+str_id!(ClientId);
+
+impl ClientId {
+    /// The single tenant of a gateway without client keys (`clients: []`).
+    pub fn anonymous() -> ClientId {
+        ClientId::new("-")
+    }
+}
+
+/// Where a session's turns go (DESIGN §2): the tenant, the lane (the pool key's conversation
+/// part) and the affinity (the key of the sticky account assignment). Both ids are scoped by
+/// the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub client: ClientId,
+    /// `None`: served unpooled (`bypass reason=no_key`).
+    pub lane: Option<ConversationId>,
+    /// `None` only when `lane` is `None` too.
+    pub affinity: Option<ConversationId>,
+}
+
+impl Route {
+    /// The affinity, if it differs from the lane (logged as `affinity=`).
+    pub fn distinct_affinity(&self) -> Option<&ConversationId> {
+        self.affinity
+            .as_ref()
+            .filter(|a| Some(*a) != self.lane.as_ref())
+    }
+}
 
 /// Longest conversation id accepted from a client.
 pub const MAX_CONVERSATION_ID_LEN: usize = 256;

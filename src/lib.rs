@@ -1,17 +1,18 @@
 //! wsgate: a WebSocket-first gateway for Codex-style clients of the OpenAI Responses API
 //! WebSocket mode. Each client session rides a pooled upstream WebSocket keyed by
-//! `(account, conversation)`, so `previous_response_id` continuations and the prompt cache
+//! `(client, account, lane)`, so `previous_response_id` continuations and the prompt cache
 //! survive client reconnects.
 //!
 //! # Layout
 //! - [`config`]: `gateway.yaml` schema, figment loading, validation, secrets.
 //! - [`telemetry`]: tracing subscriber (pretty / JSON).
 //! - [`error`]: typed errors per boundary.
-//! - [`ids`]: `AccountId`, `ConversationId`.
+//! - [`ids`]: `AccountId`, `ConversationId`, `ClientId`, `Route` (client, lane, affinity).
 //! - `fifo`: `FifoMap`, the bounded map behind sticky assignments and tombstones.
 //! - [`accounts`]: upstream credentials, usability, conversation -> account assignment.
-//! - [`headers`]: conversation-id resolution, header forwarding rules.
+//! - [`headers`]: lane and affinity resolution, header forwarding rules.
 //! - [`event`]: frame sniffing, terminal events, gateway `error` events.
+//! - [`turn`]: turn integrity (the ledger that attributes upstream events to client events).
 //! - [`close`]: the close-code policy.
 //! - [`tls`]: the upstream rustls config (ring).
 //! - [`upstream`]: dialing, `UpstreamConn`.
@@ -53,6 +54,7 @@ mod session;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod turn;
 pub mod upstream;
 
 pub use config::Config;

@@ -22,7 +22,8 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::error::AcquireError;
 use crate::gateway::Gateway;
-use crate::headers::{ForwardHeaders, conversation_from_headers};
+use crate::headers::{ForwardHeaders, HeaderIds};
+use crate::ids::ClientId;
 use crate::listener::{HandshakeLimits, TlsListener, serve_http};
 use crate::session::{Session, SessionStart};
 
@@ -277,7 +278,7 @@ async fn upgrade(
     let shared = &gw.shared;
     let headers = req.headers();
     let client = match authenticate(&shared.client_keys(), headers) {
-        Ok(name) => name.unwrap_or("-").to_string(),
+        Ok(name) => name.map(ClientId::from).unwrap_or_else(ClientId::anonymous),
         Err(()) => {
             debug!(client.addr = %peer, "rejected client key");
             return unauthorized("invalid_api_key", "missing or wrong gateway API key");
@@ -303,7 +304,7 @@ async fn upgrade(
             "the gateway is at limits.max_client_connections",
         );
     };
-    let client_slot = match shared.client_permit(&client) {
+    let client_slot = match shared.client_permit(client.as_str()) {
         None => None,
         Some(Ok(p)) => Some(p),
         Some(Err(())) => {
@@ -332,10 +333,19 @@ async fn upgrade(
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return r;
     }
-    let conversation = match conversation_from_headers(headers) {
-        Ok(c) => c,
+    if req.version() < http::Version::HTTP_11 {
+        // RFC 6455 §4.1: the opening handshake is HTTP/1.1 or later. Refused before any dial.
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_upgrade",
+            "WebSocket upgrades need HTTP/1.1",
+        );
+    }
+    let ids = match HeaderIds::from_headers(headers) {
+        Ok(ids) => ids,
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, "invalid_conversation_id", &msg),
     };
+    let route = ids.route(client.clone(), None);
     let forward = ForwardHeaders::from_client(headers);
     let accept = derive_accept_key(
         headers
@@ -352,7 +362,7 @@ async fn upgrade(
         account = field::Empty,
         conversation = field::Empty,
     );
-    if let Some(c) = &conversation {
+    if let Some(c) = &route.lane {
         span.record("conversation", field::display(c));
     }
 
@@ -364,12 +374,12 @@ async fn upgrade(
     // `limits.max_client_connections`.
     let mut upstream = None;
     let mut slot = slot;
-    if let Some(c) = &conversation {
+    if route.lane.is_some() {
         let acquired = shared.sessions.spawn({
-            let (shared, c, forward) = (shared.clone(), c.clone(), forward.clone());
+            let (shared, route, forward) = (shared.clone(), route.clone(), forward.clone());
             async move {
                 let acquired = shared
-                    .acquire(Some(&c), &id.to_string(), &forward, None)
+                    .acquire(&route, &id.to_string(), &forward, None)
                     .await;
                 (slot, acquired)
             }
@@ -431,7 +441,8 @@ async fn upgrade(
     let start = SessionStart {
         id,
         span: span.clone(),
-        conversation,
+        ids,
+        route,
         headers: forward,
         upstream,
     };

@@ -1,11 +1,17 @@
 //! One client WebSocket session: its turn loop over one upstream connection at a time.
 //!
 //! Invariants:
-//! - At most one turn in flight: a `response.create` (or any frame but `response.steer` /
-//!   `response.inject`) arriving during a turn is held, bounded by `relay.max_queued_frames`,
-//!   and sent after the upstream's terminal event. Frames are never reordered.
-//! - The upstream connection is marked reusable only between clean turns; if the session
-//!   ends mid-turn, or the upstream fails, it is discarded and never pooled.
+//! - Only client events the gateway understands reach the upstream (`response.create`,
+//!   `response.steer`, `response.inject`, `response.processed`); anything else gets a local
+//!   `error` (400).
+//! - At most one turn in flight: a `response.create` arriving during a turn is held, bounded by
+//!   `relay.max_queued_frames`, and sent after the turn's own terminal event (the
+//!   [`Ledger`] decides which event that is). Side events are sent at once unless something is
+//!   held before them. Frames are never reordered.
+//! - The upstream connection is reusable only between turns and while the ledger is clean
+//!   (everything sent was answered, nothing unattributed arrived); if the session ends
+//!   mid-turn, the upstream fails, or an event could not be attributed, it is discarded and
+//!   never pooled.
 //! - Rotation (max-age, account change) happens only at the start of a turn, and only for full
 //!   requests: a continuation (`previous_response_id`) stays on the connection that owns it.
 //! - Upstream frames are relayed verbatim and in order; the client writer is the back-pressure
@@ -28,10 +34,11 @@ use crate::close::{self, Disposition};
 use crate::error::AcquireError;
 use crate::event::{self, ClientEvent, ClientFrameError};
 use crate::gateway::Shared;
-use crate::headers::ForwardHeaders;
-use crate::ids::ConversationId;
+use crate::headers::{ForwardHeaders, HeaderIds};
+use crate::ids::{ConversationId, Route};
 use crate::pool::{EvictReason, NewReason, PoolKey, Pooled};
 use crate::pump::PumpEvent;
+use crate::turn::{Attribution, Ledger, Sent};
 use crate::upstream::UpstreamConn;
 
 pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -62,7 +69,9 @@ struct Turn {
 pub(crate) struct SessionStart {
     pub id: u64,
     pub span: Span,
-    pub conversation: Option<ConversationId>,
+    /// The ids the upgrade headers carried (the body fills the gaps at the first request).
+    pub ids: HeaderIds,
+    pub route: Route,
     pub headers: ForwardHeaders,
     pub upstream: Option<Pooled<UpstreamConn>>,
 }
@@ -72,11 +81,14 @@ pub(crate) struct Session {
     id: u64,
     span: Span,
     client: ClientWs,
-    conversation: Option<ConversationId>,
-    /// True once the conversation can no longer change (first turn started).
+    ids: HeaderIds,
+    route: Route,
+    /// True once the route can no longer change (first turn started).
     keyed: bool,
     headers: ForwardHeaders,
     upstream: Option<Pooled<UpstreamConn>>,
+    /// What the upstream connection in `upstream` owes us (reset with the connection).
+    ledger: Ledger,
     turn: Option<Turn>,
     held: VecDeque<Utf8Bytes>,
     turn_seq: u64,
@@ -97,9 +109,11 @@ impl Session {
             span: start.span,
             client,
             keyed: start.upstream.is_some(),
-            conversation: start.conversation,
+            ids: start.ids,
+            route: start.route,
             headers: start.headers,
             upstream: start.upstream,
+            ledger: Ledger::default(),
             turn: None,
             held: VecDeque::new(),
             turn_seq: 0,
@@ -144,17 +158,18 @@ impl Session {
         self.finish();
     }
 
-    /// Ends the session: the upstream goes back to the pool only if no turn was in flight.
+    /// Ends the session: the upstream goes back to the pool only if no turn was in flight
+    /// and its ledger is clean.
     fn finish(&mut self) {
-        if let Some(mut up) = self.upstream.take() {
-            if let Some(turn) = self.turn.take() {
+        if let Some(turn) = self.turn.take() {
+            if let Some(up) = &self.upstream {
                 info!(parent: &turn.span, upstream.id = up.id(), "client left mid-turn; upstream discarded");
-                crate::metrics::turn("aborted", turn.started.elapsed());
-                crate::metrics::error("client_left_mid_turn");
-                up.set_reusable(false);
             }
-            drop(up);
+            crate::metrics::turn("aborted", turn.started.elapsed());
+            crate::metrics::error("client_left_mid_turn");
         }
+        self.sync_reusable();
+        drop(self.upstream.take());
         self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
         ::metrics::counter!(crate::metrics::CLIENT_CLOSED).increment(1);
         debug!(turns = self.turn_seq, "session ended");
@@ -233,15 +248,25 @@ impl Session {
     }
 
     async fn client_text(&mut self, text: Utf8Bytes) -> Flow {
-        let parsed = match ClientEvent::parse(&text) {
-            Ok(ev) => (
-                ev.is_create(),
-                ev.is_in_turn_event(),
-                ev.previous_response_id
-                    .filter(|p| !p.is_empty())
-                    .map(|p| p.into_owned()),
-                ev.prompt_cache_key.map(|c| c.into_owned()),
-            ),
+        let (kind, previous, cache_key) = match ClientEvent::parse(&text) {
+            Ok(ev) => match Sent::from_type(ev.kind()) {
+                Some(kind) => (
+                    kind,
+                    ev.previous_response_id
+                        .filter(|p| !p.is_empty())
+                        .map(|p| p.into_owned()),
+                    ev.prompt_cache_key.map(|c| c.into_owned()),
+                ),
+                None => {
+                    crate::metrics::error("client_unsupported_event");
+                    let ty: String = ev.kind().chars().take(64).collect();
+                    let msg = format!(
+                        "event type `{ty}` is not supported; send response.create (or response.steer, \
+                         response.inject, response.processed)"
+                    );
+                    return self.send_error(400, "unsupported_event_type", &msg).await;
+                }
+            },
             Err(e) => {
                 let code = match e {
                     ClientFrameError::InvalidJson(_) => "invalid_json",
@@ -255,8 +280,9 @@ impl Session {
                 return self.send_error(400, code, &e.to_string()).await;
             }
         };
-        let (is_create, in_turn_event, previous, cache_key) = parsed;
-        if self.turn.is_some() && !in_turn_event {
+        // Creates wait for the turn in flight; side events too when something is held before
+        // them, so nothing is reordered.
+        if self.turn.is_some() && (kind == Sent::Create || !self.held.is_empty()) {
             if self.held.len() >= self.gw.config().relay.max_queued_frames {
                 crate::metrics::error("client_queue_full");
                 self.close_client(
@@ -269,15 +295,16 @@ impl Session {
             self.held.push_back(text);
             return Flow::Continue;
         }
-        if is_create {
+        if kind == Sent::Create {
             self.start_turn(text, previous, cache_key).await
         } else {
-            self.forward_other(text).await
+            self.forward_side(kind, text).await
         }
     }
 
-    /// A client event that does not start a turn (`response.steer`, unknown types).
-    async fn forward_other(&mut self, text: Utf8Bytes) -> Flow {
+    /// A client event that does not start a turn (`response.steer`, `response.inject`,
+    /// `response.processed`): sent at once, and its answer awaited by the ledger.
+    async fn forward_side(&mut self, kind: Sent, text: Utf8Bytes) -> Flow {
         if self.upstream.as_ref().and_then(Pooled::conn).is_none() {
             return self
                 .send_error(
@@ -287,11 +314,30 @@ impl Session {
                 )
                 .await;
         }
+        if self.ledger.outstanding() >= self.gw.config().relay.max_queued_frames {
+            crate::metrics::error("client_queue_full");
+            self.close_client(
+                close::client::POLICY,
+                "too many events awaiting an upstream answer",
+            )
+            .await;
+            return Flow::Stop;
+        }
+        self.ledger.sent(kind);
+        self.sync_reusable();
         if let Err(e) = self.send_upstream(text).await {
             debug!(error = %e, "upstream send failed");
             return self.upstream_ended(None, &e.to_string()).await;
         }
         Flow::Continue
+    }
+
+    /// The held connection may go back to the pool only between turns with a clean ledger.
+    fn sync_reusable(&mut self) {
+        let clean = self.turn.is_none() && self.ledger.is_clean();
+        if let Some(up) = self.upstream.as_mut() {
+            up.set_reusable(clean);
+        }
     }
 
     /// Sends a client frame to the current upstream, counted. A failed send also surfaces as
@@ -316,14 +362,14 @@ impl Session {
     ) -> Flow {
         if !self.keyed {
             self.keyed = true;
-            if self.conversation.is_none()
+            if self.route.lane.is_none()
                 && let Some(key) = cache_key
             {
                 match ConversationId::parse(&key) {
                     Ok(c) => {
                         self.span
                             .record("conversation", tracing::field::display(&c));
-                        self.conversation = Some(c);
+                        self.route = self.ids.route(self.route.client.clone(), Some(c));
                     }
                     Err(e) => {
                         self.keyed = false;
@@ -373,6 +419,7 @@ impl Session {
         let used_before = up.is_reused() || self.conn_turns > 0;
         up.set_reusable(false);
         let retry = (previous.is_none() && used_before).then(|| text.clone());
+        self.ledger.sent(Sent::Create);
         // A failed send surfaces as the pump's end event, handled like any mid-turn failure.
         if let Err(e) = self.send_upstream(text).await {
             debug!(parent: &span, error = %e, "upstream send failed");
@@ -398,23 +445,17 @@ impl Session {
         hint: Option<NewReason>,
     ) -> impl std::future::Future<Output = Result<Pooled<UpstreamConn>, AcquireError>> + Send + 'static
     {
-        let (gw, conversation, headers) = (
-            self.gw.clone(),
-            self.conversation.clone(),
-            self.headers.clone(),
-        );
+        let (gw, route, headers) = (self.gw.clone(), self.route.clone(), self.headers.clone());
         let routing = self.id.to_string();
-        async move {
-            gw.acquire(conversation.as_ref(), &routing, &headers, hint)
-                .await
-        }
-        .instrument(self.span.clone())
+        async move { gw.acquire(&route, &routing, &headers, hint).await }
+            .instrument(self.span.clone())
     }
 
     fn set_upstream(&mut self, p: Pooled<UpstreamConn>) {
         self.span
             .record("account", tracing::field::display(p.account()));
         self.upstream = Some(p);
+        self.ledger = Ledger::default();
         self.conn_turns = 0;
     }
 
@@ -471,15 +512,23 @@ impl Session {
         {
             return true;
         }
-        let Some(conversation) = self.conversation.clone() else {
+        let (Some(lane), Some(affinity)) = (self.route.lane.clone(), self.route.affinity.clone())
+        else {
             return false;
         };
-        let Ok(assignment) = self.gw.accounts.assign(Some(&conversation), "") else {
+        let client = self.route.client.clone();
+        let Ok(assignment) = self
+            .gw
+            .accounts
+            .assign(Some(&(client.clone(), affinity)), "")
+        else {
             return false;
         };
+        // Owner routing stays within the tenant's own lane (DESIGN §2).
         let key = PoolKey {
+            client,
             account: assignment.account.id.clone(),
-            conversation,
+            conversation: lane,
         };
         match self.gw.pool.checkout_owner(&key, |c| c.produced(previous)) {
             Some(co) => {
@@ -510,12 +559,7 @@ impl Session {
         loop {
             match next {
                 Some(PumpEvent::Frame(Message::Text(text))) => {
-                    let terminal = match event::sniff_type(&text) {
-                        Some(t) if self.turn.is_some() && event::is_terminal(&t) => {
-                            Some(event::Terminal::inspect(&t, &text))
-                        }
-                        _ => None,
-                    };
+                    let terminal = self.attribute(&text);
                     counted.frames += 1;
                     counted.bytes += text.len() as u64;
                     if let Err(e) = self.client.feed(Message::Text(text)).await {
@@ -568,10 +612,40 @@ impl Session {
                 }
             }
         }
+        self.sync_reusable();
         if sent > 0 && self.client.flush().await.is_err() {
             return Flow::Stop;
         }
         Flow::Continue
+    }
+
+    /// Attributes an upstream event (see [`Ledger`]); returns the turn's terminal event, if
+    /// this is it. Events nobody asked for are still relayed to this session's client (the
+    /// connection served no one else), but the connection is never pooled again.
+    fn attribute(&mut self, text: &str) -> Option<event::Terminal> {
+        let was_tainted = self.ledger.is_tainted();
+        let ty = event::sniff_type(text);
+        let verdict = match ty.as_deref() {
+            Some(t) => self.ledger.attribute(t, text),
+            None => {
+                self.ledger.taint();
+                Attribution::Unattributed
+            }
+        };
+        if !was_tainted && self.ledger.is_tainted() {
+            let id = self.upstream.as_ref().map(Pooled::id).unwrap_or_default();
+            info!(
+                upstream.id = id,
+                event = %crate::telemetry::escape(ty.as_deref().unwrap_or("-"), 64),
+                "upstream event not attributable with certainty; the connection will not be pooled"
+            );
+        }
+        match (verdict, ty) {
+            (Attribution::Terminal, Some(t)) if self.turn.is_some() => {
+                Some(event::Terminal::inspect(&t, text))
+            }
+            _ => None,
+        }
     }
 
     async fn flush_client(&mut self, sent: usize) {
@@ -616,8 +690,8 @@ impl Session {
             if let Some(up) = self.upstream.take() {
                 self.evict(up, EvictReason::MaxAge);
             }
-        } else if let Some(up) = self.upstream.as_mut() {
-            up.set_reusable(true);
+        } else {
+            self.sync_reusable();
         }
     }
 
@@ -650,9 +724,8 @@ impl Session {
             match Box::pin(self.acquire(Some(NewReason::RetryAfterStaleReuse))).await {
                 Ok(p) => {
                     self.set_upstream(p);
-                    if let Some(up) = self.upstream.as_mut() {
-                        up.set_reusable(false);
-                    }
+                    self.ledger.sent(Sent::Create);
+                    self.sync_reusable();
                     if let Err(e) = self.send_upstream(text).await {
                         debug!(error = %e, "retry send failed");
                     }

@@ -55,6 +55,8 @@ pub struct AccountStatus {
 #[derive(Debug, Serialize)]
 pub struct PoolSummary {
     pub total: usize,
+    /// One-shot (bypass) connections open or dialing; they count against `max_total`.
+    pub one_shots: usize,
     pub idle: usize,
     pub busy: usize,
     pub dialing: usize,
@@ -64,6 +66,7 @@ pub struct PoolSummary {
 
 #[derive(Debug, Serialize)]
 pub struct ConnStatus {
+    pub client: String,
     pub conversation: String,
     pub account: String,
     pub upstream_id: u64,
@@ -79,7 +82,10 @@ pub struct DecisionStatus {
     pub decision: String,
     pub reason: &'static str,
     pub account: String,
+    pub client: String,
     pub conversation: String,
+    /// The affinity (shortened), when it differs from the lane.
+    pub affinity: Option<String>,
     pub upstream_id: u64,
 }
 
@@ -149,6 +155,7 @@ impl Shared {
         let count = |st: &str| slots.iter().filter(|s| s.state == st).count();
         let pool = PoolSummary {
             total: slots.len(),
+            one_shots: self.pool.stats().one_shots,
             idle: count("idle"),
             busy: count("busy"),
             dialing: count("dialing"),
@@ -158,6 +165,7 @@ impl Shared {
         let mut connections: Vec<ConnStatus> = slots
             .iter()
             .map(|s| ConnStatus {
+                client: s.key.client.to_string(),
                 conversation: shorten(s.key.conversation.as_str()),
                 account: s.key.account.to_string(),
                 upstream_id: s.upstream_id,
@@ -183,10 +191,15 @@ impl Shared {
                 decision: d.decision.to_string(),
                 reason: d.decision.reason(),
                 account: d.account.to_string(),
+                client: d
+                    .client
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 conversation: d
                     .conversation
                     .map(|c| shorten(c.as_str()))
                     .unwrap_or_else(|| "-".into()),
+                affinity: d.affinity.map(|a| shorten(a.as_str())),
                 upstream_id: d.upstream_id,
             })
             .collect();
@@ -369,14 +382,15 @@ pub fn render_html(s: &Status) -> String {
     let _ = write!(
         h,
         "<h2>Pool</h2><p>{} idle · {} busy · {} dialing · caps {} total, {} per account</p>\
-         <table><tr><th>upstream</th><th>conversation</th><th>account</th><th>state</th><th>age</th><th>idle</th><th>turns</th></tr>",
+         <table><tr><th>upstream</th><th>client</th><th>conversation</th><th>account</th><th>state</th><th>age</th><th>idle</th><th>turns</th></tr>",
         s.pool.idle, s.pool.busy, s.pool.dialing, s.pool.max_total, s.pool.max_per_account
     );
     for c in &s.connections {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             c.upstream_id,
+            esc(&c.client),
             esc(&c.conversation),
             esc(&c.account),
             c.state,
@@ -385,16 +399,18 @@ pub fn render_html(s: &Status) -> String {
             opt(c.turns)
         );
     }
-    h.push_str("</table><h2>Recent decisions</h2><table><tr><th>ago</th><th>decision</th><th>reason</th><th>account</th><th>conversation</th><th>upstream</th></tr>");
+    h.push_str("</table><h2>Recent decisions</h2><table><tr><th>ago</th><th>decision</th><th>reason</th><th>account</th><th>client</th><th>conversation</th><th>affinity</th><th>upstream</th></tr>");
     for d in &s.recent_decisions {
         let _ = write!(
             h,
-            "<tr><td>{}s</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}s</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             d.ago_s,
             esc(&d.decision),
             d.reason,
             esc(&d.account),
+            esc(&d.client),
             esc(&d.conversation),
+            esc(d.affinity.as_deref().unwrap_or("-")),
             d.upstream_id
         );
     }

@@ -29,3 +29,32 @@ pub fn init(config: &LogConfig) -> bool {
             .is_ok(),
     }
 }
+
+/// Untrusted text (upstream close reasons and refusal bodies, client-chosen names) for a log
+/// field: control characters become escapes (`\n`, `\u{1b}`), so one event stays one line,
+/// and the text is cut at `max` characters (`…` marks the cut).
+pub fn escape(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod escape_tests {
+    #[test]
+    fn control_characters_are_escaped_and_length_capped() {
+        assert_eq!(super::escape("a\nb\x1b[31m", 100), "a\\nb\\u{1b}[31m");
+        assert_eq!(super::escape("abcdef", 3), "abc…");
+        assert_eq!(super::escape("plain", 10), "plain");
+    }
+}

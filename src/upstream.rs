@@ -130,10 +130,15 @@ impl Dialer {
             DialError::Protocol("account credential is not a valid header value".into())
         })?;
         h.insert(http::header::AUTHORIZATION, auth);
-        if let Some(acct) = &account.chatgpt_account_id
-            && let Ok(v) = HeaderValue::from_str(acct)
-        {
-            h.insert(HeaderName::from_static("chatgpt-account-id"), v);
+        // Headers that describe the account come from the account, never from the client.
+        for (name, value) in [
+            ("chatgpt-account-id", &account.chatgpt_account_id),
+            ("openai-organization", &account.organization),
+            ("openai-project", &account.project),
+        ] {
+            if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert(HeaderName::from_static(name), v);
+            }
         }
         let started = Instant::now();
         let connect = tokio_tungstenite::connect_async_tls_with_config(

@@ -348,8 +348,9 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
 
         // Without a conversation id header the client upgrades first and the upstream is
         // dialed at its first request: the refusal is an `error` event with the same status.
-        // A credential refusal (401/403) takes the only account out until a reload, so the
-        // next request hears that no account is usable; other refusals repeat.
+        // A credential refusal (a 401 naming no other cause) takes the only account out until
+        // `routing.auth_retry`, so the next request hears that no account is usable; other
+        // refusals (this 403 names no credential code) are the request's and repeat.
         let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
         let [first, second] = first_requests(&gw).await;
         assert_eq!(
@@ -358,7 +359,7 @@ async fn upstream_handshake_failures_reach_the_client_with_their_status() {
             "{status}: {first}"
         );
         let (want_status, want_code) = match status {
-            401 | 403 => (429, "all_accounts_unavailable"),
+            401 => (429, "all_accounts_unavailable"),
             _ => (status, "upstream_rejected"),
         };
         assert_eq!(

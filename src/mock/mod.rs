@@ -11,7 +11,11 @@
 //!   connection), so cache locality is observable;
 //! - hooks from `[[mock: ...]]` directives in the last user message (see [`script`]): close
 //!   with a code or drop the TCP connection before/mid/after a turn, stall, slow deltas;
-//! - counters of accepted and open connections, and each connection's upgrade headers.
+//! - client events other than `response.create` are answered at once, even mid-turn, as the
+//!   real upstream does: `response.processed` silently, `response.steer` and unknown types with
+//!   an `error` (status 400) while the turn in flight goes on streaming;
+//! - counters of accepted and open connections, each connection's upgrade headers and the
+//!   types of the events it received.
 
 pub mod script;
 
@@ -60,6 +64,12 @@ pub struct MockConfig {
     /// Benchmark mode: deltas carry `ts_ns` (send time, ns since the Unix epoch) and are
     /// written in batches (flushed every 64 frames and at the end of the turn).
     pub speed: bool,
+    /// Handshakes carrying an `openai-organization` other than this get HTTP 401
+    /// `mismatched_organization` (the real API's answer to a foreign organization).
+    pub organization: Option<String>,
+    /// Handshakes beyond this many open connections get HTTP 429 (an upstream connection
+    /// limit); counted in [`MockUpstream::refused`].
+    pub max_open: Option<usize>,
 }
 
 impl Default for MockConfig {
@@ -78,6 +88,8 @@ impl Default for MockConfig {
             require_keys: Vec::new(),
             fresh_cost: Duration::ZERO,
             speed: false,
+            organization: None,
+            max_open: None,
         }
     }
 }
@@ -92,11 +104,18 @@ pub struct ConnRecord {
     pub creates: AtomicUsize,
     /// The close code the gateway sent, if it closed with a frame.
     pub peer_close: Mutex<Option<u16>>,
+    /// The `type` of every event received, in order (the first 1024).
+    pub received: Mutex<Vec<String>>,
 }
 
 impl ConnRecord {
     pub fn peer_close_code(&self) -> Option<u16> {
         self.peer_close.lock().ok().and_then(|c| *c)
+    }
+
+    /// The types of the events received so far.
+    pub fn received_types(&self) -> Vec<String> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -112,6 +131,8 @@ struct MockState {
     accepted: AtomicU64,
     open: AtomicUsize,
     overlaps: AtomicUsize,
+    /// Handshakes refused by `organization` or `max_open`.
+    refused: AtomicUsize,
     /// Bytes of event frames written to gateways.
     bytes_sent: AtomicU64,
     /// Last 1024 connections.
@@ -136,6 +157,7 @@ impl MockUpstream {
             accepted: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             overlaps: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
             bytes_sent: AtomicU64::new(0),
             conns: Mutex::new(VecDeque::new()),
         });
@@ -175,6 +197,11 @@ impl MockUpstream {
     /// connection.
     pub fn overlaps(&self) -> usize {
         self.state.overlaps.load(Ordering::Acquire)
+    }
+
+    /// Handshakes refused for a foreign organization or over `max_open`.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(Ordering::Acquire)
     }
 
     /// Bytes of event frames written so far.
@@ -256,13 +283,38 @@ where
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
+        let organization = req
+            .headers()
+            .get("openai-organization")
+            .and_then(|v| v.to_str().ok());
+        let foreign_org = match (&state.config.organization, organization) {
+            (Some(ours), Some(theirs)) => ours != theirs,
+            _ => false,
+        };
+        let full = state
+            .config
+            .max_open
+            .is_some_and(|max| state.open.load(Ordering::Acquire) >= max);
         let status = match reject {
-            Some(s) => Some(s),
-            None if !keys.is_empty() && !keys.iter().any(|k| k == auth) => Some(401),
+            Some(s) => Some((s, format!("mock rejects with {s}"))),
+            None if !keys.is_empty() && !keys.iter().any(|k| k == auth) => {
+                Some((401, "mock rejects with 401".into()))
+            }
+            None if foreign_org => Some((
+                401,
+                r#"{"error":{"type":"invalid_request_error","code":"mismatched_organization","message":"OpenAI-Organization header should match organization for API key"}}"#.into(),
+            )),
+            None if full => Some((
+                429,
+                r#"{"error":{"type":"requests","code":"rate_limit_exceeded","message":"too many connections"}}"#.into(),
+            )),
             None => None,
         };
-        if let Some(status) = status {
-            let mut err = ErrorResponse::new(Some(format!("mock rejects with {status}")));
+        if foreign_org || (full && reject.is_none()) {
+            state.refused.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Some((status, body)) = status {
+            let mut err = ErrorResponse::new(Some(body));
             *err.status_mut() =
                 http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
             return Err(err);
@@ -310,6 +362,7 @@ where
         headers: seen_headers,
         creates: AtomicUsize::new(0),
         peer_close: Mutex::new(None),
+        received: Mutex::new(Vec::new()),
     });
     if let Ok(mut conns) = state.conns.lock() {
         conns.push_back(record.clone());
@@ -319,7 +372,7 @@ where
     }
 
     let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<String>(256);
+    let (tx, rx) = mpsc::channel::<String>(256);
     let pending = Arc::new(AtomicUsize::new(0));
     let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -338,6 +391,12 @@ where
                 };
                 match msg {
                     Message::Text(t) => {
+                        if let Ok(mut r) = record.received.lock()
+                            && r.len() < 1024
+                        {
+                            let ty = crate::event::sniff_type(&t).unwrap_or_default();
+                            r.push(ty.into_owned());
+                        }
                         if script_is_create(&t) {
                             record.creates.fetch_add(1, Ordering::AcqRel);
                             if pending.fetch_add(1, Ordering::AcqRel) > 0 {
@@ -366,8 +425,19 @@ where
         last_context: 0,
         deaf,
     };
-    while let Some(text) = rx.recv().await {
-        match serve_frame(&state, &mut conn, &pending, &text, &mut sink).await {
+    let mut inbox = Inbox {
+        rx,
+        backlog: VecDeque::new(),
+    };
+    loop {
+        let text = match inbox.backlog.pop_front() {
+            Some(t) => t,
+            None => match inbox.rx.recv().await {
+                Some(t) => t,
+                None => break,
+            },
+        };
+        match serve_frame(&state, &mut conn, &mut inbox, &pending, &text, &mut sink).await {
             Outcome::Continue => {}
             Outcome::JunkLater(after) => {
                 if let Err(_elapsed) =
@@ -383,7 +453,7 @@ where
             }
             Outcome::CloseLater(kind, after) => {
                 // Idle close, unless another create arrives first.
-                match tokio::time::timeout(after, rx.recv()).await {
+                match tokio::time::timeout(after, inbox.rx.recv()).await {
                     Err(_) => {
                         if let CloseKind::Code(code) = kind {
                             let reason = format!("mock idle close {code}").into();
@@ -393,13 +463,16 @@ where
                             };
                             let _ = sink.send(Message::Close(Some(frame))).await;
                             let _ =
-                                tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                                tokio::time::timeout(Duration::from_millis(200), inbox.rx.recv())
+                                    .await;
                         }
                         break;
                     }
                     Ok(None) => break,
                     Ok(Some(next)) => {
-                        let o = serve_frame(&state, &mut conn, &pending, &next, &mut sink).await;
+                        let o =
+                            serve_frame(&state, &mut conn, &mut inbox, &pending, &next, &mut sink)
+                                .await;
                         if !matches!(o, Outcome::Continue) {
                             break;
                         }
@@ -413,7 +486,7 @@ where
                 };
                 let _ = sink.send(Message::Close(Some(frame))).await;
                 // Give the peer a moment to answer the close before the socket drops.
-                let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), inbox.rx.recv()).await;
                 break;
             }
             Outcome::Eof | Outcome::Gone => break,
@@ -439,6 +512,34 @@ struct ConnState {
     deaf: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Client events of one connection.
+struct Inbox {
+    /// In arrival order.
+    rx: mpsc::Receiver<String>,
+    /// Creates that arrived during a turn (served after it, in order).
+    backlog: VecDeque<String>,
+}
+
+/// The answer to a client event other than `response.create`: nothing for
+/// `response.processed`, an `error` (status 400) for a steer (the mock's model cannot be
+/// steered) and for unknown types.
+fn side_answer(text: &str) -> Option<Value> {
+    let ty = crate::event::sniff_type(text).unwrap_or_default();
+    match &*ty {
+        "response.processed" => None,
+        "response.steer" => Some(crate::event::error_value(
+            400,
+            "steering_not_supported",
+            "mock: this model cannot be steered",
+        )),
+        other => Some(crate::event::error_value(
+            400,
+            "unknown_event_type",
+            &format!("mock: unknown event type `{other}`"),
+        )),
+    }
+}
+
 enum Outcome {
     Continue,
     Close(u16),
@@ -453,9 +554,12 @@ enum Outcome {
 
 type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 
-/// Sends events with increasing `sequence_number`.
+/// Sends events with increasing `sequence_number`. Before each, it answers the client events
+/// other than creates that arrived meanwhile (creates wait in the backlog).
 struct Emitter<'a, S> {
     sink: &'a mut Sink<S>,
+    inbox: &'a mut mpsc::Receiver<String>,
+    backlog: &'a mut VecDeque<String>,
     /// Benchmark mode: batch writes.
     batch: bool,
     unflushed: usize,
@@ -484,6 +588,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
 
     /// Writes one frame; in batch mode flushes every 64 frames and on `flush`.
     async fn send_text(&mut self, text: String, flush: bool) -> bool {
+        while let Ok(t) = self.inbox.try_recv() {
+            if script_is_create(&t) {
+                self.backlog.push_back(t);
+            } else if let Some(answer) = side_answer(&t)
+                && self
+                    .sink
+                    .send(Message::text(answer.to_string()))
+                    .await
+                    .is_err()
+            {
+                return false;
+            }
+        }
         let len = text.len() as u64;
         self.bytes_sent.fetch_add(len, Ordering::AcqRel);
         if !self.batch {
@@ -515,6 +632,7 @@ fn tokens(text_len: usize) -> u64 {
 async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
     state: &MockState,
     conn: &mut ConnState,
+    inbox: &mut Inbox,
     pending: &AtomicUsize,
     text: &str,
     sink: &mut Sink<S>,
@@ -522,6 +640,8 @@ async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
     let is_create = script_is_create(text);
     let mut em = Emitter {
         sink,
+        inbox: &mut inbox.rx,
+        backlog: &mut inbox.backlog,
         batch: state.config.speed,
         unflushed: 0,
         bytes_sent: &state.bytes_sent,
@@ -552,7 +672,12 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     if body.get("type").and_then(Value::as_str) != Some("response.create") {
-        return Outcome::Continue; // e.g. response.processed: accepted silently
+        if let Some(answer) = side_answer(text)
+            && !em.emit(answer).await
+        {
+            return Outcome::Gone;
+        }
+        return Outcome::Continue;
     }
     let d = Directives::parse(&script::last_user_text(&body));
     let close_at = |p: Phase| match d.close {
@@ -640,7 +765,14 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         }
         ok
     } else if let Some((status, code)) = &d.error {
-        let mut err = crate::event::error_value(*status, code, &format!("mock error {code}"));
+        let message = if d.too_large {
+            "Request too large for gpt-5.5 in organization org-mock on tokens per min (TPM): \
+             Limit 30000, Requested 52000."
+                .to_string()
+        } else {
+            format!("mock error {code}")
+        };
+        let mut err = crate::event::error_value(*status, code, &message);
         if let Some(r) = d.resets_in_seconds {
             err["error"]["resets_in_seconds"] = json!(r);
         }

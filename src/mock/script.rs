@@ -60,6 +60,9 @@ pub struct Directives {
     pub junk_after: Option<Duration>,
     /// Mid-turn, send something a real upstream never sends: `binary`, `badutf8`, `huge`.
     pub inject: Option<String>,
+    /// The `error` event's message says the request is larger than a per-minute token limit
+    /// (the real API's request-specific 429).
+    pub too_large: bool,
 }
 
 impl Default for Directives {
@@ -78,6 +81,7 @@ impl Default for Directives {
             deaf: false,
             junk_after: None,
             inject: None,
+            too_large: false,
         }
     }
 }
@@ -91,7 +95,8 @@ impl Directives {
     /// `deaf` (after the turn stop reading: no pongs), `junk=idle:MS` (an unsolicited event
     /// while idle), `inject=binary|badutf8|huge` (mid-turn: a binary frame, a text frame that is
     /// not UTF-8, or a 4 MiB event),
-    /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event).
+    /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event),
+    /// `too_large` (that error's message says "Request too large": request-specific).
     pub fn parse(text: &str) -> Directives {
         let mut d = Directives::default();
         let mut rest = text;
@@ -110,6 +115,7 @@ impl Directives {
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
                     "deaf" => d.deaf = true,
+                    "too_large" => d.too_large = true,
                     "inject" => d.inject = Some(v.to_string()),
                     "junk" => d.junk_after = Some(ms(v.strip_prefix("idle:").unwrap_or(v))),
                     "fail" => d.fail = Some(v.to_string()),

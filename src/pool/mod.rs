@@ -1,12 +1,14 @@
-//! The pool of upstream connections, keyed by `(account, conversation)` (DESIGN §1-§3).
+//! The pool of upstream connections, keyed by `(client, account, lane)` (DESIGN §1-§3).
 //!
 //! Invariants:
+//! - A key names its tenant: one client key never rides another's connection.
 //! - At most one pooled connection per [`PoolKey`]. Its slot is `Dialing`, `Busy` (checked out
 //!   by exactly one session) or `Idle` (owned by the pool). A second session of a busy key gets
 //!   an unpooled one-shot connection (`bypass reason=busy`).
 //! - Every slot counts toward `max_per_account` and `max_total` from the moment it is reserved
 //!   (dials in progress included) until it is removed; counts are released exactly once, when
-//!   the slot is removed.
+//!   the slot is removed. One-shot (`bypass`) connections count toward `max_total` too, for
+//!   their guard's life; past `max_total` a checkout is refused ([`AtCapacity`]).
 //! - A connection is handed out only if it is open, quiet and younger than `max_age`; age is
 //!   checked at checkout and at return, never mid-turn.
 //! - A [`Pooled`] guard returns its connection only if the holder marked it reusable (the last
@@ -32,16 +34,23 @@ use tracing::{debug, info};
 
 use crate::config::PoolConfig;
 use crate::fifo::FifoMap;
-use crate::ids::{AccountId, ConversationId};
+use crate::ids::{AccountId, ClientId, ConversationId};
 
 pub use reaper::spawn_reaper;
 
-/// The pool key: the real values, not a hash.
+/// The pool key: the real values, not a hash. `conversation` is the lane (DESIGN §2).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    pub client: ClientId,
     pub account: AccountId,
     pub conversation: ConversationId,
 }
+
+/// Every upstream connection the pool allows (`max_total`, one-shots included) is open or
+/// being dialed: the checkout is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the gateway is at pool.max_total upstream connections")]
+pub struct AtCapacity;
 
 /// What the pool needs from a connection. Implemented by
 /// [`UpstreamConn`](crate::upstream::UpstreamConn) and by fakes in tests.
@@ -72,7 +81,10 @@ pub struct DecisionRecord {
     pub at: Instant,
     pub decision: Decision,
     pub account: AccountId,
+    pub client: Option<ClientId>,
     pub conversation: Option<ConversationId>,
+    /// The affinity, when it differs from the lane.
+    pub affinity: Option<ConversationId>,
     pub upstream_id: u64,
 }
 
@@ -222,7 +234,10 @@ impl EvictReason {
 /// A snapshot of the pool's counters (tests, status).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Upstream connections counted against `max_total`: pooled slots and one-shots.
     pub total: usize,
+    /// One-shot (bypass) connections open or dialing.
+    pub one_shots: usize,
     pub idle: usize,
     pub busy: usize,
     pub dialing: usize,
@@ -252,7 +267,10 @@ struct Inner<C> {
     slots: DashMap<PoolKey, Slot<C>>,
     /// Reserved slots per account; entries are removed when they reach zero.
     per_account: Mutex<HashMap<AccountId, usize>>,
-    total: AtomicUsize,
+    /// Pooled slots and one-shot leases, against `max_total`.
+    total: Arc<AtomicUsize>,
+    /// One-shot leases alone (stats).
+    one_shots: Arc<AtomicUsize>,
     /// Recent evictions, so the next `new` of a key can say why (`max_tombstones`).
     tombstones: Mutex<FifoMap<PoolKey, EvictReason>>,
     limits: RwLock<PoolConfig>,
@@ -296,7 +314,8 @@ impl<C: PoolConn> Pool<C> {
             inner: Arc::new(Inner {
                 slots: DashMap::new(),
                 per_account: Mutex::new(HashMap::new()),
-                total: AtomicUsize::new(0),
+                total: Arc::new(AtomicUsize::new(0)),
+                one_shots: Arc::new(AtomicUsize::new(0)),
                 tombstones: Mutex::new(FifoMap::default()),
                 limits: RwLock::new(limits),
                 next_id: AtomicU64::new(1),
@@ -330,42 +349,56 @@ impl<C: PoolConn> Pool<C> {
     /// For [`Decision::Reuse`] the guard holds the connection. Otherwise the guard holds a
     /// fresh upstream id ([`Pooled::id`]); the caller dials and [`Pooled::attach`]es, or drops
     /// the guard on failure, which releases the reservation.
-    pub fn checkout(&self, key: Option<PoolKey>, account: &AccountId) -> Checkout<C> {
-        self.checkout_with(key, account, None, None)
+    pub fn checkout(
+        &self,
+        key: Option<PoolKey>,
+        account: &AccountId,
+    ) -> Result<Checkout<C>, AtCapacity> {
+        self.checkout_with(key, account, &CheckoutOptions::default())
     }
 
-    /// [`Pool::checkout`] with an account-specific cap (`accounts[].max_connections`) and a
-    /// reason that overrides the `new` reason (the stale-reuse retry).
+    /// [`Pool::checkout`] with an account-specific cap (`accounts[].max_connections`), a
+    /// reason that overrides the `new` reason (the stale-reuse retry), and the affinity for
+    /// the decision line.
     pub fn checkout_with(
         &self,
         key: Option<PoolKey>,
         account: &AccountId,
-        account_cap: Option<usize>,
-        hint: Option<NewReason>,
-    ) -> Checkout<C> {
+        opts: &CheckoutOptions,
+    ) -> Result<Checkout<C>, AtCapacity> {
         let inner = &self.inner;
         let limits = inner.limits().clone();
         let now = Instant::now();
-        let (decision, mut pooled) = match key {
+        let (decision, pooled) = match key {
             None => (
                 Decision::Bypass(BypassReason::NoKey),
-                self.unpooled(account),
+                self.unpooled(account, None, &limits),
             ),
-            Some(key) if !limits.enabled || inner.closed.load(Ordering::Acquire) => {
-                let mut p = self.unpooled(account);
+            Some(key) if !limits.enabled || inner.closed.load(Ordering::Acquire) => (
+                Decision::Bypass(BypassReason::Disabled),
                 // Unpooled, but the log still names the conversation.
-                p.key = Some(key);
-                (Decision::Bypass(BypassReason::Disabled), p)
-            }
-            Some(key) => self.checkout_key(key, &limits, account_cap, hint, now),
+                self.unpooled(account, Some(key), &limits),
+            ),
+            Some(key) => self.checkout_key(key, &limits, opts, now),
+        };
+        let Some(mut pooled) = pooled else {
+            info!(account = %account, max_total = limits.max_total, "pool refused: at capacity");
+            return Err(AtCapacity);
         };
         let age = match (&decision, &pooled.conn) {
             (Decision::Reuse, Some(c)) => Some(now.saturating_duration_since(c.created_at())),
             _ => None,
         };
-        self.record_decision(decision, account, pooled.key.as_ref(), pooled.id, age);
+        self.record_decision(
+            decision,
+            account,
+            pooled.key.as_ref(),
+            opts.affinity.as_ref(),
+            pooled.id,
+            age,
+        );
         pooled.decision = decision;
-        Checkout { decision, pooled }
+        Ok(Checkout { decision, pooled })
     }
 
     /// Logs one decision line (DESIGN §3), counts it, and keeps it for the status page.
@@ -374,31 +407,38 @@ impl<C: PoolConn> Pool<C> {
         decision: Decision,
         account: &AccountId,
         key: Option<&PoolKey>,
+        affinity: Option<&ConversationId>,
         id: u64,
         age: Option<Duration>,
     ) {
         let conversation = key.map(|k| k.conversation.as_str()).unwrap_or("-");
-        match age {
-            Some(age) => {
-                info!(
-                    decision = %decision,
-                    reason = %decision.reason(),
-                    account = %account,
-                    conversation = %conversation,
-                    upstream.id = id,
-                    upstream.age_ms = age.as_millis() as u64,
-                    "pool decision"
-                );
-                crate::metrics::reuse_age(age);
-            }
-            None => info!(
-                decision = %decision,
-                reason = %decision.reason(),
-                account = %account,
-                conversation = %conversation,
-                upstream.id = id,
+        let client = key.map(|k| k.client.as_str()).unwrap_or("-");
+        let affinity = affinity.filter(|a| key.is_none_or(|k| &k.conversation != *a));
+        let age_ms = age.map(|a| a.as_millis() as u64);
+        match (age_ms, affinity) {
+            (Some(age_ms), None) => info!(
+                decision = %decision, reason = %decision.reason(), client = %client,
+                account = %account, conversation = %conversation, upstream.id = id,
+                upstream.age_ms = age_ms, "pool decision"
+            ),
+            (Some(age_ms), Some(affinity)) => info!(
+                decision = %decision, reason = %decision.reason(), client = %client,
+                account = %account, conversation = %conversation, affinity = %affinity,
+                upstream.id = id, upstream.age_ms = age_ms, "pool decision"
+            ),
+            (None, None) => info!(
+                decision = %decision, reason = %decision.reason(), client = %client,
+                account = %account, conversation = %conversation, upstream.id = id,
                 "pool decision"
             ),
+            (None, Some(affinity)) => info!(
+                decision = %decision, reason = %decision.reason(), client = %client,
+                account = %account, conversation = %conversation, affinity = %affinity,
+                upstream.id = id, "pool decision"
+            ),
+        }
+        if let Some(age) = age {
+            crate::metrics::reuse_age(age);
         }
         crate::metrics::decision(decision);
         self.inner.totals[decision.slot()].fetch_add(1, Ordering::Relaxed);
@@ -410,7 +450,9 @@ impl<C: PoolConn> Pool<C> {
                 at: Instant::now(),
                 decision,
                 account: account.clone(),
+                client: key.map(|k| k.client.clone()),
                 conversation: key.map(|k| k.conversation.clone()),
+                affinity: affinity.cloned(),
                 upstream_id: id,
             });
         }
@@ -471,20 +513,30 @@ impl<C: PoolConn> Pool<C> {
             pool: Arc::downgrade(&self.inner),
             reusable: false,
             decision: Decision::Reuse,
+            _shot: None,
         }
     }
 
-    fn unpooled(&self, account: &AccountId) -> Pooled<C> {
-        Pooled {
+    /// A one-shot guard (its key, if any, only names the conversation in logs), holding a
+    /// `max_total` lease; `None` when the pool is at capacity.
+    fn unpooled(
+        &self,
+        account: &AccountId,
+        key: Option<PoolKey>,
+        limits: &PoolConfig,
+    ) -> Option<Pooled<C>> {
+        let shot = OneShotLease::take(&self.inner, limits.max_total)?;
+        Some(Pooled {
             decision: Decision::Bypass(BypassReason::NoKey),
             conn: None,
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            key: None,
+            key,
             account: account.clone(),
             pool: Weak::new(),
             reusable: false,
             reused: false,
-        }
+            _shot: Some(shot),
+        })
     }
 
     /// Hands out the idle pooled connection of `key` if `owns` says it holds the state the
@@ -512,7 +564,14 @@ impl<C: PoolConn> Pool<C> {
         };
         let (conn, id) = conn;
         let age = now.saturating_duration_since(conn.created_at());
-        self.record_decision(Decision::Reuse, &key.account, Some(key), id, Some(age));
+        self.record_decision(
+            Decision::Reuse,
+            &key.account,
+            Some(key),
+            None,
+            id,
+            Some(age),
+        );
         Some(Checkout {
             decision: Decision::Reuse,
             pooled: self.pooled(key.clone(), id, Some(conn)),
@@ -523,10 +582,10 @@ impl<C: PoolConn> Pool<C> {
         &self,
         key: PoolKey,
         limits: &PoolConfig,
-        account_cap: Option<usize>,
-        hint: Option<NewReason>,
+        opts: &CheckoutOptions,
         now: Instant,
-    ) -> (Decision, Pooled<C>) {
+    ) -> (Decision, Option<Pooled<C>>) {
+        let hint = opts.hint;
         let inner = &self.inner;
         // Connections taken out of the pool are dropped after the shard lock is released.
         let mut doomed: Option<C> = None;
@@ -573,7 +632,7 @@ impl<C: PoolConn> Pool<C> {
                 }
             }
             Entry::Vacant(v) => {
-                if inner.reserve(&key.account, limits, account_cap) {
+                if inner.reserve(&key.account, limits, opts.account_cap) {
                     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                     v.insert(Slot {
                         meta: None,
@@ -597,12 +656,11 @@ impl<C: PoolConn> Pool<C> {
         };
         drop(doomed);
         match outcome {
-            Ok((decision, conn, id)) => (decision, self.pooled(key, id, conn)),
+            Ok((decision, conn, id)) => (decision, Some(self.pooled(key, id, conn))),
+            // Bypass connections are unpooled but the log still names the conversation.
             Err(decision) => {
-                let mut p = self.unpooled(&key.account);
-                // Bypass connections are unpooled but the log still names the conversation.
-                p.key = Some(key);
-                (decision, p)
+                let account = key.account.clone();
+                (decision, self.unpooled(&account, Some(key), limits))
             }
         }
     }
@@ -665,6 +723,7 @@ impl<C: PoolConn> Pool<C> {
     pub fn stats(&self) -> PoolStats {
         let mut s = PoolStats {
             total: self.inner.total.load(Ordering::Acquire),
+            one_shots: self.inner.one_shots.load(Ordering::Acquire),
             ..Default::default()
         };
         for e in self.inner.slots.iter() {
@@ -898,6 +957,7 @@ fn log_evict(reason: EvictReason, key: &PoolKey, conn_id: u64) {
     crate::metrics::eviction(reason);
     info!(
         reason = %reason,
+        client = %key.client,
         account = %key.account,
         conversation = %key.conversation,
         upstream.id = conn_id,
@@ -922,6 +982,48 @@ pub struct Pooled<C: PoolConn> {
     reused: bool,
     /// The decision that produced this checkout (metrics split by it).
     decision: Decision,
+    /// A one-shot's `max_total` lease, released with the guard.
+    _shot: Option<OneShotLease>,
+}
+
+/// Counts one one-shot connection against `max_total` until dropped.
+struct OneShotLease {
+    total: Arc<AtomicUsize>,
+    one_shots: Arc<AtomicUsize>,
+}
+
+impl OneShotLease {
+    fn take<C>(inner: &Inner<C>, max_total: usize) -> Option<OneShotLease> {
+        inner
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t < max_total).then_some(t + 1)
+            })
+            .ok()?;
+        inner.one_shots.fetch_add(1, Ordering::AcqRel);
+        Some(OneShotLease {
+            total: inner.total.clone(),
+            one_shots: inner.one_shots.clone(),
+        })
+    }
+}
+
+impl Drop for OneShotLease {
+    fn drop(&mut self) {
+        self.one_shots.fetch_sub(1, Ordering::AcqRel);
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Options of [`Pool::checkout_with`].
+#[derive(Debug, Clone, Default)]
+pub struct CheckoutOptions {
+    /// `accounts[].max_connections`, when the account sets one.
+    pub account_cap: Option<usize>,
+    /// Overrides the `new` reason (the stale-reuse retry, failover).
+    pub hint: Option<NewReason>,
+    /// The route's affinity (logged as `affinity=` when it differs from the lane).
+    pub affinity: Option<ConversationId>,
 }
 
 impl<C: PoolConn> Pooled<C> {

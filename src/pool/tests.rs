@@ -62,6 +62,7 @@ fn limits() -> PoolConfig {
 
 fn key(a: &str, c: &str) -> PoolKey {
     PoolKey {
+        client: "t".into(),
         account: a.into(),
         conversation: c.into(),
     }
@@ -72,7 +73,7 @@ fn dial(pool: &Pool<FakeConn>, k: &PoolKey) -> (Decision, Pooled<FakeConn>, Hand
     let Checkout {
         decision,
         mut pooled,
-    } = pool.checkout(Some(k.clone()), &k.account);
+    } = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert!(pooled.conn().is_none(), "{decision:?} must dial");
     let (c, h) = fake(pooled.id());
     pooled.attach(c);
@@ -90,7 +91,7 @@ async fn reuse_after_clean_release() {
     p.release();
     assert!(!h.dropped.load(Ordering::SeqCst));
     assert_eq!(pool.stats().idle, 1);
-    let co = pool.checkout(Some(k.clone()), &k.account);
+    let co = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(co.decision, Decision::Reuse);
     assert_eq!(co.pooled.id(), id);
     assert!(co.pooled.is_reused());
@@ -112,7 +113,7 @@ async fn poisoned_guard_is_discarded_not_returned() {
         }
     );
     assert_eq!(pool.account_count(&k.account), 0, "reservation released");
-    let co = pool.checkout(Some(k.clone()), &k.account);
+    let co = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(co.decision, Decision::New(NewReason::Miss));
 }
 
@@ -120,41 +121,51 @@ async fn poisoned_guard_is_discarded_not_returned() {
 async fn busy_key_bypasses_and_dial_failure_releases() {
     let pool = Pool::<FakeConn>::new(limits());
     let k = key("a", "c1");
-    let first = pool.checkout(Some(k.clone()), &k.account);
+    let first = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(first.decision, Decision::New(NewReason::Miss));
-    let second = pool.checkout(Some(k.clone()), &k.account);
+    let second = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(second.decision, Decision::Bypass(BypassReason::Busy));
     assert!(!second.pooled.is_pooled());
     drop(first); // dial failed: nothing attached
+    assert_eq!(pool.stats().total, 1, "the one-shot still counts");
+    drop(second);
     assert_eq!(pool.stats().total, 0);
     assert_eq!(
-        pool.checkout(Some(k.clone()), &k.account).decision,
+        pool.checkout(Some(k.clone()), &k.account).unwrap().decision,
         Decision::New(NewReason::Miss)
     );
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn caps_count_dials_in_progress() {
+async fn caps_count_dials_in_progress_and_one_shots() {
     let pool = Pool::<FakeConn>::new(limits());
-    let a1 = pool.checkout(Some(key("a", "1")), &"a".into());
-    let a2 = pool.checkout(Some(key("a", "2")), &"a".into());
-    let a3 = pool.checkout(Some(key("a", "3")), &"a".into());
+    let a1 = pool.checkout(Some(key("a", "1")), &"a".into()).unwrap();
+    let a2 = pool.checkout(Some(key("a", "2")), &"a".into()).unwrap();
+    let a3 = pool.checkout(Some(key("a", "3")), &"a".into()).unwrap();
     assert_eq!(
         a3.decision,
         Decision::Bypass(BypassReason::Cap),
         "per-account cap"
     );
-    let b1 = pool.checkout(Some(key("b", "1")), &"b".into());
-    let b2 = pool.checkout(Some(key("b", "2")), &"b".into());
+    // The one-shot counts against max_total (3): nothing more may be dialed.
+    assert_eq!(pool.stats().one_shots, 1);
+    assert!(pool.checkout(Some(key("b", "1")), &"b".into()).is_err());
+    assert!(
+        pool.checkout(None, &"b".into()).is_err(),
+        "no-key one-shots too"
+    );
+    drop(a3);
+    let b1 = pool.checkout(Some(key("b", "1")), &"b".into()).unwrap();
     assert_eq!(b1.decision, Decision::New(NewReason::Miss));
     assert_eq!(
-        b2.decision,
-        Decision::Bypass(BypassReason::Cap),
+        pool.checkout(Some(key("b", "2")), &"b".into()).err(),
+        Some(AtCapacity),
         "total cap"
     );
     assert_eq!(pool.stats().dialing, 3);
     drop((a1, a2, b1));
     assert_eq!(pool.stats().total, 0);
+    assert_eq!(pool.stats().one_shots, 0);
     assert_eq!(pool.account_count(&"a".into()), 0);
 }
 
@@ -166,7 +177,7 @@ async fn max_age_at_checkout_and_at_return() {
     p.release();
     tokio::time::sleep(Duration::from_secs(61)).await;
     // Expired at checkout: evicted, and the replacement says why.
-    let co = pool.checkout(Some(k.clone()), &k.account);
+    let co = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(co.decision, Decision::New(NewReason::Expired));
     assert!(h.dropped.load(Ordering::SeqCst));
     let mut p = co.pooled;
@@ -179,7 +190,7 @@ async fn max_age_at_checkout_and_at_return() {
     drop(p);
     assert!(h2.dropped.load(Ordering::SeqCst));
     assert_eq!(
-        pool.checkout(Some(k.clone()), &k.account).decision,
+        pool.checkout(Some(k.clone()), &k.account).unwrap().decision,
         Decision::New(NewReason::Expired)
     );
 }
@@ -191,7 +202,7 @@ async fn dead_idle_connection_is_replaced() {
     let (_, p, h) = dial(&pool, &k);
     p.release();
     *h.health.lock().unwrap() = Health::Dead(EvictReason::Dead);
-    let co = pool.checkout(Some(k.clone()), &k.account);
+    let co = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(co.decision, Decision::New(NewReason::Dead));
     assert!(h.dropped.load(Ordering::SeqCst));
     assert_eq!(pool.stats().total, 1, "the slot passed to the replacement");
@@ -206,7 +217,7 @@ async fn evict_key_1012_then_new_evicted() {
     assert!(h.dropped.load(Ordering::SeqCst));
     assert_eq!(pool.stats().total, 0);
     assert_eq!(
-        pool.checkout(Some(k.clone()), &k.account).decision,
+        pool.checkout(Some(k.clone()), &k.account).unwrap().decision,
         Decision::New(NewReason::Evicted)
     );
 }
@@ -260,7 +271,9 @@ async fn reaper_evicts_idle_timeout_and_dead() {
     assert!(h1.dropped.load(Ordering::SeqCst), "idle timeout");
     assert_eq!(pool.stats().total, 0);
     assert_eq!(
-        pool.checkout(Some(k2.clone()), &k2.account).decision,
+        pool.checkout(Some(k2.clone()), &k2.account)
+            .unwrap()
+            .decision,
         Decision::New(NewReason::Evicted)
     );
 }
@@ -272,11 +285,13 @@ async fn unpooled_paths() {
         ..limits()
     });
     assert_eq!(
-        pool.checkout(None, &"a".into()).decision,
+        pool.checkout(None, &"a".into()).unwrap().decision,
         Decision::Bypass(BypassReason::NoKey)
     );
     assert_eq!(
-        pool.checkout(Some(key("a", "1")), &"a".into()).decision,
+        pool.checkout(Some(key("a", "1")), &"a".into())
+            .unwrap()
+            .decision,
         Decision::Bypass(BypassReason::Disabled)
     );
     assert_eq!(pool.stats().total, 0);
@@ -291,7 +306,7 @@ async fn close_evicts_idle_and_disables() {
     pool.close();
     assert!(h.dropped.load(Ordering::SeqCst));
     assert_eq!(
-        pool.checkout(Some(k.clone()), &k.account).decision,
+        pool.checkout(Some(k.clone()), &k.account).unwrap().decision,
         Decision::Bypass(BypassReason::Disabled)
     );
 }
@@ -322,7 +337,7 @@ async fn disabled_bypass_keeps_the_conversation_for_the_log() {
         enabled: false,
         ..limits()
     });
-    let co = pool.checkout(Some(key("a", "c9")), &"a".into());
+    let co = pool.checkout(Some(key("a", "c9")), &"a".into()).unwrap();
     assert_eq!(co.decision, Decision::Bypass(BypassReason::Disabled));
     assert_eq!(co.pooled.key().map(|k| k.conversation.as_str()), Some("c9"));
     assert!(!co.pooled.is_pooled());
@@ -332,7 +347,7 @@ async fn disabled_bypass_keeps_the_conversation_for_the_log() {
 async fn attach_moves_the_slot_from_dialing_to_busy() {
     let pool = Pool::new(limits());
     let k = key("a", "c1");
-    let co = pool.checkout(Some(k.clone()), &k.account);
+    let co = pool.checkout(Some(k.clone()), &k.account).unwrap();
     assert_eq!(pool.stats().dialing, 1);
     let mut p = co.pooled;
     let (c, _h) = fake(p.id());

@@ -239,7 +239,7 @@ impl TestGateway {
     /// Which account the gateway assigns to `conversation`.
     pub fn account_of(&self, conversation: &str) -> String {
         self.gateway
-            .assigned_account(conversation)
+            .assigned_account("test", conversation)
             .expect("a usable account")
     }
 
