@@ -277,7 +277,10 @@ impl Accounts {
             let retry_after = list
                 .iter()
                 .filter_map(|a| match a.availability() {
-                    Availability::Cooling { until } => Some(until.saturating_duration_since(now)),
+                    Availability::Cooling { until }
+                    | Availability::AuthFailed { retry_at: until } => {
+                        Some(until.saturating_duration_since(now))
+                    }
                     _ => None,
                 })
                 .min();

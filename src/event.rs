@@ -110,6 +110,8 @@ pub struct Terminal {
     pub rate_limited: bool,
     /// `resets_in_seconds` of a limit error, if given.
     pub retry_after: Option<std::time::Duration>,
+    /// `error.code` (else `error.type`) of a failed turn.
+    pub code: Option<String>,
     /// `websocket_connection_limit_reached`: the upstream connection's lifetime is over.
     pub connection_limit: bool,
 }
@@ -178,6 +180,7 @@ impl Terminal {
         let is =
             |name: &str| err.code.as_deref() == Some(name) || err.kind.as_deref() == Some(name);
         t.connection_limit = is("websocket_connection_limit_reached");
+        t.code = err.code.clone().or_else(|| err.kind.clone());
         let limited = ev.status == Some(429) || RATE_LIMIT_CODES.iter().any(|c| is(c));
         t.rate_limited = limited && !request_specific(&err.code, &err.message);
         t.retry_after = err
@@ -218,6 +221,32 @@ pub fn error_value(status: u16, code: &str, message: &str) -> serde_json::Value 
         "status": status,
         "error": { "type": kind, "code": code, "message": message },
     })
+}
+
+/// The `error` event a client gets when no account can take its turn: status 429 with
+/// `error.type: usage_limit_reached`, the upstream's `code` (or `all_accounts_unavailable`),
+/// and when the first account frees up as `resets_in_seconds` and `resets_at` (unix seconds),
+/// so Codex prints "Try again at <time>" (it never retries a 429).
+pub fn limit_error(code: &str, retry_after: Option<std::time::Duration>) -> serde_json::Value {
+    let message = match retry_after {
+        Some(d) => format!(
+            "every upstream account is rate- or usage-limited; the first frees up in {}s",
+            d.as_secs().max(1)
+        ),
+        None => "every upstream account is unavailable (refused, disabled or removed)".into(),
+    };
+    let mut v = error_value(429, code, &message);
+    v["error"]["type"] = "usage_limit_reached".into();
+    if let Some(d) = retry_after {
+        let secs = d.as_secs().max(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        v["error"]["resets_in_seconds"] = secs.into();
+        v["error"]["resets_at"] = (now + secs).into();
+    }
+    v
 }
 
 /// [`error_value`] as frame text.
@@ -333,9 +362,29 @@ mod tests {
             t,
             Terminal {
                 kind: "response.failed".into(),
+                code: Some("server_error".into()),
                 ..Terminal::default()
             }
         );
+    }
+
+    #[test]
+    fn limit_errors_say_when_to_retry() {
+        let v = limit_error(
+            "usage_limit_reached",
+            Some(std::time::Duration::from_secs(90)),
+        );
+        assert_eq!(v["status"], 429);
+        assert_eq!(v["error"]["type"], "usage_limit_reached");
+        assert_eq!(v["error"]["resets_in_seconds"], 90);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let at = v["error"]["resets_at"].as_u64().unwrap();
+        assert!(at >= now + 89 && at <= now + 91, "{at} vs {now}");
+        let v = limit_error("all_accounts_unavailable", None);
+        assert!(v["error"].get("resets_at").is_none());
     }
 
     #[test]

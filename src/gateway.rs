@@ -406,6 +406,7 @@ impl Shared {
             .as_ref()
             .map(|a| (route.client.clone(), a.clone()));
         let mut last_err = None;
+        let mut hint = hint;
         for _ in 0..attempts {
             if self.shutdown.is_cancelled() {
                 return Err(AcquireError::ShuttingDown);
@@ -469,6 +470,8 @@ impl Shared {
                             _ => return Err(e.into()),
                         }
                         last_err = Some(e);
+                        // The next account's dial is a failover.
+                        hint = Some(NewReason::Failover);
                         continue;
                     }
                 }

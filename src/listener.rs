@@ -132,6 +132,22 @@ pub async fn serve_http<L>(
     }
 }
 
+/// Binds a listening socket with `SO_REUSEADDR` and (on Linux and other unixes)
+/// `SO_REUSEPORT`, so a replacement process can bind the same address while this one drains
+/// (a rolling restart inside Codex's retry window).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Builds the server TLS config from PEM files (ring provider, HTTP/1.1 ALPN).
 pub fn server_config(
     cert_file: &Path,

@@ -204,7 +204,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(listen).await {
+    let listener = match wsgate::listener::bind(listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("wsgate: cannot bind {listen}: {e}");

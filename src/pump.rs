@@ -163,6 +163,11 @@ pub async fn run(ws: UpstreamStream, io: PumpIo, cfg: PumpConfig) {
             }
         }
     };
+    if matches!(end, PumpEvent::Closed(_)) {
+        // tungstenite queued the reply to the upstream's close frame; write it out, so the
+        // upstream sees a clean close and not 1006 (bounded: the peer may be gone).
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
+    }
     waker.notify_one();
     if let Some(p) = pending.take()
         && events.send(p).await.is_err()

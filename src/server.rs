@@ -27,10 +27,11 @@ use crate::ids::ClientId;
 use crate::listener::{HandshakeLimits, TlsListener, serve_http};
 use crate::session::{Session, SessionStart};
 
-/// Serves `gateway` on `listener` until `shutdown` resolves, then drains: new upgrades get
-/// 503 and `/readyz` says `draining`, idle sessions are closed with 1012, sessions with a turn
-/// in flight get `grace` to finish; then the listener stops and pooled upstreams are closed
-/// with 1001.
+/// Serves `gateway` on `listener` until `shutdown` resolves, then drains: the listening socket
+/// is closed at once (a replacement process bound to the same address with `SO_REUSEPORT`
+/// takes the new connections), idle sessions are closed with 1012, sessions with a turn in
+/// flight get `grace` to finish, the admin listener (if separate) keeps answering `/readyz`
+/// with `draining`; then pooled upstreams are closed with 1001.
 pub async fn serve(
     gateway: Gateway,
     listener: TcpListener,
@@ -48,7 +49,7 @@ pub async fn serve(
     match config.admin.listen {
         None => router = router.merge(admin_routes()),
         Some(addr) => {
-            let admin_listener = TcpListener::bind(addr).await?;
+            let admin_listener = crate::listener::bind(addr)?;
             let bound = admin_listener.local_addr()?;
             if let Ok(mut a) = shared.admin_addr.lock() {
                 *a = Some(bound);
@@ -86,38 +87,37 @@ pub async fn serve(
             }
         }
     });
-    // The listener keeps answering while sessions drain (upgrades get 503, /readyz 503).
-    let drained = {
-        let shared = shared.clone();
-        async move {
-            shared.shutdown.cancelled().await;
-            info!(sessions = shared.sessions.len(), "draining");
-            shared.sessions.close();
-            if tokio::time::timeout(grace, shared.sessions.wait())
-                .await
-                .is_err()
-            {
-                warn!(
-                    remaining = shared.sessions.len(),
-                    "shutdown grace expired with sessions still running"
-                );
-            }
-            shared.stopped.cancel();
-        }
-    };
+    // At shutdown the accept loop ends and the listening socket closes at once; requests
+    // already on a connection are answered, upgraded sessions drain below.
+    let stop_accepting = shared.shutdown.clone().cancelled_owned();
     match shared.listener_tls.clone() {
         Some(tls) => {
             let listener = TlsListener::new(listener, tls, limits)?;
-            serve_http(listener, app, limits, connections, drained).await;
+            serve_http(listener, app, limits, connections, stop_accepting).await;
         }
         None => {
             // Events are small and latency-sensitive: no Nagle on client sockets.
             let listener = listener.tap_io(|tcp: &mut tokio::net::TcpStream| {
                 let _ = tcp.set_nodelay(true);
             });
-            serve_http(listener, app, limits, connections, drained).await;
+            serve_http(listener, app, limits, connections, stop_accepting).await;
         }
     }
+    info!(
+        sessions = shared.sessions.len(),
+        "listener closed; draining"
+    );
+    shared.sessions.close();
+    if tokio::time::timeout(grace, shared.sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = shared.sessions.len(),
+            "shutdown grace expired with sessions still running"
+        );
+    }
+    shared.stopped.cancel();
     shared
         .listening
         .store(false, std::sync::atomic::Ordering::Release);

@@ -46,6 +46,26 @@ pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// Frames relayed to the client per flush at most (batching under load).
 const MAX_BATCH: usize = 256;
 
+/// Events that carry no output, held back (at most this many, this many bytes) until the
+/// turn's first output event or its end, so a turn that ends in a rate limit has shown the
+/// client nothing and can move to another account.
+const HOLD_FRAMES: usize = 8;
+const HOLD_BYTES: usize = 64 * 1024;
+
+/// Upstream events that show the client nothing of the response.
+fn carries_no_output(ty: &str) -> bool {
+    matches!(
+        ty,
+        "response.created"
+            | "response.in_progress"
+            | "response.queued"
+            | "codex.rate_limits"
+            | "response.metadata"
+            | "codex.response.metadata"
+            | "responsesapi.websocket_timing"
+    )
+}
+
 /// Whether the session loop goes on.
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
@@ -63,6 +83,14 @@ struct Turn {
     /// The request, kept for one retry on a fresh connection while nothing has reached the
     /// client: only for full requests on a connection that was used before (stale reuse).
     retry: Option<Utf8Bytes>,
+    /// The full request (`None` for a continuation), replayed on another account when this
+    /// one hits a rate limit before anything reached the client.
+    request: Option<Utf8Bytes>,
+    /// No-output events held back while nothing was shown (bounded by `HOLD_*`).
+    quiet: Vec<Utf8Bytes>,
+    quiet_bytes: usize,
+    /// Accounts this turn already left because of a rate limit (one failover per account).
+    failed_over: Vec<crate::ids::AccountId>,
 }
 
 /// Everything the handshake resolved, handed to the session.
@@ -419,6 +447,7 @@ impl Session {
         let used_before = up.is_reused() || self.conn_turns > 0;
         up.set_reusable(false);
         let retry = (previous.is_none() && used_before).then(|| text.clone());
+        let request = text.clone();
         self.ledger.sent(Sent::Create);
         // A failed send surfaces as the pump's end event, handled like any mid-turn failure.
         if let Err(e) = self.send_upstream(text).await {
@@ -435,6 +464,10 @@ impl Session {
             started: Instant::now(),
             frames: 0,
             retry,
+            request: previous.is_none().then_some(request),
+            quiet: Vec::new(),
+            quiet_bytes: 0,
+            failed_over: Vec::new(),
         });
         Flow::Continue
     }
@@ -460,13 +493,12 @@ impl Session {
     }
 
     async fn acquire_failed(&mut self, e: AcquireError) -> Flow {
-        let mut ev = event::error_value(e.http_status(), e.code(), &e.to_string());
-        if let AcquireError::NoAccount {
-            retry_after: Some(d),
-        } = &e
-        {
-            ev["error"]["resets_in_seconds"] = serde_json::json!(d.as_secs().max(1));
-        }
+        let ev = match &e {
+            AcquireError::NoAccount { retry_after } => {
+                event::limit_error("all_accounts_unavailable", *retry_after)
+            }
+            e => event::error_value(e.http_status(), e.code(), &e.to_string()),
+        };
         let event = ev.to_string();
         debug!(error = %e, "acquire failed");
         crate::metrics::error(e.code());
@@ -559,23 +591,34 @@ impl Session {
         loop {
             match next {
                 Some(PumpEvent::Frame(Message::Text(text))) => {
-                    let terminal = self.attribute(&text);
-                    counted.frames += 1;
-                    counted.bytes += text.len() as u64;
-                    if let Err(e) = self.client.feed(Message::Text(text)).await {
-                        debug!(error = %e, "client write failed");
-                        return Flow::Stop;
-                    }
-                    sent += 1;
-                    if let Some(t) = self.turn.as_mut() {
-                        if t.frames == 0 {
-                            crate::metrics::first_event(t.started.elapsed());
+                    let (terminal, quiet) = self.attribute(&text);
+                    let unseen = self.turn.as_ref().is_some_and(|t| t.frames == 0);
+                    if let Some(t) = terminal.as_ref().filter(|t| t.rate_limited && unseen) {
+                        // Nothing of this turn reached the client: it can move.
+                        let t = event::Terminal {
+                            kind: t.kind.clone(),
+                            code: t.code.clone(),
+                            retry_after: t.retry_after,
+                            rate_limited: true,
+                            ..Default::default()
+                        };
+                        if self.flush_client(sent).await.is_err() {
+                            return Flow::Stop;
                         }
-                        t.frames += 1;
+                        return self.limited_before_output(t).await;
                     }
-                    if let Some(terminal) = terminal {
-                        self.end_turn(terminal);
-                        break;
+                    if !(quiet && unseen && self.hold_quiet(&text)) {
+                        if self
+                            .relay_down(&mut counted, &mut sent, Some(text))
+                            .await
+                            .is_err()
+                        {
+                            return Flow::Stop;
+                        }
+                        if let Some(terminal) = terminal {
+                            self.end_turn(terminal);
+                            break;
+                        }
                     }
                     if sent >= MAX_BATCH {
                         break;
@@ -591,23 +634,23 @@ impl Session {
                     }
                 }
                 Some(PumpEvent::Frame(_)) => {
-                    self.flush_client(sent).await;
+                    let _ = self.flush_client(sent).await;
                     return self
                         .upstream_ended(None, "upstream sent a binary frame")
                         .await;
                 }
                 Some(PumpEvent::Closed(frame)) => {
-                    self.flush_client(sent).await;
+                    let _ = self.flush_client(sent).await;
                     let code = frame.as_ref().map(|f| f.code);
                     let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                     return self.upstream_ended(code, &reason).await;
                 }
                 Some(PumpEvent::Failed(e)) => {
-                    self.flush_client(sent).await;
+                    let _ = self.flush_client(sent).await;
                     return self.upstream_ended(None, &e).await;
                 }
                 None => {
-                    self.flush_client(sent).await;
+                    let _ = self.flush_client(sent).await;
                     return self.upstream_ended(None, "upstream connection ended").await;
                 }
             }
@@ -622,7 +665,7 @@ impl Session {
     /// Attributes an upstream event (see [`Ledger`]); returns the turn's terminal event, if
     /// this is it. Events nobody asked for are still relayed to this session's client (the
     /// connection served no one else), but the connection is never pooled again.
-    fn attribute(&mut self, text: &str) -> Option<event::Terminal> {
+    fn attribute(&mut self, text: &str) -> (Option<event::Terminal>, bool) {
         let was_tainted = self.ledger.is_tainted();
         let ty = event::sniff_type(text);
         let verdict = match ty.as_deref() {
@@ -642,15 +685,146 @@ impl Session {
         }
         match (verdict, ty) {
             (Attribution::Terminal, Some(t)) if self.turn.is_some() => {
-                Some(event::Terminal::inspect(&t, text))
+                (Some(event::Terminal::inspect(&t, text)), false)
             }
-            _ => None,
+            (Attribution::Part, Some(t)) => (None, carries_no_output(&t)),
+            _ => (None, false),
         }
     }
 
-    async fn flush_client(&mut self, sent: usize) {
+    async fn flush_client(&mut self, sent: usize) -> Result<(), tungstenite::Error> {
         if sent > 0 {
-            let _ = self.client.flush().await;
+            self.client.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Holds a no-output event back while the turn has shown nothing; false when the hold is
+    /// full (the event and everything held go out now).
+    fn hold_quiet(&mut self, text: &Utf8Bytes) -> bool {
+        let Some(t) = self.turn.as_mut() else {
+            return false;
+        };
+        if t.quiet.len() >= HOLD_FRAMES || t.quiet_bytes + text.len() > HOLD_BYTES {
+            return false;
+        }
+        t.quiet_bytes += text.len();
+        t.quiet.push(text.clone());
+        true
+    }
+
+    /// Feeds the held no-output events, then `text`, to the client (flushed by the caller).
+    async fn relay_down(
+        &mut self,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        text: Option<Utf8Bytes>,
+    ) -> Result<(), tungstenite::Error> {
+        let held = self
+            .turn
+            .as_mut()
+            .map(|t| {
+                t.quiet_bytes = 0;
+                std::mem::take(&mut t.quiet)
+            })
+            .unwrap_or_default();
+        for text in held.into_iter().chain(text) {
+            counted.frames += 1;
+            counted.bytes += text.len() as u64;
+            if let Err(e) = self.client.feed(Message::Text(text)).await {
+                debug!(error = %e, "client write failed");
+                return Err(e);
+            }
+            *sent += 1;
+            if let Some(t) = self.turn.as_mut() {
+                if t.frames == 0 {
+                    crate::metrics::first_event(t.started.elapsed());
+                }
+                t.frames += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The turn's account hit an account-wide rate or usage limit before anything of the turn
+    /// reached the client (DESIGN §4): the account cools down, and while another account is
+    /// usable the turn moves there (a full request is replayed; a continuation gets
+    /// `previous_response_not_found` so the client resends full context). Otherwise the client
+    /// gets a 429 that says when to retry.
+    async fn limited_before_output(&mut self, terminal: event::Terminal) -> Flow {
+        let Some(up) = self.upstream.take() else {
+            return Flow::Continue;
+        };
+        let from = up.account().clone();
+        // Evicted first (one `account_changed` line), then the account's other connections.
+        self.evict(up, EvictReason::AccountChanged);
+        self.gw.cool_down(&from, terminal.retry_after);
+        let code = terminal.code.as_deref().unwrap_or("rate_limit_exceeded");
+        let Some(turn) = self.turn.as_mut() else {
+            return Flow::Continue;
+        };
+        turn.quiet.clear();
+        turn.quiet_bytes = 0;
+        turn.failed_over.push(from.clone());
+        let request = turn.request.clone();
+        let failed_over = turn.failed_over.clone();
+        if let Err(no) = self.gw.accounts.assign(None, "") {
+            return self.end_turn_limited(code, no.retry_after).await;
+        }
+        let Some(request) = request else {
+            self.end_turn_failed("failover_continuation");
+            info!(from_account = %from, code, "rate limit before any output on a continuation; the client resends full context");
+            let msg = format!(
+                "account `{from}` hit a rate limit; the previous response lives on its connection, \
+                 so resend the full context without previous_response_id"
+            );
+            return self
+                .send_error(400, "previous_response_not_found", &msg)
+                .await;
+        };
+        match Box::pin(self.acquire(Some(NewReason::Failover))).await {
+            Ok(p) if !failed_over.contains(p.account()) => {
+                info!(from_account = %from, account = %p.account(), upstream.id = p.id(), code,
+                    "rate limit before any output; the turn moved to another account");
+                self.set_upstream(p);
+                self.ledger.sent(Sent::Create);
+                self.sync_reusable();
+                self.last_upstream = Instant::now();
+                if let Err(e) = self.send_upstream(request).await {
+                    debug!(error = %e, "failover send failed");
+                }
+                Flow::Continue
+            }
+            Ok(_) => self.end_turn_limited(code, None).await,
+            Err(AcquireError::NoAccount { retry_after }) => {
+                self.end_turn_limited(code, retry_after).await
+            }
+            Err(e) => {
+                self.end_turn_failed("upstream_failed");
+                self.acquire_failed(e).await
+            }
+        }
+    }
+
+    /// Ends the turn in flight with `terminal` as its metric label.
+    fn end_turn_failed(&mut self, terminal: &str) {
+        if let Some(turn) = self.turn.take() {
+            crate::metrics::turn(terminal, turn.started.elapsed());
+        }
+    }
+
+    /// No account can take the turn: a 429 shaped so Codex shows when to retry.
+    async fn end_turn_limited(
+        &mut self,
+        code: &str,
+        retry_after: Option<std::time::Duration>,
+    ) -> Flow {
+        self.end_turn_failed("rate_limited");
+        let ev = event::limit_error(code, retry_after);
+        crate::metrics::error("all_accounts_limited");
+        match self.client.send(Message::text(ev.to_string())).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
         }
     }
 
@@ -705,11 +879,12 @@ impl Session {
         crate::metrics::error("upstream_ended");
         // Stale reuse: a used connection failed before anything of this full request reached
         // the client. Retry once on a fresh connection.
-        let retry = self
-            .turn
-            .as_mut()
-            .filter(|t| t.frames == 0)
-            .and_then(|t| t.retry.take());
+        let retry = self.turn.as_mut().filter(|t| t.frames == 0).and_then(|t| {
+            // What the failed connection said (no output) goes with it.
+            t.quiet.clear();
+            t.quiet_bytes = 0;
+            t.retry.take()
+        });
         if let Some(text) = retry {
             let reason = match code {
                 Some(CloseCode::Restart) => EvictReason::Close1012,

@@ -27,24 +27,22 @@ async fn rate_limit_moves_the_conversation_and_the_account_comes_back() {
             .unwrap()
             .is_completed()
     );
-    // The upstream says the account is out of quota for 2 s: the event reaches the client.
-    let limited = s
-        .turn(&create_body(
-            Some(&conv),
-            "[[mock: error=429:usage_limit_reached:2]]",
-            None,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(limited.terminal()["status"], 429);
-    assert_eq!(gw.gateway.account_state(&first), Some("cooling"));
-    assert_eq!(evictions(&conv), ["account_changed"]);
-    // The next turn lands on the other account.
+    // The upstream says the account is out of quota for 2 s, before any output: the turn
+    // moves to the other account and the client never sees the 429 (issue 11).
+    mock.limit(
+        &account_key(&first),
+        wsgate::mock::Limit {
+            resets_in_seconds: 2,
+            ..Default::default()
+        },
+    );
     let moved = s
         .turn(&create_body(Some(&conv), "full context", None))
         .await
         .unwrap();
-    assert!(moved.is_completed());
+    assert!(moved.is_completed(), "{:?}", moved.terminal());
+    assert_eq!(gw.gateway.account_state(&first), Some("cooling"));
+    assert_eq!(evictions(&conv), ["account_changed"]);
     let second = gw.account_of(&conv);
     assert_ne!(first, second);
     assert_eq!(
@@ -75,15 +73,7 @@ async fn all_accounts_limited_gives_429_with_a_retry_hint_and_the_session_stays_
     let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
     let conv = unique("all");
     let mut s = gw.connect(&conv).await;
-    let t = s
-        .turn(&create_body(
-            Some(&conv),
-            "[[mock: error=429:usage_limit_reached:300]]",
-            None,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(t.terminal()["status"], 429);
+    // The first account's limit moves the turn to the second, which is limited too.
     let t = s
         .turn(&create_body(
             Some(&conv),
@@ -92,7 +82,8 @@ async fn all_accounts_limited_gives_429_with_a_retry_hint_and_the_session_stays_
         ))
         .await
         .unwrap();
-    assert_eq!(t.terminal()["status"], 429, "second account limited too");
+    assert_eq!(t.terminal()["status"], 429, "both accounts limited");
+    assert_eq!(t.terminal()["error"]["type"], "usage_limit_reached");
     for _ in 0..2 {
         let t = s
             .turn(&create_body(Some(&conv), "anyone?", None))

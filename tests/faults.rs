@@ -161,7 +161,7 @@ async fn client_leaving_mid_turn_discards_the_upstream_and_late_frames_never_lea
             "late frame of the abandoned turn leaked: {ev}"
         );
     }
-    assert_eq!(decisions(&conv), ["new miss", "new miss"]);
+    assert_eq!(decisions(&conv), ["new miss", "new discarded"]);
     assert_eq!(mock.accepted(), 2);
     s2.close().await;
     gw.assert_quiescent("client left mid-turn").await;

@@ -94,6 +94,29 @@ impl Default for MockConfig {
     }
 }
 
+/// How the mock answers every create on a rate-limited account ([`MockUpstream::limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// `response.failed` (code `usage_limit_reached`) instead of an `error` event (429).
+    pub failed: bool,
+    /// Send `response.created` (and `codex.rate_limits`) first.
+    pub created_first: bool,
+    /// Stream this many deltas before the limit (visible output).
+    pub after_deltas: usize,
+    pub resets_in_seconds: u64,
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit {
+            failed: false,
+            created_first: false,
+            after_deltas: 0,
+            resets_in_seconds: 60,
+        }
+    }
+}
+
 /// What the mock saw of one connection.
 #[derive(Debug)]
 pub struct ConnRecord {
@@ -106,11 +129,21 @@ pub struct ConnRecord {
     pub peer_close: Mutex<Option<u16>>,
     /// The `type` of every event received, in order (the first 1024).
     pub received: Mutex<Vec<String>>,
+    /// The last user text of every `response.create` received (the first 1024).
+    pub user_texts: Mutex<Vec<String>>,
 }
 
 impl ConnRecord {
     pub fn peer_close_code(&self) -> Option<u16> {
         self.peer_close.lock().ok().and_then(|c| *c)
+    }
+
+    /// The last user text of each `response.create` received so far.
+    pub fn user_texts(&self) -> Vec<String> {
+        self.user_texts
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// The types of the events received so far.
@@ -133,6 +166,8 @@ struct MockState {
     overlaps: AtomicUsize,
     /// Handshakes refused by `organization` or `max_open`.
     refused: AtomicUsize,
+    /// Rate-limited accounts, by `authorization` value.
+    limited: Mutex<std::collections::HashMap<String, Limit>>,
     /// Bytes of event frames written to gateways.
     bytes_sent: AtomicU64,
     /// Last 1024 connections.
@@ -158,6 +193,7 @@ impl MockUpstream {
             open: AtomicUsize::new(0),
             overlaps: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            limited: Mutex::new(Default::default()),
             bytes_sent: AtomicU64::new(0),
             conns: Mutex::new(VecDeque::new()),
         });
@@ -197,6 +233,21 @@ impl MockUpstream {
     /// connection.
     pub fn overlaps(&self) -> usize {
         self.state.overlaps.load(Ordering::Acquire)
+    }
+
+    /// From now on every create on a connection authorized with `authorization` (e.g.
+    /// `Bearer sk-acct-a`) ends in a rate/usage limit, shaped by `limit`.
+    pub fn limit(&self, authorization: &str, limit: Limit) {
+        if let Ok(mut l) = self.state.limited.lock() {
+            l.insert(authorization.to_string(), limit);
+        }
+    }
+
+    /// Lifts [`MockUpstream::limit`].
+    pub fn unlimit(&self, authorization: &str) {
+        if let Ok(mut l) = self.state.limited.lock() {
+            l.remove(authorization);
+        }
     }
 
     /// Handshakes refused for a foreign organization or over `max_open`.
@@ -363,6 +414,7 @@ where
         creates: AtomicUsize::new(0),
         peer_close: Mutex::new(None),
         received: Mutex::new(Vec::new()),
+        user_texts: Mutex::new(Vec::new()),
     });
     if let Ok(mut conns) = state.conns.lock() {
         conns.push_back(record.clone());
@@ -398,6 +450,12 @@ where
                             r.push(ty.into_owned());
                         }
                         if script_is_create(&t) {
+                            if let Ok(mut u) = record.user_texts.lock()
+                                && u.len() < 1024
+                            {
+                                let body = serde_json::from_str(&t).unwrap_or_default();
+                                u.push(script::last_user_text(&body));
+                            }
                             record.creates.fetch_add(1, Ordering::AcqRel);
                             if pending.fetch_add(1, Ordering::AcqRel) > 0 {
                                 state.overlaps.fetch_add(1, Ordering::AcqRel);
@@ -420,6 +478,7 @@ where
     };
     let mut conn = ConnState {
         id,
+        authorization: record.header("authorization").unwrap_or("").to_string(),
         next: 0,
         cache: VecDeque::new(),
         last_context: 0,
@@ -503,6 +562,8 @@ fn script_is_create(text: &str) -> bool {
 /// Per-connection upstream state.
 struct ConnState {
     id: u64,
+    /// The `authorization` the connection was opened with (its account).
+    authorization: String,
     next: u64,
     /// `(response id, context tokens)` of the last responses, newest last.
     cache: VecDeque<(String, u64)>,
@@ -625,6 +686,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
     }
 }
 
+/// A create on a rate-limited account: optionally `response.created` (and deltas), then the
+/// limit as an `error` (status 429) or a `response.failed`.
+async fn answer_limited<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut ConnState,
+    limit: Limit,
+    em: &mut Emitter<'_, S>,
+) -> bool {
+    conn.next += 1;
+    let id = format!("resp_{}_{}", conn.id, conn.next);
+    let mut ok = true;
+    if limit.created_first || limit.after_deltas > 0 {
+        ok = ok && em.emit(json!({"type": "response.created", "response": {"id": id, "status": "in_progress"}})).await;
+        ok = ok
+            && em
+                .emit(json!({"type": "codex.rate_limits", "rate_limits": {"limit_reached": true}}))
+                .await;
+    }
+    for i in 0..limit.after_deltas {
+        ok = ok && em
+            .emit(
+                json!({"type": "response.output_text.delta", "delta": format!("{id} delta {i}. ")}),
+            )
+            .await;
+    }
+    let error = json!({
+        "type": "usage_limit_reached",
+        "code": "usage_limit_reached",
+        "message": "mock: the usage limit has been reached",
+        "resets_in_seconds": limit.resets_in_seconds,
+    });
+    let last = if limit.failed {
+        json!({"type": "response.failed", "response": {"id": id, "status": "failed", "error": error}})
+    } else {
+        json!({"type": "error", "status": 429, "error": error})
+    };
+    ok && em.emit(last).await
+}
+
 fn tokens(text_len: usize) -> u64 {
     (text_len as u64 / 4).max(1)
 }
@@ -680,6 +779,18 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         return Outcome::Continue;
     }
     let d = Directives::parse(&script::last_user_text(&body));
+    let limit = state
+        .limited
+        .lock()
+        .ok()
+        .and_then(|l| l.get(&conn.authorization).copied());
+    if let Some(limit) = limit {
+        return if answer_limited(conn, limit, em).await {
+            Outcome::Continue
+        } else {
+            Outcome::Gone
+        };
+    }
     let close_at = |p: Phase| match d.close {
         Some((CloseKind::Code(c), phase)) if phase == p => Some(Outcome::Close(c)),
         Some((CloseKind::Eof, phase)) if phase == p => Some(Outcome::Eof),

@@ -131,6 +131,12 @@ pub enum NewReason {
     Dead,
     /// A reused connection failed before the turn produced anything; the turn is retried once.
     RetryAfterStaleReuse,
+    /// The key's connection was discarded (a turn did not end cleanly, or an upstream event
+    /// could not be attributed).
+    Discarded,
+    /// The turn's account hit a rate or usage limit before anything reached the client; the
+    /// turn moved to another account.
+    Failover,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +195,8 @@ impl Decision {
                 NewReason::Evicted => "evicted",
                 NewReason::Dead => "dead",
                 NewReason::RetryAfterStaleReuse => "retry_after_stale_reuse",
+                NewReason::Discarded => "discarded",
+                NewReason::Failover => "failover",
             },
             Decision::Bypass(r) => match r {
                 BypassReason::Busy => "busy",
@@ -224,9 +232,8 @@ impl EvictReason {
                 NewReason::Evicted
             }
             EvictReason::Dead => NewReason::Dead,
-            EvictReason::IdleTimeout | EvictReason::Discarded | EvictReason::Shutdown => {
-                NewReason::Miss
-            }
+            EvictReason::Discarded => NewReason::Discarded,
+            EvictReason::IdleTimeout | EvictReason::Shutdown => NewReason::Miss,
         }
     }
 }

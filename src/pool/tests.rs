@@ -114,7 +114,7 @@ async fn poisoned_guard_is_discarded_not_returned() {
     );
     assert_eq!(pool.account_count(&k.account), 0, "reservation released");
     let co = pool.checkout(Some(k.clone()), &k.account).unwrap();
-    assert_eq!(co.decision, Decision::New(NewReason::Miss));
+    assert_eq!(co.decision, Decision::New(NewReason::Discarded));
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
