@@ -1,80 +1,88 @@
-//! End to end with the real Codex CLI (npm `@openai/codex`): `codex exec` through the gateway
-//! against the mock upstream, including a tool-call turn.
+//! End to end with the real Codex CLI (npm `@openai/codex`, pinned): `codex exec` through the
+//! gateway against the mock upstream: a tool-call turn, a rate-limited account it never sees,
+//! every account limited ("Try again at"), and a gateway restart during a tool run.
 //!
-//! The binary comes from `CODEX_BIN`, or `target/codex-npm` (installed by `.ci/run`, or here
-//! with `npm install` when missing). If it cannot be had, the test says so loudly and skips.
+//! The binary comes from `CODEX_BIN`, or `target/codex-npm-<version>` (installed by `.ci/run`,
+//! or here with `npm install` when missing). If it cannot be had, each test says so loudly and
+//! skips.
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::Duration;
 
 use support::*;
-use wsgate::mock::{MockConfig, MockUpstream};
+use wsgate::mock::{Limit, MockConfig, MockUpstream};
 
-const CODEX_VERSION: &str = "0.169.0";
+const CODEX_VERSION: &str = "0.171.0";
 
 fn codex_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CODEX_BIN") {
         return Some(PathBuf::from(p));
     }
-    let prefix = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/codex-npm");
+    let prefix = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/codex-npm-{CODEX_VERSION}"));
     let bin = prefix.join("node_modules/.bin/codex");
     if !bin.exists() {
-        eprintln!(
-            "installing @openai/codex@{CODEX_VERSION} into {}",
-            prefix.display()
-        );
-        let _ = std::fs::create_dir_all(&prefix);
-        let status = std::process::Command::new("timeout")
-            .args([
-                "300",
-                "npm",
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--prefix",
-            ])
-            .arg(&prefix)
-            .arg(format!("@openai/codex@{CODEX_VERSION}"))
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            return None;
+        // One install for all the tests of this binary.
+        static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+        if !bin.exists() {
+            eprintln!(
+                "installing @openai/codex@{CODEX_VERSION} into {}",
+                prefix.display()
+            );
+            let _ = std::fs::create_dir_all(&prefix);
+            let status = std::process::Command::new("timeout")
+                .args(["300", "npm", "install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .arg(format!("@openai/codex@{CODEX_VERSION}"))
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                return None;
+            }
         }
     }
     bin.exists().then_some(bin)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_exec_runs_a_tool_turn_through_the_gateway() {
-    let Some(codex) = codex_bin() else {
+/// The Codex binary, or a loud skip message naming `test`.
+fn codex_or_skip(test: &str) -> Option<PathBuf> {
+    let bin = codex_bin();
+    if bin.is_none() {
         eprintln!(
-            "\n!!!!!!!! SKIPPED codex_exec_runs_a_tool_turn_through_the_gateway: the Codex CLI could not be installed from the npm registry !!!!!!!!\n"
+            "\n!!!!!!!! SKIPPED {test}: the Codex CLI could not be installed from the npm registry !!!!!!!!\n"
         );
-        return;
-    };
-    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    }
+    bin
+}
+
+/// A `CODEX_HOME` whose provider points at `addr`.
+fn codex_home(addr: std::net::SocketAddr) -> tempfile::TempDir {
     let home = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
     std::fs::write(
         home.path().join("config.toml"),
         format!(
-            "model_provider = \"gw\"\nmodel = \"gpt-5.5\"\n\n[model_providers.gw]\nname = \"gw\"\nbase_url = \"http://{}/v1\"\nenv_key = \"GW_KEY\"\nwire_api = \"responses\"\nsupports_websockets = true\n",
-            gw.addr
+            "model_provider = \"gw\"\nmodel = \"gpt-5.5\"\n\n[model_providers.gw]\nname = \"gw\"\nbase_url = \"http://{addr}/v1\"\nenv_key = \"GW_KEY\"\nwire_api = \"responses\"\nsupports_websockets = true\n"
         ),
     )
     .unwrap();
-    let run = tokio::process::Command::new(&codex)
+    home
+}
+
+/// `codex exec <prompt>` in a scratch folder, with the test client key.
+fn codex_exec(codex: &Path, home: &Path, work: &Path, prompt: &str) -> tokio::process::Child {
+    tokio::process::Command::new(codex)
         .args([
             "exec",
             "--skip-git-repo-check",
             "-s",
             "danger-full-access",
-            "Run the check tool. [[mock: tool]]",
+            prompt,
         ])
-        .current_dir(work.path())
-        .env("CODEX_HOME", home.path())
+        .current_dir(work)
+        .env("CODEX_HOME", home)
         .env("GW_KEY", CLIENT_KEY)
         .env_remove("OPENAI_API_KEY")
         .env_remove("HTTP_PROXY")
@@ -82,25 +90,47 @@ async fn codex_exec_runs_a_tool_turn_through_the_gateway() {
         .env_remove("http_proxy")
         .env_remove("https_proxy")
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .spawn()
+        .expect("codex runs")
+}
+
+async fn finished(child: tokio::process::Child) -> (Output, String, String) {
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
         .await
         .expect("codex exec finished in time")
         .expect("codex ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
+/// The tool really ran and its output came back in the mock's final answer.
+fn assert_tool_answer(out: &Output, stdout: &str, stderr: &str) {
     assert!(
         out.status.success(),
         "codex failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-    // The mock's final answer echoes what the tool printed: the tool really ran, and its output
-    // came back as a function_call_output continuation on the same upstream connection.
     assert!(
         stdout.contains("tool output:") && stdout.contains("wsgate-tool-ok"),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_exec_runs_a_tool_turn_through_the_gateway() {
+    let Some(codex) = codex_or_skip("codex_exec_runs_a_tool_turn_through_the_gateway") else {
+        return;
+    };
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let (home, work) = (codex_home(gw.addr), tempfile::tempdir().unwrap());
+    let run = codex_exec(&codex, home.path(), work.path(), "Run the check tool. [[mock: tool]]");
+    let (out, stdout, stderr) = finished(run).await;
+    assert_tool_answer(&out, &stdout, &stderr);
     assert_eq!(
         mock.accepted(),
         1,
@@ -125,4 +155,104 @@ async fn codex_exec_runs_a_tool_turn_through_the_gateway() {
         .to_string();
     assert_eq!(decisions(&thread), ["new miss"]);
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_never_sees_a_rate_limit_while_another_account_is_free() {
+    let Some(codex) = codex_or_skip("codex_never_sees_a_rate_limit_while_another_account_is_free")
+    else {
+        return;
+    };
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    // An idle connection on acct-b makes acct-a the least loaded: Codex's new conversation
+    // lands there, and acct-a is the one the upstream limits.
+    let on_b = (0..)
+        .map(|i| unique(&format!("warm-b-{i}")))
+        .find(|c| gw.account_of(c) == "acct-b")
+        .unwrap();
+    gw.warm(&on_b).await;
+    mock.limit(&account_key("acct-a"), Limit::default());
+    let (home, work) = (codex_home(gw.addr), tempfile::tempdir().unwrap());
+    let run = codex_exec(&codex, home.path(), work.path(), "Run the check tool. [[mock: tool]]");
+    let (out, stdout, stderr) = finished(run).await;
+    assert_tool_answer(&out, &stdout, &stderr);
+    assert!(!stderr.contains("429"), "Codex saw the limit:\n{stderr}");
+    let limited: Vec<_> = mock
+        .connections()
+        .into_iter()
+        .filter(|c| c.header("authorization") == Some(&*account_key("acct-a")))
+        .collect();
+    assert_eq!(limited.len(), 1, "Codex's first request went to acct-a");
+    assert!(limited[0].creates.load(std::sync::atomic::Ordering::Acquire) >= 1);
+    let thread = limited[0].header("session-id").unwrap().to_string();
+    let d = decisions(&thread);
+    assert!(d.contains(&"new failover".to_string()), "{d:?}");
+    assert_eq!(gw.gateway.account_state("acct-a"), Some("cooling"));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_says_when_to_try_again_when_every_account_is_limited() {
+    let Some(codex) = codex_or_skip("codex_says_when_to_try_again_when_every_account_is_limited")
+    else {
+        return;
+    };
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    for a in ["acct-a", "acct-b"] {
+        mock.limit(&account_key(a), Limit::default());
+    }
+    let (home, work) = (codex_home(gw.addr), tempfile::tempdir().unwrap());
+    let run = codex_exec(&codex, home.path(), work.path(), "hello");
+    let (out, stdout, stderr) = finished(run).await;
+    let all = format!("{stdout}\n{stderr}");
+    assert!(
+        all.contains("Try again at"),
+        "Codex shows when to retry (exit {}):\n{all}",
+        out.status
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_survives_a_gateway_restart_during_a_tool_run() {
+    let Some(codex) = codex_or_skip("codex_survives_a_gateway_restart_during_a_tool_run") else {
+        return;
+    };
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "")
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let mut a = GatewayProcess::start(&yaml);
+    let (home, work) = (codex_home(a.addr), tempfile::tempdir().unwrap());
+    let run = codex_exec(
+        &codex,
+        home.path(),
+        work.path(),
+        "Run the check tool. [[mock: tool, tool_sleep=3000]]",
+    );
+    // The tool call went out (prewarm + turn answered): Codex is running the 3 s tool now.
+    let tool_running = wait_until(Duration::from_secs(60), || {
+        mock.connection(1)
+            .is_some_and(|c| c.creates.load(std::sync::atomic::Ordering::Acquire) >= 2)
+    })
+    .await;
+    assert!(tool_running, "Codex reached its tool run");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.signal("TERM");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = GatewayProcess::start(&yaml);
+    let (out, stdout, stderr) = finished(run).await;
+    assert_tool_answer(&out, &stdout, &stderr);
+    let status = a.wait_exit(Duration::from_secs(20)).await.expect("A exits");
+    assert!(status.success(), "A exits 0: {status:?}");
+    assert!(
+        b.stderr_text().contains("pool decision"),
+        "the follow-up was served by the replacement"
+    );
 }

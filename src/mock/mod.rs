@@ -899,7 +899,7 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         }
         ok
     } else if d.tool && script::function_call_output(&body).is_none() {
-        let (name, args) = script::choose_tool(&body);
+        let (name, args) = script::choose_tool(&body, &script::tool_command(d.tool_sleep));
         let call_id = format!("call_{}_{}", conn.id, conn.next);
         let item_id = format!("fc_{}_{}", conn.id, conn.next);
         let item = json!({"id": item_id, "type": "function_call", "status": "completed", "call_id": call_id, "name": name, "arguments": args});

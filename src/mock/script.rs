@@ -60,6 +60,8 @@ pub struct Directives {
     pub junk_after: Option<Duration>,
     /// Mid-turn, send something a real upstream never sends: `binary`, `badutf8`, `huge`.
     pub inject: Option<String>,
+    /// The tool call's command sleeps this long before printing (a long tool run).
+    pub tool_sleep: Duration,
     /// The `error` event's message says the request is larger than a per-minute token limit
     /// (the real API's request-specific 429).
     pub too_large: bool,
@@ -81,6 +83,7 @@ impl Default for Directives {
             deaf: false,
             junk_after: None,
             inject: None,
+            tool_sleep: Duration::ZERO,
             too_large: false,
         }
     }
@@ -114,6 +117,7 @@ impl Directives {
                     "delay" => d.delay = ms(v),
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
+                    "tool_sleep" => d.tool_sleep = ms(v),
                     "deaf" => d.deaf = true,
                     "too_large" => d.too_large = true,
                     "inject" => d.inject = Some(v.to_string()),
@@ -190,9 +194,19 @@ pub fn function_call_output(body: &Value) -> Option<String> {
         })
 }
 
+/// The shell command of the mock's tool call: prints [`TOOL_COMMAND`]'s marker, after
+/// `sleep` when one is asked for.
+pub fn tool_command(sleep: Duration) -> String {
+    if sleep.is_zero() {
+        TOOL_COMMAND.to_string()
+    } else {
+        format!("sleep {:.3} && {TOOL_COMMAND}", sleep.as_secs_f64())
+    }
+}
+
 /// A tool call the client can run: `(tool name, arguments JSON text)`, chosen from the tools
-/// the request offers (Codex 0.169 offers `exec_command` with `{"cmd": ...}`).
-pub fn choose_tool(body: &Value) -> (String, String) {
+/// the request offers (Codex 0.171 offers `exec_command` with `{"cmd": ...}`).
+pub fn choose_tool(body: &Value, command: &str) -> (String, String) {
     let names: Vec<&str> = body
         .get("tools")
         .and_then(Value::as_array)
@@ -205,17 +219,17 @@ pub fn choose_tool(body: &Value) -> (String, String) {
     if names.contains(&"exec_command") {
         (
             "exec_command".into(),
-            json!({ "cmd": TOOL_COMMAND }).to_string(),
+            json!({ "cmd": command }).to_string(),
         )
     } else if names.contains(&"shell_command") {
         (
             "shell_command".into(),
-            json!({ "command": TOOL_COMMAND }).to_string(),
+            json!({ "command": command }).to_string(),
         )
     } else if names.contains(&"shell") || names.is_empty() {
         (
             "shell".into(),
-            json!({ "command": ["bash", "-lc", TOOL_COMMAND] }).to_string(),
+            json!({ "command": ["bash", "-lc", command] }).to_string(),
         )
     } else {
         (names[0].to_string(), "{}".into())
@@ -364,7 +378,7 @@ mod tests {
             function_call_output(&body).as_deref(),
             Some("wsgate-tool-ok")
         );
-        let (name, args) = choose_tool(&body);
+        let (name, args) = choose_tool(&body, TOOL_COMMAND);
         assert_eq!(name, "exec_command");
         assert!(args.contains("cmd"));
     }
