@@ -22,7 +22,7 @@ use crate::error::ConfigError;
 /// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "paths", "clients", "upstream", "accounts", "routing", "pool", "relay", "shutdown",
-    "admin", "limits", "tls", "log",
+    "admin", "limits", "tls", "log", "http",
 ];
 
 /// The whole gateway configuration (DESIGN §5).
@@ -52,6 +52,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Connection and time limits for clients and turns.
     pub limits: LimitsConfig,
+    /// The HTTP ingress (`POST` on the paths) and the HTTP relays (`/models`, `/compact`).
+    pub http: HttpConfig,
     /// Serve wss:// (and https://) on `listen` with this certificate. Default: plain.
     pub tls: Option<TlsConfig>,
     /// Logging.
@@ -87,6 +89,41 @@ pub struct UpstreamConfig {
     /// One upstream write may take this long before the connection is declared dead. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// `http://` or `https://` base for the HTTP relays (`{base}/models`,
+    /// `{base}/responses/compact`). Default: from `url` (`wss` -> `https`, same host, the path
+    /// without its last `/responses`).
+    pub http_url: Option<String>,
+}
+
+/// The HTTP ingress and relays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest request body, after decoding (and on the wire); larger gets HTTP 413.
+    /// Default `64MiB`.
+    pub max_body_size: ByteSize,
+    /// The whole request body must arrive within this. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// An SSE stream silent this long gets a keepalive (`codex.keepalive` events for Codex,
+    /// `: keepalive` comments for other clients); before the first byte this is also how long
+    /// an error can still become an HTTP status. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub sse_keepalive: Duration,
+    /// Largest response relayed from the upstream's `/models` or `/responses/compact`, and
+    /// largest non-streaming response collected. Default `32MiB`.
+    pub max_response_size: ByteSize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_size: ByteSize::mib(64),
+            body_timeout: Duration::from_secs(60),
+            sse_keepalive: Duration::from_secs(10),
+            max_response_size: ByteSize::mib(32),
+        }
+    }
 }
 
 /// One upstream account. Exactly one credential source: an API key, or a ChatGPT access token
@@ -316,6 +353,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             admin: AdminConfig::default(),
             limits: LimitsConfig::default(),
+            http: HttpConfig::default(),
             tls: None,
             log: LogConfig::default(),
         }
@@ -329,6 +367,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             ca_file: None,
             write_timeout: Duration::from_secs(60),
+            http_url: None,
         }
     }
 }
@@ -423,6 +462,32 @@ impl Config {
         Ok(config)
     }
 
+    /// The base URL of the upstream's HTTP API (`upstream.http_url`, or derived from
+    /// `upstream.url`: `wss` -> `https`, `ws` -> `http`, same authority, the path without its
+    /// trailing `/responses`), without a trailing slash.
+    pub fn upstream_http_base(&self) -> Result<String, String> {
+        if let Some(u) = &self.upstream.http_url {
+            let uri: http::Uri = u.parse().map_err(|e| format!("`{u}` is not a URL: {e}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(format!("`{u}` must be an http:// or https:// URL with a host"));
+            }
+            return Ok(u.trim_end_matches('/').to_string());
+        }
+        let uri: http::Uri = self
+            .upstream
+            .url
+            .parse()
+            .map_err(|e| format!("upstream.url: {e}"))?;
+        let scheme = match uri.scheme_str() {
+            Some("wss") => "https",
+            _ => "http",
+        };
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let path = uri.path().trim_end_matches('/');
+        let path = path.strip_suffix("/responses").unwrap_or(path);
+        Ok(format!("{scheme}://{authority}{path}"))
+    }
+
     /// Cross-field rules that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, msg: String| {
@@ -460,6 +525,22 @@ impl Config {
         match crate::upstream::UpstreamUrl::parse(&self.upstream.url) {
             Ok(_) => {}
             Err(msg) => return invalid("upstream.url", msg),
+        }
+        if let Err(msg) = self.upstream_http_base() {
+            return invalid("upstream.http_url", msg);
+        }
+        let h = &self.http;
+        if h.max_body_size.as_u64() < 1024 {
+            return invalid("http.max_body_size", "must be at least 1KiB".into());
+        }
+        if h.max_response_size.as_u64() < 1024 {
+            return invalid("http.max_response_size", "must be at least 1KiB".into());
+        }
+        if h.body_timeout.is_zero() {
+            return invalid("http.body_timeout", "must be greater than 0".into());
+        }
+        if h.sse_keepalive.is_zero() {
+            return invalid("http.sse_keepalive", "must be greater than 0".into());
         }
         let l = &self.limits;
         if l.max_client_connections == 0 {
@@ -745,6 +826,21 @@ mod tests {
             let err = Config::from_yaml(yaml).unwrap_err().to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn upstream_http_base_is_derived_or_configured() {
+        let mut c = Config::default();
+        assert_eq!(c.upstream_http_base().unwrap(), "https://api.openai.com/v1");
+        c.upstream.url = "ws://127.0.0.1:9/backend-api/codex/responses".into();
+        assert_eq!(
+            c.upstream_http_base().unwrap(),
+            "http://127.0.0.1:9/backend-api/codex"
+        );
+        c.upstream.http_url = Some("https://proxy.internal/v1/".into());
+        assert_eq!(c.upstream_http_base().unwrap(), "https://proxy.internal/v1");
+        c.upstream.http_url = Some("ftp://x".into());
+        assert!(c.validate().unwrap_err().to_string().contains("upstream.http_url"));
     }
 
     #[test]

@@ -399,6 +399,7 @@ impl Shared {
         routing: &str,
         headers: &ForwardHeaders,
         hint: Option<NewReason>,
+        ingress: crate::ids::Ingress,
     ) -> Result<Pooled<UpstreamConn>, AcquireError> {
         let attempts = self.accounts.all().len().max(1);
         let affinity = route
@@ -440,6 +441,7 @@ impl Shared {
                 account_cap: account.max_connections(),
                 hint,
                 affinity: route.affinity.clone(),
+                ingress,
             };
             let Checkout { mut pooled, .. } = self
                 .pool

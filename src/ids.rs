@@ -55,6 +55,25 @@ impl ClientId {
     }
 }
 
+/// Which ingress carried a turn (logs, metrics, status).
+#[derive(Debug, PartialEq, Eq, Clone, Copy, Default)]
+pub enum Ingress {
+    /// A client WebSocket session.
+    #[default]
+    Ws,
+    /// A `POST` on the paths (SSE or one JSON body).
+    Http,
+}
+
+impl Ingress {
+    pub fn label(self) -> &'static str {
+        match self {
+            Ingress::Ws => "ws",
+            Ingress::Http => "http",
+        }
+    }
+}
+
 /// Where a session's turns go (DESIGN §2): the tenant, the lane (the pool key's conversation
 /// part) and the affinity (the key of the sticky account assignment). Both ids are scoped by
 /// the client.

@@ -137,17 +137,21 @@ pub fn dial(elapsed: Duration) {
 }
 
 /// A turn ended with `terminal` (an event type, or `aborted` / `upstream_failed`).
-pub fn turn(terminal: &str, duration: Duration) {
+pub fn turn(terminal: &str, ingress: crate::turn::Ingress, duration: Duration) {
     let terminal = match terminal {
         "response.completed" => "completed",
         "response.failed" => "failed",
         "response.incomplete" => "incomplete",
         "error" => "error",
         "upstream_failed" => "upstream_failed",
+        "rate_limited" => "rate_limited",
+        "failover_continuation" => "failover_continuation",
         _ => "aborted",
     };
-    counter!(TURNS, "terminal" => terminal).increment(1);
-    histogram!(TURN_DURATION, "terminal" => terminal).record(duration.as_secs_f64());
+    let ingress = ingress.label();
+    counter!(TURNS, "terminal" => terminal, "ingress" => ingress).increment(1);
+    histogram!(TURN_DURATION, "terminal" => terminal, "ingress" => ingress)
+        .record(duration.as_secs_f64());
 }
 
 pub fn first_event(after: Duration) {

@@ -24,8 +24,10 @@ use crate::error::AcquireError;
 use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ids::ClientId;
+use crate::ingress::ws::Session;
 use crate::listener::{HandshakeLimits, TlsListener, serve_http};
-use crate::session::{Session, SessionStart};
+use crate::ids::Ingress;
+use crate::turn::engine::EngineStart;
 
 /// Serves `gateway` on `listener` until `shutdown` resolves, then drains: the listening socket
 /// is closed at once (a replacement process bound to the same address with `SO_REUSEPORT`
@@ -379,7 +381,7 @@ async fn upgrade(
             let (shared, route, forward) = (shared.clone(), route.clone(), forward.clone());
             async move {
                 let acquired = shared
-                    .acquire(&route, &id.to_string(), &forward, None)
+                    .acquire(&route, &id.to_string(), &forward, None, Ingress::Ws)
                     .await;
                 (slot, acquired)
             }
@@ -438,13 +440,14 @@ async fn upgrade(
         }
     }
 
-    let start = SessionStart {
+    let start = EngineStart {
         id,
         span: span.clone(),
         ids,
         route,
         headers: forward,
         upstream,
+        ingress: Ingress::Ws,
     };
     let ws_config = shared.ws_config;
     let shared = shared.clone();

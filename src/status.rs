@@ -86,6 +86,8 @@ pub struct DecisionStatus {
     pub conversation: String,
     /// The affinity (shortened), when it differs from the lane.
     pub affinity: Option<String>,
+    /// `ws` or `http`.
+    pub ingress: &'static str,
     pub upstream_id: u64,
 }
 
@@ -200,6 +202,7 @@ impl Shared {
                     .map(|c| shorten(c.as_str()))
                     .unwrap_or_else(|| "-".into()),
                 affinity: d.affinity.map(|a| shorten(a.as_str())),
+                ingress: d.ingress.label(),
                 upstream_id: d.upstream_id,
             })
             .collect();
@@ -399,14 +402,15 @@ pub fn render_html(s: &Status) -> String {
             opt(c.turns)
         );
     }
-    h.push_str("</table><h2>Recent decisions</h2><table><tr><th>ago</th><th>decision</th><th>reason</th><th>account</th><th>client</th><th>conversation</th><th>affinity</th><th>upstream</th></tr>");
+    h.push_str("</table><h2>Recent decisions</h2><table><tr><th>ago</th><th>decision</th><th>reason</th><th>ingress</th><th>account</th><th>client</th><th>conversation</th><th>affinity</th><th>upstream</th></tr>");
     for d in &s.recent_decisions {
         let _ = write!(
             h,
-            "<tr><td>{}s</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}s</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             d.ago_s,
             esc(&d.decision),
             d.reason,
+            d.ingress,
             esc(&d.account),
             esc(&d.client),
             esc(&d.conversation),

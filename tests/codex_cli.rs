@@ -21,8 +21,8 @@ fn codex_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CODEX_BIN") {
         return Some(PathBuf::from(p));
     }
-    let prefix = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("target/codex-npm-{CODEX_VERSION}"));
+    let prefix =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/codex-npm-{CODEX_VERSION}"));
     let bin = prefix.join("node_modules/.bin/codex");
     if !bin.exists() {
         // One install for all the tests of this binary.
@@ -35,7 +35,14 @@ fn codex_bin() -> Option<PathBuf> {
             );
             let _ = std::fs::create_dir_all(&prefix);
             let status = std::process::Command::new("timeout")
-                .args(["300", "npm", "install", "--no-audit", "--no-fund", "--prefix"])
+                .args([
+                    "300",
+                    "npm",
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "--prefix",
+                ])
                 .arg(&prefix)
                 .arg(format!("@openai/codex@{CODEX_VERSION}"))
                 .status();
@@ -128,7 +135,12 @@ async fn codex_exec_runs_a_tool_turn_through_the_gateway() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
     let (home, work) = (codex_home(gw.addr), tempfile::tempdir().unwrap());
-    let run = codex_exec(&codex, home.path(), work.path(), "Run the check tool. [[mock: tool]]");
+    let run = codex_exec(
+        &codex,
+        home.path(),
+        work.path(),
+        "Run the check tool. [[mock: tool]]",
+    );
     let (out, stdout, stderr) = finished(run).await;
     assert_tool_answer(&out, &stdout, &stderr);
     assert_eq!(
@@ -174,7 +186,12 @@ async fn codex_never_sees_a_rate_limit_while_another_account_is_free() {
     gw.warm(&on_b).await;
     mock.limit(&account_key("acct-a"), Limit::default());
     let (home, work) = (codex_home(gw.addr), tempfile::tempdir().unwrap());
-    let run = codex_exec(&codex, home.path(), work.path(), "Run the check tool. [[mock: tool]]");
+    let run = codex_exec(
+        &codex,
+        home.path(),
+        work.path(),
+        "Run the check tool. [[mock: tool]]",
+    );
     let (out, stdout, stderr) = finished(run).await;
     assert_tool_answer(&out, &stdout, &stderr);
     assert!(!stderr.contains("429"), "Codex saw the limit:\n{stderr}");
@@ -184,7 +201,12 @@ async fn codex_never_sees_a_rate_limit_while_another_account_is_free() {
         .filter(|c| c.header("authorization") == Some(&*account_key("acct-a")))
         .collect();
     assert_eq!(limited.len(), 1, "Codex's first request went to acct-a");
-    assert!(limited[0].creates.load(std::sync::atomic::Ordering::Acquire) >= 1);
+    assert!(
+        limited[0]
+            .creates
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= 1
+    );
     let thread = limited[0].header("session-id").unwrap().to_string();
     let d = decisions(&thread);
     assert!(d.contains(&"new failover".to_string()), "{d:?}");

@@ -217,10 +217,7 @@ pub fn choose_tool(body: &Value, command: &str) -> (String, String) {
         })
         .unwrap_or_default();
     if names.contains(&"exec_command") {
-        (
-            "exec_command".into(),
-            json!({ "cmd": command }).to_string(),
-        )
+        ("exec_command".into(), json!({ "cmd": command }).to_string())
     } else if names.contains(&"shell_command") {
         (
             "shell_command".into(),

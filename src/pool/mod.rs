@@ -34,7 +34,7 @@ use tracing::{debug, info};
 
 use crate::config::PoolConfig;
 use crate::fifo::FifoMap;
-use crate::ids::{AccountId, ClientId, ConversationId};
+use crate::ids::{AccountId, ClientId, ConversationId, Ingress};
 
 pub use reaper::spawn_reaper;
 
@@ -85,6 +85,7 @@ pub struct DecisionRecord {
     pub conversation: Option<ConversationId>,
     /// The affinity, when it differs from the lane.
     pub affinity: Option<ConversationId>,
+    pub ingress: Ingress,
     pub upstream_id: u64,
 }
 
@@ -396,14 +397,7 @@ impl<C: PoolConn> Pool<C> {
             (Decision::Reuse, Some(c)) => Some(now.saturating_duration_since(c.created_at())),
             _ => None,
         };
-        self.record_decision(
-            decision,
-            account,
-            pooled.key.as_ref(),
-            opts.affinity.as_ref(),
-            pooled.id,
-            age,
-        );
+        self.record_decision(decision, account, pooled.key.as_ref(), opts, pooled.id, age);
         pooled.decision = decision;
         Ok(Checkout { decision, pooled })
     }
@@ -414,36 +408,29 @@ impl<C: PoolConn> Pool<C> {
         decision: Decision,
         account: &AccountId,
         key: Option<&PoolKey>,
-        affinity: Option<&ConversationId>,
+        opts: &CheckoutOptions,
         id: u64,
         age: Option<Duration>,
     ) {
         let conversation = key.map(|k| k.conversation.as_str()).unwrap_or("-");
         let client = key.map(|k| k.client.as_str()).unwrap_or("-");
-        let affinity = affinity.filter(|a| key.is_none_or(|k| &k.conversation != *a));
-        let age_ms = age.map(|a| a.as_millis() as u64);
-        match (age_ms, affinity) {
-            (Some(age_ms), None) => info!(
-                decision = %decision, reason = %decision.reason(), client = %client,
-                account = %account, conversation = %conversation, upstream.id = id,
-                upstream.age_ms = age_ms, "pool decision"
-            ),
-            (Some(age_ms), Some(affinity)) => info!(
-                decision = %decision, reason = %decision.reason(), client = %client,
-                account = %account, conversation = %conversation, affinity = %affinity,
-                upstream.id = id, upstream.age_ms = age_ms, "pool decision"
-            ),
-            (None, None) => info!(
-                decision = %decision, reason = %decision.reason(), client = %client,
-                account = %account, conversation = %conversation, upstream.id = id,
-                "pool decision"
-            ),
-            (None, Some(affinity)) => info!(
-                decision = %decision, reason = %decision.reason(), client = %client,
-                account = %account, conversation = %conversation, affinity = %affinity,
-                upstream.id = id, "pool decision"
-            ),
-        }
+        let affinity = opts
+            .affinity
+            .as_ref()
+            .filter(|a| key.is_none_or(|k| &k.conversation != *a));
+        // `None` fields are left out of the line.
+        info!(
+            decision = %decision,
+            reason = %decision.reason(),
+            ingress = opts.ingress.label(),
+            client = %client,
+            account = %account,
+            conversation = %conversation,
+            affinity = affinity.map(ConversationId::as_str),
+            upstream.id = id,
+            upstream.age_ms = age.map(|a| a.as_millis() as u64),
+            "pool decision"
+        );
         if let Some(age) = age {
             crate::metrics::reuse_age(age);
         }
@@ -460,6 +447,7 @@ impl<C: PoolConn> Pool<C> {
                 client: key.map(|k| k.client.clone()),
                 conversation: key.map(|k| k.conversation.clone()),
                 affinity: affinity.cloned(),
+                ingress: opts.ingress,
                 upstream_id: id,
             });
         }
@@ -571,14 +559,8 @@ impl<C: PoolConn> Pool<C> {
         };
         let (conn, id) = conn;
         let age = now.saturating_duration_since(conn.created_at());
-        self.record_decision(
-            Decision::Reuse,
-            &key.account,
-            Some(key),
-            None,
-            id,
-            Some(age),
-        );
+        let opts = CheckoutOptions::default();
+        self.record_decision(Decision::Reuse, &key.account, Some(key), &opts, id, Some(age));
         Some(Checkout {
             decision: Decision::Reuse,
             pooled: self.pooled(key.clone(), id, Some(conn)),
@@ -1031,6 +1013,8 @@ pub struct CheckoutOptions {
     pub hint: Option<NewReason>,
     /// The route's affinity (logged as `affinity=` when it differs from the lane).
     pub affinity: Option<ConversationId>,
+    /// Which ingress carried the request (logged as `ingress=`).
+    pub ingress: Ingress,
 }
 
 impl<C: PoolConn> Pooled<C> {

@@ -1,47 +1,41 @@
-//! One client WebSocket session: its turn loop over one upstream connection at a time.
+//! The turn engine: one client conversation's turns over one upstream connection at a time,
+//! independent of the ingress that carries them (a WebSocket session, an HTTP request).
+//!
+//! The engine owns the route (client, lane, affinity), the account assignment, the pooled
+//! upstream connection and its [`Ledger`], and the turn in flight: checkout or owner routing
+//! of `previous_response_id`, send, relay until the turn's own terminal event, stale-reuse
+//! retry, rate-limit failover, accounting and metrics. What reaches the client goes through a
+//! [`Downstream`], which each ingress implements (WebSocket frames, SSE events, one JSON body).
 //!
 //! Invariants:
-//! - Only client events the gateway understands reach the upstream (`response.create`,
-//!   `response.steer`, `response.inject`, `response.processed`); anything else gets a local
-//!   `error` (400).
-//! - At most one turn in flight: a `response.create` arriving during a turn is held, bounded by
-//!   `relay.max_queued_frames`, and sent after the turn's own terminal event (the
-//!   [`Ledger`] decides which event that is). Side events are sent at once unless something is
-//!   held before them. Frames are never reordered.
-//! - The upstream connection is reusable only between turns and while the ledger is clean
-//!   (everything sent was answered, nothing unattributed arrived); if the session ends
-//!   mid-turn, the upstream fails, or an event could not be attributed, it is discarded and
-//!   never pooled.
+//! - At most one turn in flight per engine (the ingress holds or refuses a second request).
+//! - The upstream connection is reusable only between turns and while the ledger is clean;
+//!   if the engine ends mid-turn, the upstream fails, or an event could not be attributed,
+//!   it is discarded and never pooled.
 //! - Rotation (max-age, account change) happens only at the start of a turn, and only for full
 //!   requests: a continuation (`previous_response_id`) stays on the connection that owns it.
-//! - Upstream frames are relayed verbatim and in order; the client writer is the back-pressure
+//! - Upstream frames are relayed verbatim and in order; the downstream is the back-pressure
 //!   point (the pump's channel fills, the pump stops reading).
 
-use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use futures::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
+use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::{Instrument, Span, debug, info, info_span};
 
 use crate::close::{self, Disposition};
 use crate::error::AcquireError;
-use crate::event::{self, ClientEvent, ClientFrameError};
+use crate::event;
 use crate::gateway::Shared;
 use crate::headers::{ForwardHeaders, HeaderIds};
-use crate::ids::{ConversationId, Route};
+use crate::ids::{ConversationId, Ingress, Route};
 use crate::pool::{EvictReason, NewReason, PoolKey, Pooled};
 use crate::pump::PumpEvent;
 use crate::turn::{Attribution, Ledger, Sent};
 use crate::upstream::UpstreamConn;
-
-pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Frames relayed to the client per flush at most (batching under load).
 const MAX_BATCH: usize = 256;
@@ -66,11 +60,36 @@ fn carries_no_output(ty: &str) -> bool {
     )
 }
 
-/// Whether the session loop goes on.
-#[derive(Debug, PartialEq, Eq)]
-enum Flow {
+/// Whether the ingress goes on.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum Flow {
     Continue,
     Stop,
+}
+
+
+/// The client went away (a write failed, or it hung up).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the client went away")]
+pub(crate) struct ClientGone;
+
+/// Where the engine's output goes: implemented by each ingress.
+pub(crate) trait Downstream: Send {
+    /// Queues one upstream frame, verbatim (written out by [`Downstream::flush`]).
+    fn feed(&mut self, text: Utf8Bytes) -> impl Future<Output = Result<(), ClientGone>> + Send;
+    /// Writes out what was queued.
+    fn flush(&mut self) -> impl Future<Output = Result<(), ClientGone>> + Send;
+    /// An `error` event of the gateway's own (WebSocket shape: top-level `status`, nested
+    /// `error`).
+    fn error(
+        &mut self,
+        event: serde_json::Value,
+    ) -> impl Future<Output = Result<(), ClientGone>> + Send;
+    /// The upstream closed with `code` (1012/1013) mid-turn; the ingress ends.
+    fn closed(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+    /// The upstream connection that will serve the turn (its 101 headers; `reused`: the
+    /// turn-state token belongs to the turn that opened it).
+    fn connected(&mut self, _headers: &[(HeaderName, HeaderValue)], _reused: bool) {}
 }
 
 /// The turn in flight.
@@ -93,22 +112,22 @@ struct Turn {
     failed_over: Vec<crate::ids::AccountId>,
 }
 
-/// Everything the handshake resolved, handed to the session.
-pub(crate) struct SessionStart {
+/// What the ingress resolved before the first turn.
+pub(crate) struct EngineStart {
     pub id: u64,
     pub span: Span,
-    /// The ids the upgrade headers carried (the body fills the gaps at the first request).
+    /// The ids the headers carried (the body fills the gaps at the first request).
     pub ids: HeaderIds,
     pub route: Route,
     pub headers: ForwardHeaders,
     pub upstream: Option<Pooled<UpstreamConn>>,
+    pub ingress: Ingress,
 }
 
-pub(crate) struct Session {
+pub(crate) struct Engine {
     gw: Arc<Shared>,
     id: u64,
     span: Span,
-    client: ClientWs,
     ids: HeaderIds,
     route: Route,
     /// True once the route can no longer change (first turn started).
@@ -118,24 +137,19 @@ pub(crate) struct Session {
     /// What the upstream connection in `upstream` owes us (reset with the connection).
     ledger: Ledger,
     turn: Option<Turn>,
-    held: VecDeque<Utf8Bytes>,
     turn_seq: u64,
-    /// Turns completed on the current upstream in this session.
+    /// Turns completed on the current upstream.
     conn_turns: u64,
-    /// The first-frame and turn-idle deadline; armed only when one of them applies.
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// True once the client sent a frame.
-    got_frame: bool,
-    /// When the upstream last sent something (checked lazily when the timer fires).
+    /// When the upstream last sent something.
     last_upstream: Instant,
+    ingress: Ingress,
 }
 
-impl Session {
-    pub fn new(gw: Arc<Shared>, client: ClientWs, start: SessionStart) -> Session {
-        Session {
+impl Engine {
+    pub fn new(gw: Arc<Shared>, start: EngineStart) -> Engine {
+        Engine {
             id: start.id,
             span: start.span,
-            client,
             keyed: start.upstream.is_some(),
             ids: start.ids,
             route: start.route,
@@ -143,219 +157,100 @@ impl Session {
             upstream: start.upstream,
             ledger: Ledger::default(),
             turn: None,
-            held: VecDeque::new(),
             turn_seq: 0,
             conn_turns: 0,
-            timer: Box::pin(tokio::time::sleep(gw.config().limits.first_frame_timeout)),
-            got_frame: false,
             last_upstream: Instant::now(),
+            ingress: start.ingress,
             gw,
         }
     }
 
-    /// Runs the session to its end. The caller instruments it with the session span.
-    pub async fn run(mut self) {
-        self.gw.active_sessions.fetch_add(1, Ordering::AcqRel);
-        ::metrics::counter!(crate::metrics::CLIENT_OPENED).increment(1);
-        debug!("session started");
-        loop {
-            if self.turn.is_none()
-                && let Some(text) = self.held.pop_front()
-            {
-                if self.client_text(text).await == Flow::Stop {
-                    break;
-                }
-                continue;
-            }
-            let idle = self.turn.is_none();
-            let timed = !self.got_frame || self.turn.is_some();
-            let flow = tokio::select! {
-                biased;
-                _ = self.gw.shutdown.cancelled(), if idle => {
-                    self.close_client(close::client::RESTART, "gateway shutting down").await;
-                    Flow::Stop
-                }
-                ev = next_upstream(&mut self.upstream) => self.upstream_event(ev).await,
-                msg = self.client.next() => self.client_message(msg).await,
-                _ = &mut self.timer, if timed => self.on_timer().await,
-            };
-            if flow == Flow::Stop {
-                break;
-            }
-        }
-        self.finish();
+    /// A turn is in flight.
+    pub fn in_turn(&self) -> bool {
+        self.turn.is_some()
     }
 
-    /// Ends the session: the upstream goes back to the pool only if no turn was in flight
-    /// and its ledger is clean.
-    fn finish(&mut self) {
-        if let Some(turn) = self.turn.take() {
-            if let Some(up) = &self.upstream {
-                info!(parent: &turn.span, upstream.id = up.id(), "client left mid-turn; upstream discarded");
-            }
-            crate::metrics::turn("aborted", turn.started.elapsed());
-            crate::metrics::error("client_left_mid_turn");
-        }
-        self.sync_reusable();
-        drop(self.upstream.take());
-        self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
-        ::metrics::counter!(crate::metrics::CLIENT_CLOSED).increment(1);
-        debug!(turns = self.turn_seq, "session ended");
+    /// Turns started so far.
+    pub fn turns(&self) -> u64 {
+        self.turn_seq
     }
 
-    // === client side ===
+    /// Side events sent and not yet answered by the upstream.
+    pub fn outstanding(&self) -> usize {
+        self.ledger.outstanding()
+    }
 
-    /// The first-frame or turn-idle deadline passed (or a stale one: re-armed).
-    async fn on_timer(&mut self) -> Flow {
-        let limits = self.gw.config().limits.clone();
-        if !self.got_frame {
-            crate::metrics::error("first_frame_timeout");
-            let reason = format!(
-                "no request within {:?} (limits.first_frame_timeout)",
-                limits.first_frame_timeout
-            );
-            self.close_client(close::client::POLICY, &reason).await;
-            return Flow::Stop;
+    /// The next event of the held upstream connection (pending forever without one).
+    pub async fn next_upstream(&mut self) -> Option<PumpEvent> {
+        match self.upstream.as_mut().and_then(Pooled::conn_mut) {
+            Some(conn) => conn.recv().await,
+            None => std::future::pending().await,
         }
-        let Some(turn) = self.turn.as_ref() else {
+    }
+
+    /// When the turn in flight times out if the upstream stays silent
+    /// (`limits.turn_idle_timeout`); `None` between turns.
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        let turn = self.turn.as_ref()?;
+        Some(self.last_upstream.max(turn.started) + self.gw.config().limits.turn_idle_timeout)
+    }
+
+    /// The idle deadline passed (the caller checked [`Engine::idle_deadline`]): the upstream
+    /// went quiet mid-turn, give up on this connection.
+    pub async fn turn_idle_expired<D: Downstream>(&mut self, d: &mut D) -> Flow {
+        let Some(turn) = self.turn.take() else {
             return Flow::Continue;
         };
-        let due = self.last_upstream.max(turn.started) + limits.turn_idle_timeout;
-        if Instant::now() < due {
-            self.timer.as_mut().reset(due);
-            return Flow::Continue;
-        }
-        // The upstream went quiet mid-turn: give up on this connection.
+        let timeout = self.gw.config().limits.turn_idle_timeout;
         crate::metrics::error("turn_idle_timeout");
-        crate::metrics::turn("upstream_failed", turn.started.elapsed());
-        self.turn = None;
+        crate::metrics::turn("upstream_failed", self.ingress, turn.started.elapsed());
         if let Some(up) = self.upstream.take() {
             info!(upstream.id = up.id(), "upstream silent mid-turn; discarded");
             self.evict(up, EvictReason::Dead);
         }
         let msg = format!(
-            "no upstream event for {:?} (limits.turn_idle_timeout); the upstream connection was discarded",
-            limits.turn_idle_timeout
+            "no upstream event for {timeout:?} (limits.turn_idle_timeout); the upstream connection was discarded"
         );
-        self.send_error(504, "upstream_timeout", &msg).await
+        self.send_error(d, 504, "upstream_timeout", &msg).await
     }
 
-    async fn client_message(&mut self, msg: Option<Result<Message, tungstenite::Error>>) -> Flow {
-        match msg {
-            Some(Ok(Message::Text(text))) => {
-                self.got_frame = true;
-                self.client_text(text).await
+    /// Ends the engine: the upstream goes back to the pool only if no turn was in flight and
+    /// its ledger is clean.
+    pub fn finish(&mut self) {
+        if let Some(turn) = self.turn.take() {
+            if let Some(up) = &self.upstream {
+                info!(parent: &turn.span, upstream.id = up.id(), "client left mid-turn; upstream discarded");
             }
-            Some(Ok(Message::Binary(_))) => {
-                crate::metrics::error("client_binary_frame");
-                self.close_client(
-                    close::client::UNSUPPORTED_DATA,
-                    "binary frames are not supported; send JSON text frames",
-                )
-                .await;
-                Flow::Stop
-            }
-            Some(Ok(Message::Close(_))) | None => Flow::Stop,
-            Some(Ok(_)) => Flow::Continue, // ping/pong: tungstenite answers pings
-            Some(Err(tungstenite::Error::Capacity(e))) => {
-                crate::metrics::error("client_message_too_big");
-                let reason = format!("message too big: {e}");
-                self.close_client(close::client::TOO_BIG, &reason).await;
-                Flow::Stop
-            }
-            Some(Err(tungstenite::Error::Utf8(_))) => {
-                self.close_client(1007, "text frame is not valid UTF-8")
-                    .await;
-                Flow::Stop
-            }
-            Some(Err(e)) => {
-                debug!(error = %e, "client connection failed");
-                Flow::Stop
-            }
+            crate::metrics::turn("aborted", self.ingress, turn.started.elapsed());
+            crate::metrics::error("client_left_mid_turn");
         }
-    }
-
-    async fn client_text(&mut self, text: Utf8Bytes) -> Flow {
-        let (kind, previous, cache_key) = match ClientEvent::parse(&text) {
-            Ok(ev) => match Sent::from_type(ev.kind()) {
-                Some(kind) => (
-                    kind,
-                    ev.previous_response_id
-                        .filter(|p| !p.is_empty())
-                        .map(|p| p.into_owned()),
-                    ev.prompt_cache_key.map(|c| c.into_owned()),
-                ),
-                None => {
-                    crate::metrics::error("client_unsupported_event");
-                    let ty: String = ev.kind().chars().take(64).collect();
-                    let msg = format!(
-                        "event type `{ty}` is not supported; send response.create (or response.steer, \
-                         response.inject, response.processed)"
-                    );
-                    return self.send_error(400, "unsupported_event_type", &msg).await;
-                }
-            },
-            Err(e) => {
-                let code = match e {
-                    ClientFrameError::InvalidJson(_) => "invalid_json",
-                    ClientFrameError::MissingType => "missing_type",
-                };
-                crate::metrics::error(if code == "invalid_json" {
-                    "client_invalid_json"
-                } else {
-                    "client_missing_type"
-                });
-                return self.send_error(400, code, &e.to_string()).await;
-            }
-        };
-        // Creates wait for the turn in flight; side events too when something is held before
-        // them, so nothing is reordered.
-        if self.turn.is_some() && (kind == Sent::Create || !self.held.is_empty()) {
-            if self.held.len() >= self.gw.config().relay.max_queued_frames {
-                crate::metrics::error("client_queue_full");
-                self.close_client(
-                    close::client::POLICY,
-                    "too many frames queued behind the response in flight",
-                )
-                .await;
-                return Flow::Stop;
-            }
-            self.held.push_back(text);
-            return Flow::Continue;
-        }
-        if kind == Sent::Create {
-            self.start_turn(text, previous, cache_key).await
-        } else {
-            self.forward_side(kind, text).await
-        }
+        self.sync_reusable();
+        drop(self.upstream.take());
     }
 
     /// A client event that does not start a turn (`response.steer`, `response.inject`,
     /// `response.processed`): sent at once, and its answer awaited by the ledger.
-    async fn forward_side(&mut self, kind: Sent, text: Utf8Bytes) -> Flow {
+    pub async fn forward_side<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        kind: Sent,
+        text: Utf8Bytes,
+    ) -> Flow {
         if self.upstream.as_ref().and_then(Pooled::conn).is_none() {
             return self
                 .send_error(
+                    d,
                     400,
                     "no_active_connection",
                     "send response.create before other events on this connection",
                 )
                 .await;
         }
-        if self.ledger.outstanding() >= self.gw.config().relay.max_queued_frames {
-            crate::metrics::error("client_queue_full");
-            self.close_client(
-                close::client::POLICY,
-                "too many events awaiting an upstream answer",
-            )
-            .await;
-            return Flow::Stop;
-        }
         self.ledger.sent(kind);
         self.sync_reusable();
         if let Err(e) = self.send_upstream(text).await {
             debug!(error = %e, "upstream send failed");
-            return self.upstream_ended(None, &e.to_string()).await;
+            return self.upstream_ended(d, None, &e.to_string()).await;
         }
         Flow::Continue
     }
@@ -382,8 +277,9 @@ impl Session {
         }
     }
 
-    async fn start_turn(
+    pub async fn start_turn<D: Downstream>(
         &mut self,
+        d: &mut D,
         text: Utf8Bytes,
         previous: Option<String>,
         cache_key: Option<String>,
@@ -403,6 +299,7 @@ impl Session {
                         self.keyed = false;
                         return self
                             .send_error(
+                                d,
                                 400,
                                 "invalid_prompt_cache_key",
                                 &format!("prompt_cache_key {e}"),
@@ -417,7 +314,7 @@ impl Session {
             && !self.route_to_owner(prev)
         {
             return self
-                .send_error(
+                .send_error(d,
                     400,
                     "previous_response_not_found",
                     &format!(
@@ -430,12 +327,18 @@ impl Session {
         if self.upstream.is_none() {
             match Box::pin(self.acquire(None)).await {
                 Ok(p) => self.set_upstream(p),
-                Err(e) => return self.acquire_failed(e).await,
+                Err(e) => return self.acquire_failed(d, e).await,
             }
         }
         let Some(up) = self.upstream.as_mut() else {
             return Flow::Continue;
         };
+        if let Some(conn) = up.conn() {
+            d.connected(
+                conn.response_headers(),
+                up.is_reused() || self.conn_turns > 0,
+            );
+        }
         self.turn_seq += 1;
         let span = info_span!(
             parent: &self.span,
@@ -455,9 +358,6 @@ impl Session {
         }
         debug!(parent: &span, "turn started");
         self.last_upstream = Instant::now();
-        self.timer
-            .as_mut()
-            .reset(self.last_upstream + self.gw.config().limits.turn_idle_timeout);
         self.turn = Some(Turn {
             seq: self.turn_seq,
             span,
@@ -480,7 +380,8 @@ impl Session {
     {
         let (gw, route, headers) = (self.gw.clone(), self.route.clone(), self.headers.clone());
         let routing = self.id.to_string();
-        async move { gw.acquire(&route, &routing, &headers, hint).await }
+        let ingress = self.ingress;
+        async move { gw.acquire(&route, &routing, &headers, hint, ingress).await }
             .instrument(self.span.clone())
     }
 
@@ -492,17 +393,16 @@ impl Session {
         self.conn_turns = 0;
     }
 
-    async fn acquire_failed(&mut self, e: AcquireError) -> Flow {
+    async fn acquire_failed<D: Downstream>(&mut self, d: &mut D, e: AcquireError) -> Flow {
         let ev = match &e {
             AcquireError::NoAccount { retry_after } => {
                 event::limit_error("all_accounts_unavailable", *retry_after)
             }
             e => event::error_value(e.http_status(), e.code(), &e.to_string()),
         };
-        let event = ev.to_string();
         debug!(error = %e, "acquire failed");
         crate::metrics::error(e.code());
-        match self.client.send(Message::text(event)).await {
+        match d.error(ev).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
         }
@@ -575,9 +475,11 @@ impl Session {
         }
     }
 
-    // === upstream side ===
-
-    async fn upstream_event(&mut self, ev: Option<PumpEvent>) -> Flow {
+    pub async fn upstream_event<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        ev: Option<PumpEvent>,
+    ) -> Flow {
         let mut next = ev;
         let mut sent = 0usize;
         self.last_upstream = Instant::now();
@@ -602,14 +504,14 @@ impl Session {
                             rate_limited: true,
                             ..Default::default()
                         };
-                        if self.flush_client(sent).await.is_err() {
+                        if self.flush_client(d, sent).await.is_err() {
                             return Flow::Stop;
                         }
-                        return self.limited_before_output(t).await;
+                        return self.limited_before_output(d, t).await;
                     }
                     if !(quiet && unseen && self.hold_quiet(&text)) {
                         if self
-                            .relay_down(&mut counted, &mut sent, Some(text))
+                            .relay_down(d, &mut counted, &mut sent, Some(text))
                             .await
                             .is_err()
                         {
@@ -634,32 +536,180 @@ impl Session {
                     }
                 }
                 Some(PumpEvent::Frame(_)) => {
-                    let _ = self.flush_client(sent).await;
+                    let _ = self.flush_client(d, sent).await;
                     return self
-                        .upstream_ended(None, "upstream sent a binary frame")
+                        .upstream_ended(d, None, "upstream sent a binary frame")
                         .await;
                 }
                 Some(PumpEvent::Closed(frame)) => {
-                    let _ = self.flush_client(sent).await;
+                    let _ = self.flush_client(d, sent).await;
                     let code = frame.as_ref().map(|f| f.code);
                     let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                    return self.upstream_ended(code, &reason).await;
+                    return self.upstream_ended(d, code, &reason).await;
                 }
                 Some(PumpEvent::Failed(e)) => {
-                    let _ = self.flush_client(sent).await;
-                    return self.upstream_ended(None, &e).await;
+                    let _ = self.flush_client(d, sent).await;
+                    return self.upstream_ended(d, None, &e).await;
                 }
                 None => {
-                    let _ = self.flush_client(sent).await;
-                    return self.upstream_ended(None, "upstream connection ended").await;
+                    let _ = self.flush_client(d, sent).await;
+                    return self
+                        .upstream_ended(d, None, "upstream connection ended")
+                        .await;
                 }
             }
         }
         self.sync_reusable();
-        if sent > 0 && self.client.flush().await.is_err() {
+        if sent > 0 && d.flush().await.is_err() {
             return Flow::Stop;
         }
         Flow::Continue
+    }
+
+    async fn flush_client<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        sent: usize,
+    ) -> Result<(), ClientGone> {
+        if sent > 0 {
+            d.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Holds a no-output event back while the turn has shown nothing; false when the hold is
+    /// full (the event and everything held go out now).
+    fn hold_quiet(&mut self, text: &Utf8Bytes) -> bool {
+        let Some(t) = self.turn.as_mut() else {
+            return false;
+        };
+        if t.quiet.len() >= HOLD_FRAMES || t.quiet_bytes + text.len() > HOLD_BYTES {
+            return false;
+        }
+        t.quiet_bytes += text.len();
+        t.quiet.push(text.clone());
+        true
+    }
+
+    /// Feeds the held no-output events, then `text`, to the client (flushed by the caller).
+    async fn relay_down<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        text: Option<Utf8Bytes>,
+    ) -> Result<(), ClientGone> {
+        let held = self
+            .turn
+            .as_mut()
+            .map(|t| {
+                t.quiet_bytes = 0;
+                std::mem::take(&mut t.quiet)
+            })
+            .unwrap_or_default();
+        for text in held.into_iter().chain(text) {
+            counted.frames += 1;
+            counted.bytes += text.len() as u64;
+            if let Err(e) = d.feed(text).await {
+                debug!(error = %e, "client write failed");
+                return Err(e);
+            }
+            *sent += 1;
+            if let Some(t) = self.turn.as_mut() {
+                if t.frames == 0 {
+                    crate::metrics::first_event(t.started.elapsed());
+                }
+                t.frames += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The turn's account hit an account-wide rate or usage limit before anything of the turn
+    /// reached the client (DESIGN §4): the account cools down, and while another account is
+    /// usable the turn moves there (a full request is replayed; a continuation gets
+    /// `previous_response_not_found` so the client resends full context). Otherwise the client
+    /// gets a 429 that says when to retry.
+    async fn limited_before_output<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        terminal: event::Terminal,
+    ) -> Flow {
+        let Some(up) = self.upstream.take() else {
+            return Flow::Continue;
+        };
+        let from = up.account().clone();
+        // Evicted first (one `account_changed` line), then the account's other connections.
+        self.evict(up, EvictReason::AccountChanged);
+        self.gw.cool_down(&from, terminal.retry_after);
+        let code = terminal.code.as_deref().unwrap_or("rate_limit_exceeded");
+        let Some(turn) = self.turn.as_mut() else {
+            return Flow::Continue;
+        };
+        turn.quiet.clear();
+        turn.quiet_bytes = 0;
+        turn.failed_over.push(from.clone());
+        let request = turn.request.clone();
+        let failed_over = turn.failed_over.clone();
+        if let Err(no) = self.gw.accounts.assign(None, "") {
+            return self.end_turn_limited(d, code, no.retry_after).await;
+        }
+        let Some(request) = request else {
+            self.end_turn_failed("failover_continuation");
+            info!(from_account = %from, code, "rate limit before any output on a continuation; the client resends full context");
+            let msg = format!(
+                "account `{from}` hit a rate limit; the previous response lives on its connection, \
+                 so resend the full context without previous_response_id"
+            );
+            return self
+                .send_error(d, 400, "previous_response_not_found", &msg)
+                .await;
+        };
+        match Box::pin(self.acquire(Some(NewReason::Failover))).await {
+            Ok(p) if !failed_over.contains(p.account()) => {
+                info!(from_account = %from, account = %p.account(), upstream.id = p.id(), code,
+                    "rate limit before any output; the turn moved to another account");
+                self.set_upstream(p);
+                self.ledger.sent(Sent::Create);
+                self.sync_reusable();
+                self.last_upstream = Instant::now();
+                if let Err(e) = self.send_upstream(request).await {
+                    debug!(error = %e, "failover send failed");
+                }
+                Flow::Continue
+            }
+            Ok(_) => self.end_turn_limited(d, code, None).await,
+            Err(AcquireError::NoAccount { retry_after }) => {
+                self.end_turn_limited(d, code, retry_after).await
+            }
+            Err(e) => {
+                self.end_turn_failed("upstream_failed");
+                self.acquire_failed(d, e).await
+            }
+        }
+    }
+
+    /// Ends the turn in flight with `terminal` as its metric label.
+    fn end_turn_failed(&mut self, terminal: &str) {
+        if let Some(turn) = self.turn.take() {
+            crate::metrics::turn(terminal, self.ingress, turn.started.elapsed());
+        }
+    }
+
+    /// No account can take the turn: a 429 shaped so Codex shows when to retry.
+    async fn end_turn_limited<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        code: &str,
+        retry_after: Option<std::time::Duration>,
+    ) -> Flow {
+        self.end_turn_failed("rate_limited");
+        let ev = event::limit_error(code, retry_after);
+        crate::metrics::error("all_accounts_limited");
+        match d.error(ev).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
     }
 
     /// Attributes an upstream event (see [`Ledger`]); returns the turn's terminal event, if
@@ -692,142 +742,6 @@ impl Session {
         }
     }
 
-    async fn flush_client(&mut self, sent: usize) -> Result<(), tungstenite::Error> {
-        if sent > 0 {
-            self.client.flush().await?;
-        }
-        Ok(())
-    }
-
-    /// Holds a no-output event back while the turn has shown nothing; false when the hold is
-    /// full (the event and everything held go out now).
-    fn hold_quiet(&mut self, text: &Utf8Bytes) -> bool {
-        let Some(t) = self.turn.as_mut() else {
-            return false;
-        };
-        if t.quiet.len() >= HOLD_FRAMES || t.quiet_bytes + text.len() > HOLD_BYTES {
-            return false;
-        }
-        t.quiet_bytes += text.len();
-        t.quiet.push(text.clone());
-        true
-    }
-
-    /// Feeds the held no-output events, then `text`, to the client (flushed by the caller).
-    async fn relay_down(
-        &mut self,
-        counted: &mut BatchCount,
-        sent: &mut usize,
-        text: Option<Utf8Bytes>,
-    ) -> Result<(), tungstenite::Error> {
-        let held = self
-            .turn
-            .as_mut()
-            .map(|t| {
-                t.quiet_bytes = 0;
-                std::mem::take(&mut t.quiet)
-            })
-            .unwrap_or_default();
-        for text in held.into_iter().chain(text) {
-            counted.frames += 1;
-            counted.bytes += text.len() as u64;
-            if let Err(e) = self.client.feed(Message::Text(text)).await {
-                debug!(error = %e, "client write failed");
-                return Err(e);
-            }
-            *sent += 1;
-            if let Some(t) = self.turn.as_mut() {
-                if t.frames == 0 {
-                    crate::metrics::first_event(t.started.elapsed());
-                }
-                t.frames += 1;
-            }
-        }
-        Ok(())
-    }
-
-    /// The turn's account hit an account-wide rate or usage limit before anything of the turn
-    /// reached the client (DESIGN §4): the account cools down, and while another account is
-    /// usable the turn moves there (a full request is replayed; a continuation gets
-    /// `previous_response_not_found` so the client resends full context). Otherwise the client
-    /// gets a 429 that says when to retry.
-    async fn limited_before_output(&mut self, terminal: event::Terminal) -> Flow {
-        let Some(up) = self.upstream.take() else {
-            return Flow::Continue;
-        };
-        let from = up.account().clone();
-        // Evicted first (one `account_changed` line), then the account's other connections.
-        self.evict(up, EvictReason::AccountChanged);
-        self.gw.cool_down(&from, terminal.retry_after);
-        let code = terminal.code.as_deref().unwrap_or("rate_limit_exceeded");
-        let Some(turn) = self.turn.as_mut() else {
-            return Flow::Continue;
-        };
-        turn.quiet.clear();
-        turn.quiet_bytes = 0;
-        turn.failed_over.push(from.clone());
-        let request = turn.request.clone();
-        let failed_over = turn.failed_over.clone();
-        if let Err(no) = self.gw.accounts.assign(None, "") {
-            return self.end_turn_limited(code, no.retry_after).await;
-        }
-        let Some(request) = request else {
-            self.end_turn_failed("failover_continuation");
-            info!(from_account = %from, code, "rate limit before any output on a continuation; the client resends full context");
-            let msg = format!(
-                "account `{from}` hit a rate limit; the previous response lives on its connection, \
-                 so resend the full context without previous_response_id"
-            );
-            return self
-                .send_error(400, "previous_response_not_found", &msg)
-                .await;
-        };
-        match Box::pin(self.acquire(Some(NewReason::Failover))).await {
-            Ok(p) if !failed_over.contains(p.account()) => {
-                info!(from_account = %from, account = %p.account(), upstream.id = p.id(), code,
-                    "rate limit before any output; the turn moved to another account");
-                self.set_upstream(p);
-                self.ledger.sent(Sent::Create);
-                self.sync_reusable();
-                self.last_upstream = Instant::now();
-                if let Err(e) = self.send_upstream(request).await {
-                    debug!(error = %e, "failover send failed");
-                }
-                Flow::Continue
-            }
-            Ok(_) => self.end_turn_limited(code, None).await,
-            Err(AcquireError::NoAccount { retry_after }) => {
-                self.end_turn_limited(code, retry_after).await
-            }
-            Err(e) => {
-                self.end_turn_failed("upstream_failed");
-                self.acquire_failed(e).await
-            }
-        }
-    }
-
-    /// Ends the turn in flight with `terminal` as its metric label.
-    fn end_turn_failed(&mut self, terminal: &str) {
-        if let Some(turn) = self.turn.take() {
-            crate::metrics::turn(terminal, turn.started.elapsed());
-        }
-    }
-
-    /// No account can take the turn: a 429 shaped so Codex shows when to retry.
-    async fn end_turn_limited(
-        &mut self,
-        code: &str,
-        retry_after: Option<std::time::Duration>,
-    ) -> Flow {
-        self.end_turn_failed("rate_limited");
-        let ev = event::limit_error(code, retry_after);
-        crate::metrics::error("all_accounts_limited");
-        match self.client.send(Message::text(ev.to_string())).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Stop,
-        }
-    }
-
     fn end_turn(&mut self, terminal: event::Terminal) {
         if let Some(up) = self.upstream.as_mut() {
             if let Some((input, cached)) = terminal.usage {
@@ -850,7 +764,7 @@ impl Session {
         }
         self.conn_turns += 1;
         if let Some(turn) = self.turn.take() {
-            crate::metrics::turn(&terminal.kind, turn.started.elapsed());
+            crate::metrics::turn(&terminal.kind, self.ingress, turn.started.elapsed());
             debug!(
                 parent: &turn.span,
                 turn.seq = turn.seq,
@@ -870,7 +784,12 @@ impl Session {
     }
 
     /// The upstream connection ended (close frame with `code`, or failure when `None`).
-    async fn upstream_ended(&mut self, code: Option<CloseCode>, detail: &str) -> Flow {
+    async fn upstream_ended<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        code: Option<CloseCode>,
+        detail: &str,
+    ) -> Flow {
         let in_turn = self.turn.is_some();
         let Some(up) = self.upstream.take() else {
             return Flow::Continue;
@@ -908,12 +827,12 @@ impl Session {
                 }
                 Err(e) => {
                     self.turn = None;
-                    return self.acquire_failed(e).await;
+                    return self.acquire_failed(d, e).await;
                 }
             }
         }
         if let Some(turn) = &self.turn {
-            crate::metrics::turn("upstream_failed", turn.started.elapsed());
+            crate::metrics::turn("upstream_failed", self.ingress, turn.started.elapsed());
         }
         match close::upstream_ended(code, in_turn) {
             Disposition::EvictAndForward { code, reason } => {
@@ -923,7 +842,7 @@ impl Session {
                     "upstream closed with {code}{}{detail}",
                     if detail.is_empty() { "" } else { ": " }
                 );
-                self.close_client(code, &why).await;
+                d.closed(code, &why).await;
                 Flow::Stop
             }
             Disposition::FailTurn { status, code } => {
@@ -933,7 +852,7 @@ impl Session {
                     "upstream connection {id} failed before the response completed: {}",
                     fallback(detail)
                 );
-                self.send_error(status, code, &msg).await
+                self.send_error(d, status, code, &msg).await
             }
             Disposition::Discard => {
                 debug!(upstream.id = id, detail, "upstream ended between turns");
@@ -956,37 +875,18 @@ impl Session {
         }
     }
 
-    // === helpers ===
-
-    async fn send_error(&mut self, status: u16, code: &str, message: &str) -> Flow {
+    async fn send_error<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        status: u16,
+        code: &str,
+        message: &str,
+    ) -> Flow {
         debug!(status, code, message, "error event to client");
-        match self
-            .client
-            .send(Message::text(event::error_event(status, code, message)))
-            .await
-        {
+        match d.error(event::error_value(status, code, message)).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
         }
-    }
-
-    async fn close_client(&mut self, code: u16, reason: &str) {
-        // Close reasons are limited to 123 bytes by the protocol.
-        let mut reason = reason.to_string();
-        while reason.len() > 123 {
-            reason.pop();
-        }
-        info!(code, reason = %reason, "closing client");
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        let closing = async {
-            let _ = self.client.send(Message::Close(Some(frame))).await;
-            // Drain until the client answers the close (bounded below).
-            while let Some(Ok(_)) = self.client.next().await {}
-        };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
     }
 }
 
@@ -1016,12 +916,5 @@ fn fallback(detail: &str) -> &str {
         "connection closed"
     } else {
         detail
-    }
-}
-
-async fn next_upstream(up: &mut Option<Pooled<UpstreamConn>>) -> Option<PumpEvent> {
-    match up.as_mut().and_then(Pooled::conn_mut) {
-        Some(conn) => conn.recv().await,
-        None => std::future::pending().await,
     }
 }

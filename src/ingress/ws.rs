@@ -1,0 +1,288 @@
+//! The WebSocket ingress: one client WebSocket session, an adapter around the turn
+//! [`Engine`].
+//!
+//! Invariants:
+//! - Only client events the gateway understands reach the engine (`response.create`,
+//!   `response.steer`, `response.inject`, `response.processed`); anything else gets a local
+//!   `error` (400).
+//! - At most one turn in flight: a `response.create` arriving during a turn is held, bounded by
+//!   `relay.max_queued_frames`, and handed to the engine after the turn's own terminal event.
+//!   Side events go at once unless something is held before them. Frames are never reordered.
+//! - A session that never sends a frame is closed (1008) after `limits.first_frame_timeout`;
+//!   a turn whose upstream stays silent ends after `limits.turn_idle_timeout`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tracing::{debug, info};
+
+use crate::close;
+use crate::event::{ClientEvent, ClientFrameError};
+use crate::gateway::Shared;
+use crate::turn::Sent;
+use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
+
+pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The client socket as the engine's downstream: frames as they are.
+struct WsDown<'a>(&'a mut ClientWs);
+
+impl Downstream for WsDown<'_> {
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
+        self.0.feed(Message::Text(text)).await.map_err(|e| {
+            debug!(error = %e, "client write failed");
+            ClientGone
+        })
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientGone> {
+        self.0.flush().await.map_err(|_| ClientGone)
+    }
+
+    async fn error(&mut self, event: serde_json::Value) -> Result<(), ClientGone> {
+        self.0
+            .send(Message::text(event.to_string()))
+            .await
+            .map_err(|_| ClientGone)
+    }
+
+    async fn closed(&mut self, code: u16, reason: &str) {
+        close_client(self.0, code, reason).await;
+    }
+}
+
+/// Closes the client with `code` and waits (bounded) for its answer.
+async fn close_client(client: &mut ClientWs, code: u16, reason: &str) {
+    // Close reasons are limited to 123 bytes by the protocol.
+    let mut reason = reason.to_string();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    info!(code, reason = %crate::telemetry::escape(&reason, 123), "closing client");
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let closing = async {
+        let _ = client.send(Message::Close(Some(frame))).await;
+        // Drain until the client answers the close (bounded below).
+        while let Some(Ok(_)) = client.next().await {}
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
+}
+
+pub(crate) struct Session {
+    gw: Arc<Shared>,
+    client: ClientWs,
+    engine: Engine,
+    /// Client frames held behind the turn in flight.
+    held: VecDeque<Utf8Bytes>,
+    /// The first-frame and turn-idle deadline; armed only when one of them applies.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// True once the client sent a frame.
+    got_frame: bool,
+}
+
+impl Session {
+    pub fn new(gw: Arc<Shared>, client: ClientWs, start: EngineStart) -> Session {
+        Session {
+            timer: Box::pin(tokio::time::sleep(gw.config().limits.first_frame_timeout)),
+            engine: Engine::new(gw.clone(), start),
+            client,
+            held: VecDeque::new(),
+            got_frame: false,
+            gw,
+        }
+    }
+
+    /// Runs the session to its end. The caller instruments it with the session span.
+    pub async fn run(mut self) {
+        self.gw.active_sessions.fetch_add(1, Ordering::AcqRel);
+        ::metrics::counter!(crate::metrics::CLIENT_OPENED).increment(1);
+        debug!("session started");
+        loop {
+            if !self.engine.in_turn()
+                && let Some(text) = self.held.pop_front()
+            {
+                if self.client_text(text).await == Flow::Stop {
+                    break;
+                }
+                continue;
+            }
+            let idle = !self.engine.in_turn();
+            let timed = !self.got_frame || !idle;
+            let flow = tokio::select! {
+                biased;
+                _ = self.gw.shutdown.cancelled(), if idle => {
+                    close_client(&mut self.client, close::client::RESTART, "gateway shutting down").await;
+                    Flow::Stop
+                }
+                ev = self.engine.next_upstream() => {
+                    let flow = self.engine.upstream_event(&mut WsDown(&mut self.client), ev).await;
+                    if let Some(due) = self.engine.idle_deadline() {
+                        self.timer.as_mut().reset(due);
+                    }
+                    flow
+                }
+                msg = self.client.next() => self.client_message(msg).await,
+                _ = &mut self.timer, if timed => self.on_timer().await,
+            };
+            if flow == Flow::Stop {
+                break;
+            }
+        }
+        self.engine.finish();
+        self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
+        ::metrics::counter!(crate::metrics::CLIENT_CLOSED).increment(1);
+        debug!(turns = self.engine.turns(), "session ended");
+    }
+
+    /// The first-frame or turn-idle deadline passed (or a stale one: re-armed).
+    async fn on_timer(&mut self) -> Flow {
+        if !self.got_frame {
+            crate::metrics::error("first_frame_timeout");
+            let reason = format!(
+                "no request within {:?} (limits.first_frame_timeout)",
+                self.gw.config().limits.first_frame_timeout
+            );
+            close_client(&mut self.client, close::client::POLICY, &reason).await;
+            return Flow::Stop;
+        }
+        match self.engine.idle_deadline() {
+            None => Flow::Continue,
+            Some(due) if tokio::time::Instant::now() < due => {
+                self.timer.as_mut().reset(due);
+                Flow::Continue
+            }
+            Some(_) => {
+                self.engine
+                    .turn_idle_expired(&mut WsDown(&mut self.client))
+                    .await
+            }
+        }
+    }
+
+    async fn client_message(&mut self, msg: Option<Result<Message, tungstenite::Error>>) -> Flow {
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                self.got_frame = true;
+                self.client_text(text).await
+            }
+            Some(Ok(Message::Binary(_))) => {
+                crate::metrics::error("client_binary_frame");
+                close_client(
+                    &mut self.client,
+                    close::client::UNSUPPORTED_DATA,
+                    "binary frames are not supported; send JSON text frames",
+                )
+                .await;
+                Flow::Stop
+            }
+            Some(Ok(Message::Close(_))) | None => Flow::Stop,
+            Some(Ok(_)) => Flow::Continue, // ping/pong: tungstenite answers pings
+            Some(Err(tungstenite::Error::Capacity(e))) => {
+                crate::metrics::error("client_message_too_big");
+                let reason = format!("message too big: {e}");
+                close_client(&mut self.client, close::client::TOO_BIG, &reason).await;
+                Flow::Stop
+            }
+            Some(Err(tungstenite::Error::Utf8(_))) => {
+                close_client(&mut self.client, 1007, "text frame is not valid UTF-8").await;
+                Flow::Stop
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "client connection failed");
+                Flow::Stop
+            }
+        }
+    }
+
+    async fn client_text(&mut self, text: Utf8Bytes) -> Flow {
+        let (kind, previous, cache_key) = match ClientEvent::parse(&text) {
+            Ok(ev) => match Sent::from_type(ev.kind()) {
+                Some(kind) => (
+                    kind,
+                    ev.previous_response_id
+                        .filter(|p| !p.is_empty())
+                        .map(|p| p.into_owned()),
+                    ev.prompt_cache_key.map(|c| c.into_owned()),
+                ),
+                None => {
+                    crate::metrics::error("client_unsupported_event");
+                    let ty: String = ev.kind().chars().take(64).collect();
+                    let msg = format!(
+                        "event type `{ty}` is not supported; send response.create (or response.steer, \
+                         response.inject, response.processed)"
+                    );
+                    return self.local_error(400, "unsupported_event_type", &msg).await;
+                }
+            },
+            Err(e) => {
+                let code = match e {
+                    ClientFrameError::InvalidJson(_) => "invalid_json",
+                    ClientFrameError::MissingType => "missing_type",
+                };
+                crate::metrics::error(if code == "invalid_json" {
+                    "client_invalid_json"
+                } else {
+                    "client_missing_type"
+                });
+                return self.local_error(400, code, &e.to_string()).await;
+            }
+        };
+        let max_queued = self.gw.config().relay.max_queued_frames;
+        // Creates wait for the turn in flight; side events too when something is held before
+        // them, so nothing is reordered.
+        if self.engine.in_turn() && (kind == Sent::Create || !self.held.is_empty()) {
+            if self.held.len() >= max_queued {
+                crate::metrics::error("client_queue_full");
+                close_client(
+                    &mut self.client,
+                    close::client::POLICY,
+                    "too many frames queued behind the response in flight",
+                )
+                .await;
+                return Flow::Stop;
+            }
+            self.held.push_back(text);
+            return Flow::Continue;
+        }
+        let down = &mut WsDown(&mut self.client);
+        let flow = if kind == Sent::Create {
+            self.engine
+                .start_turn(down, text, previous, cache_key)
+                .await
+        } else if self.engine.outstanding() >= max_queued {
+            crate::metrics::error("client_queue_full");
+            close_client(
+                &mut self.client,
+                close::client::POLICY,
+                "too many events awaiting an upstream answer",
+            )
+            .await;
+            return Flow::Stop;
+        } else {
+            self.engine.forward_side(down, kind, text).await
+        };
+        if let Some(due) = self.engine.idle_deadline() {
+            self.timer.as_mut().reset(due);
+        }
+        flow
+    }
+
+    async fn local_error(&mut self, status: u16, code: &str, message: &str) -> Flow {
+        debug!(status, code, message, "error event to client");
+        let ev = crate::event::error_value(status, code, message);
+        match WsDown(&mut self.client).error(ev).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+}
