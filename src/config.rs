@@ -299,6 +299,10 @@ pub struct RelayConfig {
     pub read_buffer_size: ByteSize,
     /// Client frames held while a turn is in flight before the session is closed (1008). Default 16.
     pub max_queued_frames: usize,
+    /// A write to a client that makes no progress this long ends the request or session
+    /// (its upstream connection is discarded). Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub client_write_timeout: Duration,
 }
 
 /// Logging.
@@ -413,6 +417,7 @@ impl Default for RelayConfig {
             max_frame_size: None,
             read_buffer_size: ByteSize::kib(4),
             max_queued_frames: 16,
+            client_write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -469,7 +474,9 @@ impl Config {
         if let Some(u) = &self.upstream.http_url {
             let uri: http::Uri = u.parse().map_err(|e| format!("`{u}` is not a URL: {e}"))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(format!("`{u}` must be an http:// or https:// URL with a host"));
+                return Err(format!(
+                    "`{u}` must be an http:// or https:// URL with a host"
+                ));
             }
             return Ok(u.trim_end_matches('/').to_string());
         }
@@ -840,7 +847,12 @@ mod tests {
         c.upstream.http_url = Some("https://proxy.internal/v1/".into());
         assert_eq!(c.upstream_http_base().unwrap(), "https://proxy.internal/v1");
         c.upstream.http_url = Some("ftp://x".into());
-        assert!(c.validate().unwrap_err().to_string().contains("upstream.http_url"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("upstream.http_url")
+        );
     }
 
     #[test]

@@ -61,6 +61,24 @@ impl HeaderIds {
         })
     }
 
+    /// [`HeaderIds::from_headers`] for an HTTP request: `x-client-request-id` names a lane
+    /// only when an `originator` header marks a Codex client (Codex sets it to the thread id;
+    /// SDK clients may send a fresh id per request, which would open a lane per request).
+    pub fn from_http_headers(headers: &HeaderMap) -> Result<HeaderIds, String> {
+        if headers.contains_key("originator") {
+            return Self::from_headers(headers);
+        }
+        let lane_headers: Vec<&str> = LANE_HEADERS
+            .iter()
+            .copied()
+            .filter(|h| *h != "x-client-request-id")
+            .collect();
+        Ok(HeaderIds {
+            lane: first_id(headers, &lane_headers)?,
+            affinity: first_id(headers, AFFINITY_HEADERS)?,
+        })
+    }
+
     /// The route: lane = headers, else the body's `prompt_cache_key`; affinity = the
     /// `session-id` header, else `prompt_cache_key`, else the lane.
     pub fn route(&self, client: ClientId, prompt_cache_key: Option<ConversationId>) -> Route {
@@ -187,6 +205,21 @@ mod tests {
             .route(ClientId::anonymous(), pck.clone());
         assert_eq!(r.affinity, pck);
         assert_eq!(r.distinct_affinity(), pck.as_ref());
+    }
+
+    #[test]
+    fn http_lanes_ignore_per_request_ids_of_non_codex_clients() {
+        let sdk = map(&[("x-client-request-id", "req-1")]);
+        assert_eq!(HeaderIds::from_http_headers(&sdk).unwrap().lane, None);
+        let codex = map(&[("x-client-request-id", "t1"), ("originator", "codex_exec")]);
+        assert_eq!(
+            HeaderIds::from_http_headers(&codex)
+                .unwrap()
+                .lane
+                .unwrap()
+                .as_str(),
+            "t1"
+        );
     }
 
     #[test]

@@ -24,9 +24,9 @@ use crate::error::AcquireError;
 use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ids::ClientId;
+use crate::ids::Ingress;
 use crate::ingress::ws::Session;
 use crate::listener::{HandshakeLimits, TlsListener, serve_http};
-use crate::ids::Ingress;
 use crate::turn::engine::EngineStart;
 
 /// Serves `gateway` on `listener` until `shutdown` resolves, then drains: the listening socket
@@ -43,8 +43,17 @@ pub async fn serve(
     let shared = gateway.shared.clone();
     let config = shared.config();
     let mut router = Router::new().route("/healthz", get(healthz));
+    let mut model_paths = std::collections::HashSet::new();
     for path in &config.paths {
-        router = router.route(path, any(upgrade));
+        router = router.route(path, any(responses));
+        router = router.route(
+            &format!("{path}/compact"),
+            axum::routing::post(crate::ingress::passthrough::compact),
+        );
+        let models = format!("{}/models", path.strip_suffix("/responses").unwrap_or(path));
+        if !config.paths.contains(&models) && model_paths.insert(models.clone()) {
+            router = router.route(&models, get(crate::ingress::passthrough::models));
+        }
     }
     let limits = HandshakeLimits::from_config(&config.limits);
     let mut admin_server = None;
@@ -215,8 +224,18 @@ async fn not_found() -> Response {
     json_error(StatusCode::NOT_FOUND, "not_found", "no such path")
 }
 
-fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+/// An OpenAI-shaped error response: `{"error": {"message", "type", "param", "code"}}`.
+pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    };
+    let body = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    })
+    .to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -272,18 +291,33 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         && headers.contains_key(header::SEC_WEBSOCKET_KEY)
 }
 
-async fn upgrade(
-    State(gw): State<Gateway>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
-) -> Response {
-    let shared = &gw.shared;
-    let headers = req.headers();
+/// What admission gave a client request: its tenant and the permits that count it against
+/// `limits.max_client_connections` and `limits.max_connections_per_client` (held for the
+/// session's or the HTTP turn's life).
+pub(crate) struct Admitted {
+    pub client: ClientId,
+    pub permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
+}
+
+/// The checks every client request passes, WebSocket or HTTP: the client key, the Origin
+/// allow-list, the connection limits, and not shutting down.
+#[allow(clippy::result_large_err)] // the refusal is the handler's answer, returned at once
+pub(crate) fn admit(
+    shared: &crate::gateway::Shared,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Admitted, Response> {
     let client = match authenticate(&shared.client_keys(), headers) {
         Ok(name) => name.map(ClientId::from).unwrap_or_else(ClientId::anonymous),
         Err(()) => {
             debug!(client.addr = %peer, "rejected client key");
-            return unauthorized("invalid_api_key", "missing or wrong gateway API key");
+            return Err(unauthorized(
+                "invalid_api_key",
+                "missing or wrong gateway API key",
+            ));
         }
     };
     let origins = &shared.config().limits.allowed_origins;
@@ -292,44 +326,72 @@ async fn upgrade(
         && !origins.iter().any(|o| origin.as_bytes() == o.as_bytes())
     {
         crate::metrics::error("origin_not_allowed");
-        return json_error(
+        return Err(json_error(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
             "this Origin is not in limits.allowed_origins",
-        );
+        ));
     }
     let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
         crate::metrics::error("too_many_connections");
-        return json_error(
+        return Err(json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             "the gateway is at limits.max_client_connections",
-        );
+        ));
     };
     let client_slot = match shared.client_permit(client.as_str()) {
         None => None,
         Some(Ok(p)) => Some(p),
         Some(Err(())) => {
             crate::metrics::error("too_many_connections_for_client");
-            return json_error(
+            return Err(json_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_connections_for_client",
                 "this client key is at limits.max_connections_per_client",
-            );
+            ));
         }
     };
     if shared.shutdown.is_cancelled() {
-        return json_error(
+        return Err(json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "gateway is shutting down",
-        );
+        ));
     }
+    Ok(Admitted {
+        client,
+        permits: (slot, client_slot),
+    })
+}
+
+/// Every path in `paths`: `POST` is the HTTP ingress, `GET` + Upgrade the WebSocket one.
+async fn responses(
+    State(gw): State<Gateway>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    if req.method() == Method::POST {
+        return crate::ingress::http::responses(gw, peer, req).await;
+    }
+    upgrade(gw, peer, req).await
+}
+
+async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
+    let shared = &gw.shared;
+    let headers = req.headers();
+    let Admitted {
+        client,
+        permits: (slot, client_slot),
+    } = match admit(shared, headers, peer) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     if req.method() != Method::GET || !is_websocket_upgrade(headers) {
         let mut r = json_error(
             StatusCode::UPGRADE_REQUIRED,
             "websocket_required",
-            "this endpoint serves the Responses API over WebSocket only (GET with Upgrade: websocket)",
+            "this endpoint serves the Responses API over WebSocket (GET with Upgrade: websocket) or HTTP (POST)",
         );
         r.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -104,6 +104,16 @@ impl Dialer {
         })
     }
 
+    /// The upstream TLS config (the HTTP relays use it too).
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
+    /// `upstream.connect_timeout`.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// The pump tasks (shutdown waits on them).
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks

@@ -95,9 +95,18 @@ async fn metrics_count_a_scripted_run_exactly() {
         )
         .is_none()
     );
-    assert_eq!(v("wsgate_turns_total", &[("terminal", "completed"), ("ingress", "ws")]), 5.0);
     assert_eq!(
-        v("wsgate_turns_total", &[("terminal", "upstream_failed"), ("ingress", "ws")]),
+        v(
+            "wsgate_turns_total",
+            &[("terminal", "completed"), ("ingress", "ws")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        v(
+            "wsgate_turns_total",
+            &[("terminal", "upstream_failed"), ("ingress", "ws")]
+        ),
         1.0
     );
     assert_eq!(

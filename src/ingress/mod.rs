@@ -6,4 +6,7 @@
 //! - [`body`]: HTTP request bodies: bounded reading and `Content-Encoding` decoding.
 //! - [`passthrough`]: `GET .../models` and `POST .../responses/compact`, relayed over HTTP.
 
+pub(crate) mod body;
+pub(crate) mod http;
+pub(crate) mod passthrough;
 pub(crate) mod ws;

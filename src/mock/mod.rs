@@ -117,6 +117,16 @@ impl Default for Limit {
     }
 }
 
+/// A plain HTTP request the mock served.
+#[derive(Debug, Clone)]
+pub struct HttpRecord {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    pub authorization: Option<String>,
+    pub body: String,
+}
+
 /// What the mock saw of one connection.
 #[derive(Debug)]
 pub struct ConnRecord {
@@ -131,6 +141,8 @@ pub struct ConnRecord {
     pub received: Mutex<Vec<String>>,
     /// The last user text of every `response.create` received (the first 1024).
     pub user_texts: Mutex<Vec<String>>,
+    /// Every event frame sent, verbatim (the first 4096).
+    pub sent: Arc<Mutex<Vec<String>>>,
 }
 
 impl ConnRecord {
@@ -144,6 +156,11 @@ impl ConnRecord {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()
+    }
+
+    /// The event frames sent so far, verbatim.
+    pub fn sent_frames(&self) -> Vec<String> {
+        self.sent.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// The types of the events received so far.
@@ -168,6 +185,8 @@ struct MockState {
     refused: AtomicUsize,
     /// Rate-limited accounts, by `authorization` value.
     limited: Mutex<std::collections::HashMap<String, Limit>>,
+    /// Plain HTTP requests served (`/models`, `/responses/compact`), the last 1024.
+    http_requests: Mutex<VecDeque<HttpRecord>>,
     /// Bytes of event frames written to gateways.
     bytes_sent: AtomicU64,
     /// Last 1024 connections.
@@ -194,6 +213,7 @@ impl MockUpstream {
             overlaps: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
             limited: Mutex::new(Default::default()),
+            http_requests: Mutex::new(VecDeque::new()),
             bytes_sent: AtomicU64::new(0),
             conns: Mutex::new(VecDeque::new()),
         });
@@ -250,6 +270,15 @@ impl MockUpstream {
         }
     }
 
+    /// The plain HTTP requests served so far (`/models`, `/responses/compact`).
+    pub fn http_requests(&self) -> Vec<HttpRecord> {
+        self.state
+            .http_requests
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Handshakes refused for a foreign organization or over `max_open`.
     pub fn refused(&self) -> usize {
         self.state.refused.load(Ordering::Acquire)
@@ -296,11 +325,109 @@ async fn accept_loop(listener: TcpListener, state: Arc<MockState>) {
                     Ok(stream) => serve_conn(state, stream).await,
                     Err(e) => debug!(error = %e, "mock TLS accept failed"),
                 }
+            } else if is_plain_http(&tcp).await {
+                serve_http(state, tcp).await;
             } else {
                 serve_conn::<TcpStream>(state, tcp).await;
             }
         });
     }
+}
+
+/// True if the connection's request head (peeked, not consumed) is not a WebSocket upgrade.
+async fn is_plain_http(tcp: &TcpStream) -> bool {
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..200 {
+        let Ok(n) = tcp.peek(&mut buf).await else {
+            return false;
+        };
+        let head = &buf[..n];
+        if n == 0 {
+            return false;
+        }
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
+            let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+            return !text.contains("upgrade: websocket");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// The upstream's plain HTTP endpoints: `GET .../models`, `POST .../responses/compact`.
+async fn serve_http(state: Arc<MockState>, tcp: TcpStream) {
+    use http_body_util::BodyExt;
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = http_body_util::Limited::new(body, 1 << 20)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let target = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            let record = HttpRecord {
+                method: parts.method.to_string(),
+                target: target.clone(),
+                authorization: parts
+                    .headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            };
+            if let Ok(mut r) = state.http_requests.lock() {
+                r.push_back(record);
+                while r.len() > 1024 {
+                    r.pop_front();
+                }
+            }
+            let path = parts.uri.path();
+            let (status, text) = if parts.method == http::Method::GET && path.ends_with("/models") {
+                (
+                    200,
+                    json!({
+                        "object": "list",
+                        "data": [
+                            {"id": "mock-model", "object": "model", "owned_by": "mock"},
+                            {"id": "mock-model-mini", "object": "model", "owned_by": "mock"},
+                        ],
+                        "models": [{"slug": "mock-model"}, {"slug": "mock-model-mini"}],
+                    })
+                    .to_string(),
+                )
+            } else if parts.method == http::Method::POST && path.ends_with("/responses/compact") {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let input = v.get("input").map(|i| i.to_string().len()).unwrap_or(0);
+                (
+                    200,
+                    json!({
+                        "id": "cmp_mock",
+                        "object": "response.compaction",
+                        "output": [{"type": "compaction", "encrypted_content": format!("mock-compacted-{input}")}],
+                    })
+                    .to_string(),
+                )
+            } else {
+                (404, json!({"error": {"message": "mock: no such path", "type": "invalid_request_error", "code": "not_found"}}).to_string())
+            };
+            let resp = http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .header("x-models-etag", "mock-etag")
+                .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                .unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+        .await;
 }
 
 /// Decrements the open counter when the connection ends.
@@ -415,6 +542,7 @@ where
         peer_close: Mutex::new(None),
         received: Mutex::new(Vec::new()),
         user_texts: Mutex::new(Vec::new()),
+        sent: Arc::new(Mutex::new(Vec::new())),
     });
     if let Ok(mut conns) = state.conns.lock() {
         conns.push_back(record.clone());
@@ -479,6 +607,7 @@ where
     let mut conn = ConnState {
         id,
         authorization: record.header("authorization").unwrap_or("").to_string(),
+        sent: record.sent.clone(),
         next: 0,
         cache: VecDeque::new(),
         last_context: 0,
@@ -564,6 +693,8 @@ struct ConnState {
     id: u64,
     /// The `authorization` the connection was opened with (its account).
     authorization: String,
+    /// Frames sent (shared with the connection's record).
+    sent: Arc<Mutex<Vec<String>>>,
     next: u64,
     /// `(response id, context tokens)` of the last responses, newest last.
     cache: VecDeque<(String, u64)>,
@@ -621,6 +752,7 @@ struct Emitter<'a, S> {
     sink: &'a mut Sink<S>,
     inbox: &'a mut mpsc::Receiver<String>,
     backlog: &'a mut VecDeque<String>,
+    sent: Arc<Mutex<Vec<String>>>,
     /// Benchmark mode: batch writes.
     batch: bool,
     unflushed: usize,
@@ -664,6 +796,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
         }
         let len = text.len() as u64;
         self.bytes_sent.fetch_add(len, Ordering::AcqRel);
+        if let Ok(mut sent) = self.sent.lock()
+            && sent.len() < 4096
+        {
+            sent.push(text.clone());
+        }
         if !self.batch {
             return self.sink.send(Message::text(text)).await.is_ok();
         }
@@ -741,6 +878,7 @@ async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
         sink,
         inbox: &mut inbox.rx,
         backlog: &mut inbox.backlog,
+        sent: conn.sent.clone(),
         batch: state.config.speed,
         unflushed: 0,
         bytes_sent: &state.bytes_sent,
@@ -965,7 +1103,25 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
             let is_delta =
                 ev.get("type").and_then(Value::as_str) == Some("response.output_text.delta");
             if !is_delta {
-                ok = ok && em.emit(f.render(i, &vars)).await;
+                let mut v = f.render(i, &vars);
+                if v["type"] == "response.completed" {
+                    if d.incomplete {
+                        v["type"] = json!("response.incomplete");
+                        v["response"]["status"] = json!("incomplete");
+                        v["response"]["incomplete_details"] =
+                            json!({"reason": "max_output_tokens"});
+                    }
+                    if d.empty_output {
+                        v["response"]["output"] = json!([]);
+                    }
+                }
+                ok = ok && em.emit(v).await;
+                if i == 0 && d.custom {
+                    ok = ok
+                        && em
+                            .emit(json!({"type": "x.custom", "note": "a type no client knows"}))
+                            .await;
+                }
                 if i == 0 && !d.stall.is_zero() {
                     tokio::time::sleep(d.stall).await;
                 }

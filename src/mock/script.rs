@@ -62,6 +62,12 @@ pub struct Directives {
     pub inject: Option<String>,
     /// The tool call's command sleeps this long before printing (a long tool run).
     pub tool_sleep: Duration,
+    /// After `response.created`, an event of a type no client knows (`x.custom`).
+    pub custom: bool,
+    /// End the text turn with `response.incomplete` instead of `response.completed`.
+    pub incomplete: bool,
+    /// The terminal's `response.output` is empty (as the ChatGPT backend sends it).
+    pub empty_output: bool,
     /// The `error` event's message says the request is larger than a per-minute token limit
     /// (the real API's request-specific 429).
     pub too_large: bool,
@@ -84,6 +90,9 @@ impl Default for Directives {
             junk_after: None,
             inject: None,
             tool_sleep: Duration::ZERO,
+            custom: false,
+            incomplete: false,
+            empty_output: false,
             too_large: false,
         }
     }
@@ -99,7 +108,10 @@ impl Directives {
     /// while idle), `inject=binary|badutf8|huge` (mid-turn: a binary frame, a text frame that is
     /// not UTF-8, or a 4 MiB event),
     /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event),
-    /// `too_large` (that error's message says "Request too large": request-specific).
+    /// `too_large` (that error's message says "Request too large": request-specific),
+    /// `custom` (an `x.custom` event after `response.created`), `incomplete` (the text turn
+    /// ends `response.incomplete`), `empty_output` (the terminal's `output` is `[]`),
+    /// `tool_sleep=MS` (the tool call's command sleeps first).
     pub fn parse(text: &str) -> Directives {
         let mut d = Directives::default();
         let mut rest = text;
@@ -118,6 +130,9 @@ impl Directives {
                     "stall" => d.stall = ms(v),
                     "tool" => d.tool = true,
                     "tool_sleep" => d.tool_sleep = ms(v),
+                    "custom" => d.custom = true,
+                    "incomplete" => d.incomplete = true,
+                    "empty_output" => d.empty_output = true,
                     "deaf" => d.deaf = true,
                     "too_large" => d.too_large = true,
                     "inject" => d.inject = Some(v.to_string()),

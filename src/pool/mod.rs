@@ -422,11 +422,11 @@ impl<C: PoolConn> Pool<C> {
         info!(
             decision = %decision,
             reason = %decision.reason(),
-            ingress = opts.ingress.label(),
+            ingress = %opts.ingress.label(),
             client = %client,
             account = %account,
             conversation = %conversation,
-            affinity = affinity.map(ConversationId::as_str),
+            affinity = affinity.map(tracing::field::display),
             upstream.id = id,
             upstream.age_ms = age.map(|a| a.as_millis() as u64),
             "pool decision"
@@ -560,7 +560,14 @@ impl<C: PoolConn> Pool<C> {
         let (conn, id) = conn;
         let age = now.saturating_duration_since(conn.created_at());
         let opts = CheckoutOptions::default();
-        self.record_decision(Decision::Reuse, &key.account, Some(key), &opts, id, Some(age));
+        self.record_decision(
+            Decision::Reuse,
+            &key.account,
+            Some(key),
+            &opts,
+            id,
+            Some(age),
+        );
         Some(Checkout {
             decision: Decision::Reuse,
             pooled: self.pooled(key.clone(), id, Some(conn)),

@@ -67,7 +67,6 @@ pub(crate) enum Flow {
     Stop,
 }
 
-
 /// The client went away (a write failed, or it hung up).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the client went away")]
@@ -310,6 +309,9 @@ impl Engine {
             }
         }
         self.rotate_if_needed(previous.is_some());
+        if previous.is_some() && self.ingress == Ingress::Http {
+            self.wait_for_owner().await;
+        }
         if let Some(prev) = &previous
             && !self.route_to_owner(prev)
         {
@@ -430,6 +432,31 @@ impl Engine {
             // Dropped while reusable: the pool logs `max_age` (or discards an evicted slot).
             self.upstream = None;
         }
+    }
+
+    /// An HTTP continuation whose lane's pooled connection is busy (the previous request of
+    /// the same lane still streaming) waits for it, as a frame held behind a turn would,
+    /// at most `limits.turn_idle_timeout`.
+    async fn wait_for_owner(&self) {
+        let (Some(lane), Some(affinity)) = (self.route.lane.clone(), self.route.affinity.clone())
+        else {
+            return;
+        };
+        let client = self.route.client.clone();
+        let Ok(assignment) = self
+            .gw
+            .accounts
+            .assign(Some(&(client.clone(), affinity)), "")
+        else {
+            return;
+        };
+        let key = PoolKey {
+            client,
+            account: assignment.account.id.clone(),
+            conversation: lane,
+        };
+        let wait = self.gw.config().limits.turn_idle_timeout;
+        self.gw.pool.wait_released(&key, wait).await;
     }
 
     /// Makes sure the upstream that holds `previous` serves this turn: the current one, or the

@@ -622,3 +622,112 @@ pub fn prom_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
     }
     None
 }
+
+/// An HTTP answer as the client saw it, body chunks with their arrival times.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub chunks: Vec<(tokio::time::Instant, bytes::Bytes)>,
+    /// When the body ended.
+    pub ended: tokio::time::Instant,
+}
+
+impl HttpReply {
+    pub fn body(&self) -> Vec<u8> {
+        self.chunks
+            .iter()
+            .flat_map(|(_, c)| c.iter().copied())
+            .collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body()).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `data:` payloads of an event stream, parsed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.text()
+            .split("\n\n")
+            .filter_map(|block| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .and_then(|d| serde_json::from_str(d).ok())
+            })
+            .collect()
+    }
+}
+
+/// One HTTP/1.1 request to `addr` (the test client key unless `headers` has an
+/// `authorization`), read to the end of its body (at most 60 s).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> HttpReply {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+    {
+        req = req.header("authorization", format!("Bearer {CLIENT_KEY}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let read = async {
+        let resp = sender.send_request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut body = resp.into_body();
+        let mut chunks = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("body frame").into_data() {
+                chunks.push((tokio::time::Instant::now(), data));
+            }
+        }
+        HttpReply {
+            status,
+            headers,
+            chunks,
+            ended: tokio::time::Instant::now(),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the HTTP answer ended in time")
+}
+
+/// A Responses create body for the HTTP ingress.
+pub fn http_body(text: &str, stream: bool, extra: serde_json::Value) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "model": "gpt-5.5",
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}],
+        "store": false,
+        "stream": stream,
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    serde_json::to_vec(&v).unwrap()
+}

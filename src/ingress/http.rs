@@ -1,0 +1,766 @@
+//! The HTTP ingress: `POST` on every path in `paths` (Codex's HTTPS fallback, SDK clients).
+//! One request is one turn of the [`Engine`] on the same pool, keys, decisions and failure
+//! policy as a WebSocket turn; this module only encodes what the engine yields:
+//!
+//! - `stream: true`: `text/event-stream`, each upstream frame as `event: <type>` + `data:
+//!   <frame bytes verbatim>`, in order, no `[DONE]`; the body ends right after the turn's
+//!   terminal event. Keepalives while silent (`codex.keepalive` events for Codex, comments for
+//!   others). Before the first byte a failure is an HTTP status with an OpenAI-shaped body;
+//!   after it, one `response.failed` with code `stream_disconnected`, never a fabricated
+//!   `response.completed`.
+//! - otherwise: one JSON body built from the terminal event, `output` filled from
+//!   `response.output_item.done` events when the terminal's is empty.
+//!
+//! The turn runs in its own task (tracked with the sessions, so a drain waits for it); the
+//! handler waits for the head (an error response, the JSON body, or the start of the stream).
+//! A client that goes away cancels the turn: the upstream connection is discarded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, field, info_span};
+
+use crate::event;
+use crate::gateway::{Gateway, Shared};
+use crate::headers::{ForwardHeaders, HeaderIds};
+use crate::ids::{ConversationId, Ingress};
+use crate::server::{Admitted, admit, json_error};
+use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
+
+/// SSE chunks buffered between the turn task and the response body.
+const BODY_CHUNKS: usize = 16;
+
+/// What the handler answers with.
+enum Reply {
+    /// A whole response: an error before the first byte, or the JSON body.
+    Full(Response),
+    /// A 200 event stream with these headers; its chunks follow on `body`.
+    Stream {
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: mpsc::Receiver<Bytes>,
+    },
+}
+
+/// The fields of a create request the gateway acts on.
+struct CreateRequest {
+    /// The `response.create` frame.
+    frame: Utf8Bytes,
+    stream: bool,
+    previous: Option<String>,
+    cache_key: Option<String>,
+}
+
+fn invalid(message: impl Into<String>) -> Response {
+    json_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        &message.into(),
+    )
+}
+
+/// Validates a Responses create body and turns it into one `response.create` frame.
+#[allow(clippy::result_large_err)] // the refusal is the handler's answer, returned at once
+fn parse_create(body: &[u8], max_frame: usize) -> Result<CreateRequest, Response> {
+    let text = std::str::from_utf8(body).map_err(|_| invalid("the body is not UTF-8 JSON"))?;
+    let mut v: serde_json::Map<String, Value> = serde_json::from_str(text)
+        .map_err(|e| invalid(format!("the body is not a JSON object: {e}")))?;
+    if !v.get("model").is_some_and(Value::is_string) {
+        return Err(invalid("`model` (a string) is required"));
+    }
+    if v.get("input").is_none_or(Value::is_null) {
+        return Err(invalid("`input` is required"));
+    }
+    if v.get("background").and_then(Value::as_bool) == Some(true) {
+        return Err(invalid(
+            "`background: true` is not supported by this gateway (its upstream is WebSocket mode)",
+        ));
+    }
+    let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
+    let previous = v
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string);
+    let cache_key = v
+        .get("prompt_cache_key")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    // The body goes upstream as it is, behind the event type: spliced, not re-serialized,
+    // unless it names a type of its own.
+    let frame = if v.contains_key("type") {
+        v.insert("type".into(), json!(event::RESPONSE_CREATE));
+        Value::Object(v).to_string()
+    } else {
+        let rest = text.trim_start().strip_prefix('{').unwrap_or_default();
+        let sep = if rest.trim_start().starts_with('}') {
+            ""
+        } else {
+            ","
+        };
+        format!("{{\"type\":\"{}\"{sep}{rest}", event::RESPONSE_CREATE)
+    };
+    if frame.len() > max_frame {
+        return Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!(
+                "the request is larger than the upstream accepts ({max_frame} bytes, relay.max_message_size)"
+            ),
+        ));
+    }
+    Ok(CreateRequest {
+        frame: frame.into(),
+        stream,
+        previous,
+        cache_key,
+    })
+}
+
+/// `POST` on a Responses path.
+pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Response {
+    let shared = gw.shared.clone();
+    let (parts, body) = req.into_parts();
+    let Admitted { client, permits } = match admit(&shared, &parts.headers, peer) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let config = shared.config();
+    let max_frame = config.relay.max_message_size.as_u64() as usize;
+    let bytes = match crate::ingress::body::read(
+        body,
+        &parts.headers,
+        config.http.max_body_size.as_u64() as usize,
+        config.http.body_timeout,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            crate::metrics::error(e.code());
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return json_error(status, e.code(), &e.to_string());
+        }
+    };
+    let create = match parse_create(&bytes, max_frame) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    drop(bytes);
+    let ids = match HeaderIds::from_http_headers(&parts.headers) {
+        Ok(ids) => ids,
+        Err(msg) => return json_error(StatusCode::BAD_REQUEST, "invalid_conversation_id", &msg),
+    };
+    let cache_key = match create.cache_key.as_deref().map(ConversationId::parse) {
+        Some(Err(e)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_prompt_cache_key",
+                &format!("prompt_cache_key {e}"),
+            );
+        }
+        Some(Ok(c)) => Some(c),
+        None => None,
+    };
+    let route = ids.route(client.clone(), cache_key);
+    let id = shared.next_session_id();
+    let span = info_span!(
+        "request",
+        session.id = id,
+        client.addr = %peer,
+        client.name = %client,
+        ingress = %"http",
+        account = field::Empty,
+        conversation = field::Empty,
+    );
+    if let Some(c) = &route.lane {
+        span.record("conversation", field::display(c));
+    }
+    let engine = Engine::new(
+        shared.clone(),
+        EngineStart {
+            id,
+            span: span.clone(),
+            ids,
+            route,
+            headers: ForwardHeaders::from_client(&parts.headers),
+            upstream: None,
+            ingress: Ingress::Http,
+        },
+    );
+    // Cancelled when the handler (before the head) or the response body (after it) is
+    // dropped: the client went away.
+    let gone = CancellationToken::new();
+    let guard = gone.clone().drop_guard();
+    let (reply, replied) = oneshot::channel();
+    let turn = Turn {
+        frame: create.frame,
+        previous: create.previous,
+        keepalive: config.http.sse_keepalive,
+        gone,
+        _permits: permits,
+    };
+    let codex = parts.headers.contains_key("originator");
+    let write_timeout = config.relay.client_write_timeout;
+    if create.stream {
+        let down = SseDown::new(reply, codex, write_timeout);
+        shared
+            .sessions
+            .spawn(drive(shared.clone(), engine, down, turn).instrument(span));
+    } else {
+        let max = config.http.max_response_size.as_u64() as usize;
+        let down = JsonDown::new(reply, max);
+        shared
+            .sessions
+            .spawn(drive(shared.clone(), engine, down, turn).instrument(span));
+    }
+    match replied.await {
+        Ok(Reply::Full(r)) => r,
+        Ok(Reply::Stream { headers, mut body }) => {
+            // The guard lives as long as the body: dropping it (client gone) cancels the turn.
+            let stream = futures::stream::poll_fn(move |cx| {
+                let _ = &guard;
+                body.poll_recv(cx).map(|c| c.map(Ok::<_, Infallible>))
+            });
+            let mut r = Response::new(axum::body::Body::from_stream(stream));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert(
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            );
+            for (name, value) in headers {
+                h.insert(name, value);
+            }
+            r
+        }
+        Err(_) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the turn ended without an answer",
+        ),
+    }
+}
+
+/// One HTTP turn's inputs.
+struct Turn {
+    frame: Utf8Bytes,
+    previous: Option<String>,
+    keepalive: Duration,
+    gone: CancellationToken,
+    /// Held for the turn's life: it counts against the connection limits.
+    _permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
+}
+
+/// What the turn task needs of an HTTP downstream beyond [`Downstream`].
+trait HttpDown: Downstream {
+    /// When the next keepalive is due, if this downstream sends any.
+    fn keepalive_due(&self, every: Duration) -> Option<Instant>;
+    fn keepalive(&mut self) -> impl Future<Output = Result<(), ClientGone>> + Send;
+    /// The turn is over (or abandoned): answer, or end the body.
+    fn finish(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs one HTTP turn on the engine: the same engine calls as a WebSocket session, with the
+/// HTTP deadlines (turn idle, keepalive) and the client's disappearance as the other events.
+async fn drive<D: HttpDown>(shared: Arc<Shared>, mut engine: Engine, mut down: D, turn: Turn) {
+    shared.active_sessions.fetch_add(1, Ordering::AcqRel);
+    let mut flow = engine
+        .start_turn(&mut down, turn.frame, turn.previous, None)
+        .await;
+    while flow == Flow::Continue && engine.in_turn() {
+        let idle = engine.idle_deadline().unwrap_or_else(Instant::now);
+        let keepalive = down.keepalive_due(turn.keepalive);
+        flow = tokio::select! {
+            biased;
+            _ = turn.gone.cancelled() => {
+                debug!("HTTP client went away mid-turn");
+                Flow::Stop
+            }
+            ev = engine.next_upstream() => engine.upstream_event(&mut down, ev).await,
+            _ = tokio::time::sleep_until(idle) => {
+                if engine.idle_deadline().is_some_and(|d| Instant::now() >= d) {
+                    engine.turn_idle_expired(&mut down).await
+                } else {
+                    Flow::Continue
+                }
+            }
+            _ = tokio::time::sleep_until(keepalive.unwrap_or(idle)), if keepalive.is_some() => {
+                match down.keepalive().await {
+                    Ok(()) => Flow::Continue,
+                    Err(ClientGone) => Flow::Stop,
+                }
+            }
+        };
+    }
+    // Mid-turn (client gone): the upstream is discarded, never pooled.
+    engine.finish();
+    down.finish().await;
+    shared.active_sessions.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// An error response from a WebSocket-shaped `error` value (top-level `status`, nested
+/// `error`, optional `headers`): the status, `{"error": ...}`, and the `headers` pairs as
+/// HTTP headers (the inverse of how the upstream moved HTTP errors onto WebSocket).
+fn error_response(v: &Value) -> Response {
+    let status = v["status"]
+        .as_u64()
+        .and_then(|s| u16::try_from(s).ok())
+        .filter(|s| (400..=599).contains(s))
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut error = v["error"].clone();
+    if let Some(e) = error.as_object_mut() {
+        e.entry("param").or_insert(Value::Null);
+        e.entry("message").or_insert(json!("upstream error"));
+    } else {
+        error = json!({"message": "upstream error", "type": "server_error", "param": null, "code": null});
+    }
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "error": error }).to_string(),
+    )
+        .into_response();
+    let h = r.headers_mut();
+    if let Some(pairs) = v["headers"].as_object() {
+        for (k, val) in pairs.iter().take(32) {
+            let (Ok(name), Some(val)) = (HeaderName::from_bytes(k.as_bytes()), val.as_str()) else {
+                continue;
+            };
+            let forbidden = matches!(
+                name.as_str(),
+                "content-length" | "content-type" | "transfer-encoding" | "connection"
+            );
+            if let (false, Ok(val)) = (forbidden, HeaderValue::from_str(val)) {
+                h.insert(name, val);
+            }
+        }
+    }
+    if let Some(secs) = v["error"]["resets_in_seconds"].as_u64()
+        && let Ok(val) = HeaderValue::from_str(&secs.to_string())
+    {
+        h.insert(header::RETRY_AFTER, val);
+    }
+    r
+}
+
+/// The upstream 101's headers an HTTP client reads from the response.
+fn copy_headers(
+    headers: &[(HeaderName, HeaderValue)],
+    reused: bool,
+) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .filter(|(n, _)| !(reused && n == "x-codex-turn-state"))
+        .cloned()
+        .collect()
+}
+
+// === SSE ===
+
+/// `stream: true`: upstream frames as server-sent events.
+struct SseDown {
+    /// Until the head is sent (`Some`), an `error` may still become an HTTP status.
+    reply: Option<oneshot::Sender<Reply>>,
+    tx: mpsc::Sender<Bytes>,
+    rx: Option<mpsc::Receiver<Bytes>>,
+    buf: BytesMut,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// An error seen before the first byte: a gateway `error` value, or an upstream `error`
+    /// frame with its text.
+    pending_error: Option<(Value, Option<Utf8Bytes>)>,
+    /// `response.id` of the response streaming, for a synthetic `response.failed`.
+    response_id: Option<String>,
+    /// Keepalives as `codex.keepalive` events (Codex) rather than comments.
+    codex: bool,
+    last_write: Instant,
+    write_timeout: Duration,
+    failed: bool,
+}
+
+impl SseDown {
+    fn new(reply: oneshot::Sender<Reply>, codex: bool, write_timeout: Duration) -> SseDown {
+        let (tx, rx) = mpsc::channel(BODY_CHUNKS);
+        SseDown {
+            reply: Some(reply),
+            tx,
+            rx: Some(rx),
+            buf: BytesMut::new(),
+            headers: Vec::new(),
+            pending_error: None,
+            response_id: None,
+            codex,
+            last_write: Instant::now(),
+            write_timeout,
+            failed: false,
+        }
+    }
+
+    /// Commits to a 200 event stream.
+    fn start(&mut self) -> Result<(), ClientGone> {
+        if let (Some(reply), Some(body)) = (self.reply.take(), self.rx.take()) {
+            let headers = std::mem::take(&mut self.headers);
+            reply
+                .send(Reply::Stream { headers, body })
+                .map_err(|_| ClientGone)?;
+            // An upstream error frame held before the start goes out first, verbatim.
+            if let Some((_, Some(raw))) = self.pending_error.take() {
+                self.push_event(&raw);
+            }
+        }
+        Ok(())
+    }
+
+    fn push_event(&mut self, text: &str) {
+        if let Some(ty) = event::sniff_type(text) {
+            self.buf.extend_from_slice(b"event: ");
+            self.buf.extend_from_slice(ty.as_bytes());
+            self.buf.extend_from_slice(b"\n");
+        }
+        // A frame is one JSON text; should it hold raw line breaks, each line is a data line.
+        for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
+            self.buf.extend_from_slice(b"data: ");
+            self.buf.extend_from_slice(line.as_bytes());
+            self.buf.extend_from_slice(b"\n");
+        }
+        self.buf.extend_from_slice(b"\n");
+    }
+
+    async fn send_buf(&mut self) -> Result<(), ClientGone> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        match tokio::time::timeout(self.write_timeout, self.tx.send(chunk)).await {
+            Ok(Ok(())) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            // The client is gone, or it stopped reading for `relay.client_write_timeout`.
+            _ => Err(ClientGone),
+        }
+    }
+
+    /// After the first byte a failure is one `response.failed` (`stream_disconnected`).
+    async fn fail_stream(&mut self, message: &str) -> Result<(), ClientGone> {
+        if self.failed {
+            return Ok(());
+        }
+        self.failed = true;
+        let failed = json!({
+            "type": "response.failed",
+            "response": {
+                "id": self.response_id.as_deref().unwrap_or("resp_gateway"),
+                "object": "response",
+                "status": "failed",
+                "output": [],
+                "error": {"code": "stream_disconnected", "message": message},
+            },
+        });
+        self.push_event(&failed.to_string());
+        self.send_buf().await
+    }
+}
+
+impl Downstream for SseDown {
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
+        let ty = event::sniff_type(&text);
+        if self.reply.is_some() && ty.as_deref() == Some("error") {
+            // Perhaps the turn's only event: an HTTP status then.
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            self.pending_error = Some((v, Some(text)));
+            return Ok(());
+        }
+        if ty.as_deref() == Some("response.created") {
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            self.response_id = v["response"]["id"].as_str().map(str::to_string);
+        }
+        self.start()?;
+        self.push_event(&text);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientGone> {
+        self.send_buf().await
+    }
+
+    async fn error(&mut self, ev: Value) -> Result<(), ClientGone> {
+        if self.reply.is_some() {
+            self.pending_error = Some((ev, None));
+            return Ok(());
+        }
+        let message = ev["error"]["message"]
+            .as_str()
+            .unwrap_or("the upstream failed")
+            .to_string();
+        self.fail_stream(&message).await
+    }
+
+    async fn closed(&mut self, code: u16, reason: &str) {
+        let message = format!("upstream closed with {code}: {reason}");
+        if self.reply.is_some() {
+            self.pending_error = Some((event::error_value(502, "upstream_closed", &message), None));
+        } else {
+            let _ = self.fail_stream(&message).await;
+        }
+    }
+
+    fn connected(&mut self, headers: &[(HeaderName, HeaderValue)], reused: bool) {
+        self.headers = copy_headers(headers, reused);
+    }
+}
+
+impl HttpDown for SseDown {
+    fn keepalive_due(&self, every: Duration) -> Option<Instant> {
+        Some(self.last_write + every)
+    }
+
+    async fn keepalive(&mut self) -> Result<(), ClientGone> {
+        self.start()?;
+        if self.codex {
+            // Codex's idle timer ignores comments: it needs an event.
+            self.buf.extend_from_slice(
+                b"event: codex.keepalive\ndata: {\"type\":\"codex.keepalive\"}\n\n",
+            );
+        } else {
+            self.buf.extend_from_slice(b": keepalive\n\n");
+        }
+        self.send_buf().await
+    }
+
+    async fn finish(mut self) {
+        if let Some(reply) = self.reply.take() {
+            let response = match self.pending_error.take() {
+                Some((v, _)) => error_response(&v),
+                // The turn ended with nothing to say (the client went away first).
+                None => json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "stream_incomplete",
+                    "the turn ended before any event",
+                ),
+            };
+            let _ = reply.send(Reply::Full(response));
+            return;
+        }
+        let _ = self.send_buf().await;
+        // Dropping the sender ends the body.
+    }
+}
+
+// === JSON ===
+
+/// `stream` false or absent: one JSON response built from the terminal event.
+struct JsonDown {
+    reply: oneshot::Sender<Reply>,
+    /// `response.output_item.done` items by `output_index`.
+    items: Vec<(u64, Value)>,
+    collected: usize,
+    max: usize,
+    terminal: Option<Value>,
+    error: Option<Value>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl JsonDown {
+    fn new(reply: oneshot::Sender<Reply>, max: usize) -> JsonDown {
+        JsonDown {
+            reply,
+            items: Vec::new(),
+            collected: 0,
+            max,
+            terminal: None,
+            error: None,
+            headers: Vec::new(),
+        }
+    }
+
+    fn build(&mut self) -> Response {
+        if let Some(e) = self.error.take() {
+            return error_response(&e);
+        }
+        let Some(t) = self.terminal.take() else {
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                "stream_incomplete",
+                "the upstream ended the turn without a terminal event",
+            );
+        };
+        match t["type"].as_str().unwrap_or_default() {
+            "response.completed" | "response.incomplete" => {
+                let mut response = t["response"].clone();
+                let empty = response["output"].as_array().is_none_or(Vec::is_empty);
+                if empty && !self.items.is_empty() {
+                    let mut items = std::mem::take(&mut self.items);
+                    items.sort_by_key(|(i, _)| *i);
+                    response["output"] =
+                        Value::Array(items.into_iter().map(|(_, item)| item).collect());
+                }
+                let mut r = (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    response.to_string(),
+                )
+                    .into_response();
+                for (name, value) in std::mem::take(&mut self.headers) {
+                    r.headers_mut().insert(name, value);
+                }
+                r
+            }
+            "response.failed" => {
+                let error = t["response"]["error"].clone();
+                let code = error["code"].as_str().unwrap_or_default();
+                let status = match code {
+                    c if c.contains("rate_limit")
+                        || c.contains("usage_limit")
+                        || c.contains("quota") =>
+                    {
+                        429
+                    }
+                    "invalid_api_key" | "token_expired" | "token_invalidated" => 401,
+                    "invalid_request_error" | "context_length_exceeded" | "invalid_prompt" => 400,
+                    _ => 502,
+                };
+                error_response(&json!({"status": status, "error": error}))
+            }
+            // An upstream `error` frame.
+            _ => error_response(&t),
+        }
+    }
+}
+
+impl Downstream for JsonDown {
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
+        let ty = event::sniff_type(&text).unwrap_or_default();
+        let keep = ty == "response.output_item.done" || event::is_terminal(&ty);
+        if !keep {
+            return Ok(());
+        }
+        self.collected += text.len();
+        if self.collected > self.max {
+            self.error = Some(event::error_value(
+                502,
+                "response_too_large",
+                "the response is larger than http.max_response_size; use stream: true",
+            ));
+            return Err(ClientGone);
+        }
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        if ty == "response.output_item.done" {
+            let index = v["output_index"]
+                .as_u64()
+                .unwrap_or(self.items.len() as u64);
+            self.items.push((index, v["item"].clone()));
+        } else {
+            self.terminal = Some(v);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientGone> {
+        Ok(())
+    }
+
+    async fn error(&mut self, ev: Value) -> Result<(), ClientGone> {
+        self.error = Some(ev);
+        Ok(())
+    }
+
+    async fn closed(&mut self, code: u16, reason: &str) {
+        self.error = Some(event::error_value(
+            502,
+            "upstream_closed",
+            &format!("upstream closed with {code}: {reason}"),
+        ));
+    }
+
+    fn connected(&mut self, headers: &[(HeaderName, HeaderValue)], reused: bool) {
+        self.headers = copy_headers(headers, reused);
+    }
+}
+
+impl HttpDown for JsonDown {
+    fn keepalive_due(&self, _every: Duration) -> Option<Instant> {
+        None
+    }
+
+    async fn keepalive(&mut self) -> Result<(), ClientGone> {
+        Ok(())
+    }
+
+    async fn finish(mut self) {
+        let response = self.build();
+        let _ = self.reply.send(Reply::Full(response));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_bodies_become_one_frame() {
+        let c = parse_create(br#"{"model":"m","input":"hi","stream":true}"#, 1 << 20).unwrap();
+        assert_eq!(
+            &*c.frame,
+            r#"{"type":"response.create","model":"m","input":"hi","stream":true}"#
+        );
+        assert!(c.stream);
+        let c = parse_create(
+            br#"{"type":"x","model":"m","input":[],"previous_response_id":"r1"}"#,
+            1 << 20,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_str(&c.frame).unwrap();
+        assert_eq!(v["type"], "response.create");
+        assert_eq!(c.previous.as_deref(), Some("r1"));
+        assert!(!c.stream);
+        for bad in [
+            &br#"[1]"#[..],
+            br#"{"input":"x"}"#,
+            br#"{"model":"m"}"#,
+            br#"{"model":"m","input":"x","background":true}"#,
+            b"not json",
+        ] {
+            assert!(parse_create(bad, 1 << 20).is_err());
+        }
+        assert_eq!(
+            parse_create(br#"{"model":"m","input":"hi"}"#, 10)
+                .err()
+                .unwrap()
+                .status(),
+            413
+        );
+    }
+
+    #[test]
+    fn upstream_errors_become_http_errors() {
+        let v = json!({"type": "error", "status": 429, "error": {"type": "usage_limit_reached", "code": "usage_limit_reached", "message": "x"}, "headers": {"x-codex-primary-used-percent": "100.0", "content-length": "9"}});
+        let r = error_response(&v);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-codex-primary-used-percent"], "100.0");
+        assert_ne!(
+            r.headers().get("content-length").map(|v| v.as_bytes()),
+            Some(&b"9"[..])
+        );
+        assert_eq!(error_response(&json!({"status": 200})).status(), 502);
+    }
+}

@@ -1,0 +1,543 @@
+//! The HTTP ingress (issue 12): `POST` on the paths rides the same pool as WebSocket sessions.
+//! Byte-exact SSE, JSON bodies, lanes and reuse, owner routing, failover, failures before and
+//! after the first byte, client disconnects, request encodings, and the HTTP relays.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+use wsgate::client::create_body;
+use wsgate::mock::{Limit, MockConfig, MockUpstream};
+
+async fn mock() -> MockUpstream {
+    MockUpstream::start(MockConfig::default()).await.unwrap()
+}
+
+const SSE: &str = "/v1/responses";
+
+/// Codex-like headers for `thread`.
+fn codex(thread: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("content-type", "application/json"),
+        ("originator", "codex_exec"),
+        ("session-id", thread),
+        ("thread-id", thread),
+        ("x-client-request-id", thread),
+    ]
+}
+
+fn sse_of(frames: &[String]) -> String {
+    frames
+        .iter()
+        .map(|f| {
+            let ty: Value = serde_json::from_str(f).unwrap();
+            format!("event: {}\ndata: {f}\n\n", ty["type"].as_str().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_streamed_post_relays_every_upstream_frame_byte_for_byte() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    for (directive, terminal) in [
+        ("[[mock: deltas=5, custom]]", "response.completed"),
+        ("[[mock: deltas=3, incomplete]]", "response.incomplete"),
+    ] {
+        let thread = unique("sse");
+        let r = http_request(
+            gw.addr,
+            "POST",
+            SSE,
+            &codex(&thread),
+            http_body(directive, true, json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.headers["content-type"], "text/event-stream");
+        assert_eq!(
+            r.headers["x-models-etag"], "mock-etag",
+            "the upstream 101's headers"
+        );
+        let conn = mock
+            .connections()
+            .into_iter()
+            .find(|c| c.header("thread-id") == Some(thread.as_str()))
+            .unwrap();
+        let frames = conn.sent_frames();
+        assert!(frames.iter().any(|f| f.contains(terminal)));
+        if directive.contains("custom") {
+            assert!(frames.iter().any(|f| f.contains("\"x.custom\"")));
+        }
+        assert_eq!(r.text(), sse_of(&frames), "byte for byte, in order");
+        assert!(!r.text().contains("[DONE]"));
+        // The body ends right after the terminal event.
+        let last = r
+            .chunks
+            .iter()
+            .rev()
+            .find(|(_, c)| String::from_utf8_lossy(c).contains(terminal))
+            .unwrap()
+            .0;
+        assert!(
+            r.ended.duration_since(last) < Duration::from_millis(100),
+            "{:?}",
+            r.ended.duration_since(last)
+        );
+    }
+    gw.assert_quiescent("sse").await;
+    // Both connections went back to the pool (incomplete is a clean end too).
+    assert_eq!(gw.gateway.pool_stats().idle, 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn posts_of_one_lane_ride_one_upstream_connection_and_share_it_with_websocket_sessions() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let thread = unique("lane");
+    let mut cached = Vec::new();
+    for i in 0..3 {
+        let r = http_request(
+            gw.addr,
+            "POST",
+            SSE,
+            &codex(&thread),
+            // Full context each time, growing as a conversation does.
+            http_body(&"context ".repeat(40 * (i + 1)), true, json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let done = r
+            .events()
+            .into_iter()
+            .find(|e| e["type"] == "response.completed")
+            .unwrap();
+        cached.push(
+            done["response"]["usage"]["input_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(mock.accepted(), 1);
+    assert!(
+        cached[0] == 0 && cached[1] > 0 && cached[2] > cached[1],
+        "{cached:?}"
+    );
+    let lines = log_lines(&["pool decision", &format!("conversation={thread} ")]);
+    assert!(
+        lines.iter().all(|l| l.contains("ingress=http")),
+        "{lines:?}"
+    );
+    // A WebSocket session of the same lane reuses it too.
+    let mut c = gw.connect(&thread).await;
+    let t = c
+        .turn(&create_body(Some(&thread), "over ws", None))
+        .await
+        .unwrap();
+    assert!(t.is_completed());
+    c.close().await;
+    assert_eq!(mock.accepted(), 1);
+    assert_eq!(
+        decisions(&thread),
+        ["new miss", "reuse -", "reuse -", "reuse -"]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn continuations_go_only_to_their_owner() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let thread = unique("owner");
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&thread),
+        http_body("one", false, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let parent = r.json()["id"].as_str().unwrap().to_string();
+    // Owned by the idle pooled connection: served there, with the delta only.
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&thread),
+        http_body("two", false, json!({"previous_response_id": parent})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "completed", "the owner knew the parent");
+    assert_eq!(mock.accepted(), 1);
+    assert_eq!(mock.connection(1).unwrap().user_texts(), ["one", "two"]);
+    // Unknown: 400 previous_response_not_found, nothing dialed.
+    let other = unique("owner-unknown");
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&other),
+        http_body("x", true, json!({"previous_response_id": "resp_nobody"})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "previous_response_not_found");
+    assert_eq!(mock.accepted(), 1, "nothing dialed");
+    gw.assert_quiescent("owner").await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn failures_before_and_after_the_first_byte() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    // A 429 before output with a second account: a 200 stream from the other one.
+    let thread = unique("http-failover");
+    let limited = gw.account_of(&thread);
+    mock.limit(&account_key(&limited), Limit::default());
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&thread),
+        http_body("hi", true, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = r.events();
+    assert!(events.iter().all(|e| e["type"] != "error"), "{events:?}");
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    // Every account limited: HTTP 429 with resets_at.
+    let other = if limited == "acct-a" {
+        "acct-b"
+    } else {
+        "acct-a"
+    };
+    mock.limit(&account_key(other), Limit::default());
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&unique("all")),
+        http_body("hi", true, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "usage_limit_reached");
+    assert!(e["error"]["resets_at"].as_u64().is_some(), "{e}");
+    assert!(r.headers.contains_key("retry-after"));
+    mock.unlimit(&account_key("acct-a"));
+    mock.unlimit(&account_key("acct-b"));
+    gw.gateway.enable_account("acct-a");
+    gw.gateway.enable_account("acct-b");
+    // Upstream 1011 after two deltas: one response.failed stream_disconnected, then the end.
+    let thread = unique("http-1011");
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&thread),
+        http_body("[[mock: deltas=4, close=1011@mid]]", true, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let events = r.events();
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "response.created")
+        .unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.failed", "{events:?}");
+    assert_eq!(last["response"]["error"]["code"], "stream_disconnected");
+    assert_eq!(last["response"]["id"], created["response"]["id"]);
+    assert!(events.iter().all(|e| e["type"] != "response.completed"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .count(),
+        2
+    );
+    gw.assert_quiescent("1011").await;
+    assert_eq!(evictions(&thread), ["dead"], "discarded, never pooled");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_releases_its_upstream_at_once() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let thread = unique("http-gone");
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(SSE)
+        .header("host", "t")
+        .header("authorization", format!("Bearer {CLIENT_KEY}"));
+    for (k, v) in codex(&thread) {
+        req = req.header(k, v);
+    }
+    let body = http_body("[[mock: deltas=200, interval=20]]", true, json!({}));
+    let resp = sender
+        .send_request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    use http_body_util::BodyExt;
+    let mut body = resp.into_body();
+    // Read until the first delta, then hang up.
+    let mut seen = String::new();
+    while !seen.contains("response.output_text.delta") {
+        let frame = body.frame().await.unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(frame.data_ref().unwrap()));
+    }
+    drop(body);
+    drop(sender);
+    conn.abort();
+    let left = tokio::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || mock.open() == 0).await,
+        "the upstream closed within 1 s"
+    );
+    assert!(left.elapsed() < Duration::from_secs(1));
+    gw.assert_quiescent("client gone").await;
+    assert_eq!(evictions(&thread), ["discarded"]);
+    assert_eq!(
+        gw.gateway.account_state("acct-a"),
+        Some("usable"),
+        "not penalized"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn request_encodings_and_bounds() {
+    use std::io::{Read, Write};
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.http.max_body_size = bytesize::ByteSize::mib(1);
+    })
+    .await;
+    let json_body = http_body("compressed hello", false, json!({}));
+    let zstd_body = zstd::encode_all(&json_body[..], 3).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&json_body).unwrap();
+    let gzip_body = gz.finish().unwrap();
+    for (encoding, body) in [("zstd", zstd_body), ("gzip", gzip_body)] {
+        let thread = unique(encoding);
+        let mut h = codex(&thread);
+        h.push(("content-encoding", encoding));
+        let r = http_request(gw.addr, "POST", SSE, &h, body).await;
+        assert_eq!(r.status, 200, "{encoding}: {}", r.text());
+        let conn = mock
+            .connections()
+            .into_iter()
+            .find(|c| c.header("thread-id") == Some(thread.as_str()))
+            .unwrap();
+        assert_eq!(conn.user_texts(), ["compressed hello"], "{encoding}");
+        assert!(conn.header("content-encoding").is_none());
+    }
+    // A zstd bomb: 512 MiB of zeros in a few KiB. Refused at the 1 MiB bound.
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let bomb = zstd::encode_all(std::io::repeat(0).take(512 << 20), 19).unwrap();
+    assert!(bomb.len() < 64 * 1024);
+    let before = rss();
+    let mut h = codex("bomb");
+    h.push(("content-encoding", "zstd"));
+    let r = http_request(gw.addr, "POST", SSE, &h, bomb).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "payload_too_large");
+    let grown_kib = rss().saturating_sub(before);
+    assert!(grown_kib < 64 * 1024, "RSS grew {grown_kib} KiB");
+    // Unknown coding: 415. Bad JSON or a missing field: 400.
+    let mut h = codex("br");
+    h.push(("content-encoding", "br"));
+    assert_eq!(
+        http_request(gw.addr, "POST", SSE, &h, b"x".to_vec())
+            .await
+            .status,
+        415
+    );
+    for bad in [&b"{nope"[..], br#"{"model":"m"}"#, br#"{"input":"x"}"#] {
+        let r = http_request(gw.addr, "POST", SSE, &codex("bad"), bad.to_vec()).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(mock.accepted(), 2, "nothing dialed for refused bodies");
+    gw.assert_quiescent("encodings").await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_non_streaming_post_gets_one_json_body_with_the_output_items() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let thread = unique("json");
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&thread),
+        http_body("[[mock: deltas=3, empty_output]]", false, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["content-type"], "application/json");
+    let body = r.json();
+    assert_eq!(body["status"], "completed");
+    let frames = mock.connection(1).unwrap().sent_frames();
+    let done: Vec<Value> = frames
+        .iter()
+        .map(|f| serde_json::from_str::<Value>(f).unwrap())
+        .filter(|f| f["type"] == "response.output_item.done")
+        .map(|f| f["item"].clone())
+        .collect();
+    let completed: Value = serde_json::from_str(frames.last().unwrap()).unwrap();
+    assert_eq!(
+        completed["response"]["output"],
+        json!([]),
+        "the upstream sent none"
+    );
+    assert!(!done.is_empty());
+    assert_eq!(
+        body["output"],
+        Value::Array(done),
+        "filled from output_item.done"
+    );
+    // An upstream error as the turn's only event: its status, OpenAI-shaped.
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&unique("json-err")),
+        http_body("[[mock: error=400:invalid_prompt]]", false, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "invalid_prompt");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn models_and_compact_are_relayed_with_the_accounts_credential() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let r = http_request(
+        gw.addr,
+        "GET",
+        "/v1/models?client_version=0.171.0",
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"][0]["id"], "mock-model");
+    assert_eq!(r.headers["x-models-etag"], "mock-etag");
+    let r = http_request(
+        gw.addr,
+        "POST",
+        "/backend-api/codex/responses/compact",
+        &[
+            ("content-type", "application/json"),
+            ("originator", "codex_exec"),
+        ],
+        serde_json::to_vec(
+            &json!({"model": "gpt-5.5", "input": [{"role": "user", "content": "long"}]}),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "response.compaction");
+    let seen = mock.http_requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].target, "/v1/models?client_version=0.171.0");
+    assert_eq!(seen[1].target, "/v1/responses/compact");
+    for s in &seen {
+        assert_eq!(
+            s.authorization.as_deref(),
+            Some(&*account_key("acct-a")),
+            "the account's key, never the client's"
+        );
+    }
+    // Client auth applies.
+    let r = http_request(
+        gw.addr,
+        "GET",
+        "/v1/models",
+        &[("authorization", "Bearer wrong")],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(mock.http_requests().len(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn keepalives_while_the_upstream_is_silent() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.http.sse_keepalive = Duration::from_millis(200);
+    })
+    .await;
+    // Codex gets keepalive events; an SDK client gets comments.
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&unique("ka")),
+        http_body("[[mock: delay=700]]", true, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text()
+            .contains("event: codex.keepalive\ndata: {\"type\":\"codex.keepalive\"}\n\n"),
+        "{}",
+        r.text()
+    );
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &[
+            ("content-type", "application/json"),
+            ("x-stainless-lang", "python"),
+        ],
+        http_body(
+            "[[mock: delay=700]]",
+            true,
+            json!({"prompt_cache_key": unique("ka-sdk")}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains(": keepalive\n\n"));
+    assert!(!r.text().contains("codex.keepalive"));
+    assert_eq!(r.events().last().unwrap()["type"], "response.completed");
+    gw.stop().await;
+}
