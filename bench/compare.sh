@@ -153,6 +153,9 @@ for r in $(seq "$REPEAT"); do
     run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS"
     run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK"
   done
+  # (e) the same two workloads through wsgate's HTTP ingress (POST + SSE, same pool, same mock).
+  run ea wsgate "$r" --http --sessions 1 --turns 1 --deltas "$A_DELTAS"
+  run eb wsgate "$r" --http --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK"
 done
 
 # (c) reconnect every turn, with a fresh-connection cost at the upstream.

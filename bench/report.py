@@ -96,6 +96,16 @@ for t in ["nginx", "haproxy", "wsgate"]:
     mib = lambda k: "-" if k is None else f"{k / 1024:.1f}"
     p(f"| {t} | {r.get('turns_ok')} | {r.get('errors')} | {mib(before)} / {mib(held)} | {fmt(r.get('rss_per_session_kib'), 1)} |")
 
+p("\n### (e) HTTP ingress: the same workloads as (a) and (b) through wsgate, WebSocket vs POST + SSE\n")
+p("| ingress | (a) events/s | (b) event latency p50 / p99 (us) | (b) added p50 vs direct (us) | (b) first event p50 (ms) | (b) turns/s | errors |")
+p("|---|---:|---|---:|---:|---:|---:|")
+for label, wa_, wb_ in [("WebSocket", "a", "b"), ("HTTP (SSE)", "ea", "eb")]:
+    p50 = med(wb_, "wsgate", "event_latency_us", "p50")
+    p99 = med(wb_, "wsgate", "event_latency_us", "p99")
+    added = None if p50 is None or d50 is None else p50 - d50
+    p(f"| {label} | {fmt(med(wa_, 'wsgate', 'events_per_s'), 0)} | {fmt(p50, 0)} / {fmt(p99, 0)} | {fmt(added, 0)} | "
+      f"{fmt(med(wb_, 'wsgate', 'ttfe_ms', 'p50'), 3)} | {fmt(med(wb_, 'wsgate', 'turns_per_s'), 0)} | {errors(wa_, 'wsgate') + errors(wb_, 'wsgate')} |")
+
 p("\n### Targets\n")
 w_added = None
 w50 = med("b", "wsgate", "event_latency_us", "p50")

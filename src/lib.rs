@@ -12,14 +12,16 @@
 //! - [`accounts`]: upstream credentials, usability, conversation -> account assignment.
 //! - [`headers`]: lane and affinity resolution, header forwarding rules.
 //! - [`event`]: frame sniffing, terminal events, gateway `error` events.
-//! - [`turn`]: turn integrity (the ledger that attributes upstream events to client events).
+//! - [`ingress`]: how requests enter: the WebSocket session, the HTTP `POST` (SSE/JSON), request
+//!   bodies, the `/models` and `/compact` relays; adapters around the turn engine.
+//! - [`turn`]: the turn engine (one relay loop for every ingress) and the ledger that
+//!   attributes upstream events to client events.
 //! - [`close`]: the close-code policy.
 //! - [`tls`]: the upstream rustls config (ring).
 //! - [`upstream`]: dialing, `UpstreamConn`.
 //! - [`pump`]: the upstream reader task and its bounded channel.
 //! - [`pool`]: `Pool`, `PoolKey`, `Pooled`, decisions, evictions, the reaper.
 //! - [`gateway`]: shared state and the acquire path.
-//! - `session`: one client WebSocket and its turn loop.
 //! - [`listener`]: the HTTP/1.1 accept loop (handshake deadline and bound) and the TLS listener.
 //! - [`server`]: axum routes, authentication, the upgrade, shutdown drain.
 //! - [`reload`]: hot reload on SIGHUP and config file changes.

@@ -42,6 +42,9 @@ pub struct LoadgenConfig {
     pub label: String,
     /// Prefix for conversation ids (unique per run).
     pub run_id: String,
+    /// HTTP ingress: every turn is a `POST` (SSE) on a kept-alive HTTP/1.1 connection to the
+    /// same path (`ws://` -> `http://`), instead of a frame on a WebSocket.
+    pub http: bool,
 }
 
 /// Latency percentiles.
@@ -173,6 +176,8 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
 struct Ctx {
     cfg: LoadgenConfig,
     connects: Semaphore,
@@ -236,9 +241,155 @@ impl Ctx {
         }
     }
 
-    async fn session(&self, i: usize) -> (Stats, Option<Client>) {
+    /// One turn over HTTP: a streamed `POST`; returns the completed response id.
+    async fn http_turn(
+        &self,
+        sender: &mut HttpSender,
+        conversation: &str,
+        prev: Option<&str>,
+        stats: &mut Stats,
+    ) -> Result<Option<String>, String> {
+        use http_body_util::BodyExt;
+        let text = format!(
+            "load [[mock: deltas={}, size={}]]",
+            self.cfg.deltas, self.cfg.delta_size
+        );
+        let mut body = create_body(Some(conversation), &text, prev);
+        if let Some(o) = body.as_object_mut() {
+            o.remove("type");
+        }
+        let uri: http::Uri = self.cfg.url.parse().map_err(|e| format!("{e}"))?;
+        let mut req = http::Request::post(uri.path())
+            .header("host", uri.authority().map(|a| a.as_str()).unwrap_or("gw"))
+            .header("content-type", "application/json")
+            .header("originator", "wsgate_loadgen")
+            .header("session-id", conversation);
+        if let Some(k) = &self.cfg.key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .map_err(|e| e.to_string())?;
+        let sent = Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(120), sender.send_request(req))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut first = true;
+        let mut pending = String::new();
+        let mut id = None;
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(120), body.frame())
+                .await
+                .map_err(|_| "timed out".to_string())?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if first {
+                first = false;
+                let _ = stats
+                    .ttfe_us
+                    .record(sent.elapsed().as_micros().max(1) as u64);
+            }
+            pending.push_str(&String::from_utf8_lossy(&data));
+            while let Some(end) = pending.find("\n\n") {
+                let block: String = pending.drain(..end + 2).collect();
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                stats.events += 1;
+                if let Some(ts) = stamp(data) {
+                    let lat = now_ns().saturating_sub(ts) / 1000;
+                    let _ = stats.latency_us.record((lat as u64).max(1));
+                }
+                match event::sniff_type(data).as_deref() {
+                    Some("response.completed") => {
+                        let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+                        id = v["response"]["id"].as_str().map(str::to_string);
+                    }
+                    Some(t) if event::is_terminal(t) => {
+                        return Err(data.chars().take(200).collect());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        id.map(Some)
+            .ok_or_else(|| "the stream ended without response.completed".into())
+    }
+
+    async fn http_connect(&self) -> Result<HttpSender, String> {
+        let _permit = self.connects.acquire().await;
+        let uri: http::Uri = self.cfg.url.parse().map_err(|e| format!("{e}"))?;
+        let host = uri.host().unwrap_or("127.0.0.1").to_string();
+        let port = uri.port_u16().unwrap_or(80);
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// An HTTP session: one kept-alive connection, `turns` streamed POSTs.
+    async fn http_session(&self, conversation: &str) -> Stats {
         let mut stats = Stats::new();
+        let mut sender = None;
+        let mut prev: Option<String> = None;
+        for t in 0..self.cfg.turns {
+            if t > 0 && !self.cfg.think.is_zero() {
+                tokio::time::sleep(self.cfg.think).await;
+            }
+            if self.cfg.reconnect_every_turn {
+                sender = None;
+                prev = None;
+            }
+            if sender.is_none() {
+                match self.http_connect().await {
+                    Ok(s) => sender = Some(s),
+                    Err(e) => {
+                        stats.error(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(s) = sender.as_mut() else { continue };
+            match self
+                .http_turn(s, conversation, prev.as_deref(), &mut stats)
+                .await
+            {
+                Ok(id) => {
+                    stats.turns_ok += 1;
+                    prev = id;
+                }
+                Err(e) => {
+                    stats.error(e);
+                    sender = None;
+                    prev = None;
+                }
+            }
+        }
+        stats
+    }
+
+    async fn session(&self, i: usize) -> (Stats, Option<Client>) {
         let conversation = format!("{}-{i}", self.cfg.run_id);
+        if self.cfg.http {
+            return (self.http_session(&conversation).await, None);
+        }
+        let mut stats = Stats::new();
         let mut client: Option<Client> = None;
         let mut prev: Option<String> = None;
         let turns = if self.cfg.idle_hold.is_some() {

@@ -45,6 +45,10 @@ struct LoadgenArgs {
     /// Pause between turns.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     think: std::time::Duration,
+    /// Use the HTTP ingress: every turn a streamed POST on a kept-alive connection to the same
+    /// path (`ws://` in --url is read as `http://`).
+    #[arg(long)]
+    http: bool,
     /// Reconnect (new socket, full request) before every turn, like Codex reconnecting.
     #[arg(long)]
     reconnect_every_turn: bool,
@@ -280,6 +284,7 @@ async fn loadgen(a: LoadgenArgs) -> ExitCode {
         connect_concurrency: a.connect_concurrency,
         label: a.label,
         run_id,
+        http: a.http,
     };
     let report = wsgate::loadgen::run(cfg).await;
     print!("{}", wsgate::loadgen::table(&report));

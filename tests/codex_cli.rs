@@ -65,13 +65,18 @@ fn codex_or_skip(test: &str) -> Option<PathBuf> {
     bin
 }
 
-/// A `CODEX_HOME` whose provider points at `addr`.
+/// A `CODEX_HOME` whose provider points at `addr` (over WebSockets).
 fn codex_home(addr: std::net::SocketAddr) -> tempfile::TempDir {
+    codex_home_with(addr, "supports_websockets = true\n")
+}
+
+/// A `CODEX_HOME` whose provider points at `addr`, with `extra` provider lines.
+fn codex_home_with(addr: std::net::SocketAddr, extra: &str) -> tempfile::TempDir {
     let home = tempfile::tempdir().unwrap();
     std::fs::write(
         home.path().join("config.toml"),
         format!(
-            "model_provider = \"gw\"\nmodel = \"gpt-5.5\"\n\n[model_providers.gw]\nname = \"gw\"\nbase_url = \"http://{addr}/v1\"\nenv_key = \"GW_KEY\"\nwire_api = \"responses\"\nsupports_websockets = true\n"
+            "model_provider = \"gw\"\nmodel = \"gpt-5.5\"\n\n[model_providers.gw]\nname = \"gw\"\nbase_url = \"http://{addr}/v1\"\nenv_key = \"GW_KEY\"\nwire_api = \"responses\"\n{extra}"
         ),
     )
     .unwrap();
@@ -277,4 +282,48 @@ async fn codex_survives_a_gateway_restart_during_a_tool_run() {
         b.stderr_text().contains("pool decision"),
         "the follow-up was served by the replacement"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_over_http_rides_one_pooled_upstream_websocket() {
+    let Some(codex) = codex_or_skip("codex_over_http_rides_one_pooled_upstream_websocket") else {
+        return;
+    };
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    // No supports_websockets: Codex speaks HTTP (POST /v1/responses, SSE) to the gateway.
+    let (home, work) = (codex_home_with(gw.addr, ""), tempfile::tempdir().unwrap());
+    let run = codex_exec(
+        &codex,
+        home.path(),
+        work.path(),
+        "Run the check tool. [[mock: tool]]",
+    );
+    let (out, stdout, stderr) = finished(run).await;
+    assert_tool_answer(&out, &stdout, &stderr);
+    assert_eq!(
+        mock.accepted(),
+        1,
+        "every request of the turn on one upstream WebSocket"
+    );
+    let up = mock.connection(1).unwrap();
+    assert!(
+        up.creates.load(std::sync::atomic::Ordering::Acquire) >= 2,
+        "the turn and its tool follow-up"
+    );
+    let thread = up
+        .header("thread-id")
+        .or(up.header("session-id"))
+        .unwrap()
+        .to_string();
+    let lines = log_lines(&["pool decision", &format!("conversation={thread} ")]);
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains("ingress=http")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().skip(1).all(|l| l.contains("decision=reuse")),
+        "{lines:?}"
+    );
+    gw.stop().await;
 }

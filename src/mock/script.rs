@@ -173,6 +173,10 @@ impl Directives {
 
 /// The text of the last user message in a `response.create` body.
 pub fn last_user_text(body: &Value) -> String {
+    // `input` may be a plain string (SDK clients).
+    if let Some(text) = body.get("input").and_then(Value::as_str) {
+        return text.to_string();
+    }
     let Some(items) = body.get("input").and_then(Value::as_array) else {
         return String::new();
     };
