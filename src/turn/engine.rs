@@ -438,25 +438,27 @@ impl Engine {
     /// the same lane still streaming) waits for it, as a frame held behind a turn would,
     /// at most `limits.turn_idle_timeout`.
     async fn wait_for_owner(&self) {
-        let (Some(lane), Some(affinity)) = (self.route.lane.clone(), self.route.affinity.clone())
-        else {
-            return;
-        };
+        if let Some(key) = self.owner_key() {
+            let wait = self.gw.config().limits.turn_idle_timeout;
+            self.gw.pool.wait_released(&key, wait).await;
+        }
+    }
+
+    /// The pool key whose connection may own this route's previous responses: the tenant's
+    /// own lane on the affinity's account (owner routing never leaves it, DESIGN §2).
+    fn owner_key(&self) -> Option<PoolKey> {
+        let (lane, affinity) = (self.route.lane.clone()?, self.route.affinity.clone()?);
         let client = self.route.client.clone();
-        let Ok(assignment) = self
+        let assignment = self
             .gw
             .accounts
             .assign(Some(&(client.clone(), affinity)), "")
-        else {
-            return;
-        };
-        let key = PoolKey {
+            .ok()?;
+        Some(PoolKey {
             client,
             account: assignment.account.id.clone(),
             conversation: lane,
-        };
-        let wait = self.gw.config().limits.turn_idle_timeout;
-        self.gw.pool.wait_released(&key, wait).await;
+        })
     }
 
     /// Makes sure the upstream that holds `previous` serves this turn: the current one, or the
@@ -471,23 +473,8 @@ impl Engine {
         {
             return true;
         }
-        let (Some(lane), Some(affinity)) = (self.route.lane.clone(), self.route.affinity.clone())
-        else {
+        let Some(key) = self.owner_key() else {
             return false;
-        };
-        let client = self.route.client.clone();
-        let Ok(assignment) = self
-            .gw
-            .accounts
-            .assign(Some(&(client.clone(), affinity)), "")
-        else {
-            return false;
-        };
-        // Owner routing stays within the tenant's own lane (DESIGN §2).
-        let key = PoolKey {
-            client,
-            account: assignment.account.id.clone(),
-            conversation: lane,
         };
         match self.gw.pool.checkout_owner(&key, |c| c.produced(previous)) {
             Some(co) => {
