@@ -115,6 +115,8 @@ pool:
   enabled: $pool
   max_per_account: 100000
   max_total: 100000
+limits:
+  max_connections_per_client: 0   # one tenant opens all 9500 idle sessions of workload (d)
 log:
   level: warn
 EOF

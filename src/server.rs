@@ -275,7 +275,33 @@ fn authenticate<'a>(
     found.map(Some).ok_or(())
 }
 
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why an upgrade request is not a valid RFC 6455 opening handshake.
+#[derive(Debug, PartialEq, Eq)]
+enum BadUpgrade {
+    /// Not an upgrade to WebSocket at all (426, `Upgrade: websocket`).
+    NotWebSocket,
+    /// `Sec-WebSocket-Version` missing or not 13 (426 with `Sec-WebSocket-Version: 13`,
+    /// RFC 6455 §4.4).
+    Version,
+    /// `Sec-WebSocket-Key` missing or not the base64 of 16 bytes (400, §4.2.1).
+    Key,
+}
+
+/// RFC 6455 §4.2.1: a GET with `Connection: upgrade`, `Upgrade: websocket`, version 13 and
+/// a key that is the base64 encoding of 16 bytes.
+fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<(), BadUpgrade> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -283,12 +309,36 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
-    has_token(header::CONNECTION, "upgrade")
-        && has_token(header::UPGRADE, "websocket")
-        && headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .is_some_and(|v| v == "13")
-        && headers.contains_key(header::SEC_WEBSOCKET_KEY)
+    if method != Method::GET
+        || !has_token(header::CONNECTION, "upgrade")
+        || !has_token(header::UPGRADE, "websocket")
+    {
+        return Err(BadUpgrade::NotWebSocket);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(BadUpgrade::Version);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !is_base64_of_16_bytes(key) {
+        return Err(BadUpgrade::Key);
+    }
+    Ok(())
+}
+
+/// 16 bytes in base64: 22 alphabet characters (the last one carrying 2 bits, so one of
+/// `AQgw`) and `==`.
+fn is_base64_of_16_bytes(key: &[u8]) -> bool {
+    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22].iter().all(alphabet)
+        && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
 }
 
 /// What admission gave a client request: its tenant and the permits that count it against
@@ -320,9 +370,14 @@ pub(crate) fn admit(
             ));
         }
     };
-    let origins = &shared.config().limits.allowed_origins;
+    let config = shared.config();
+    let origins = &config.limits.allowed_origins;
+    // Without client keys anyone who can reach the listener spends the operator's account, so
+    // browsers (which send an Origin) must be listed, and on loopback the Host must be a
+    // loopback name: a web page, or a DNS-rebinding page, cannot use the gateway.
+    let no_auth = shared.client_keys().is_empty();
     if let Some(origin) = headers.get(header::ORIGIN)
-        && !origins.is_empty()
+        && (!origins.is_empty() || no_auth)
         && !origins.iter().any(|o| origin.as_bytes() == o.as_bytes())
     {
         crate::metrics::error("origin_not_allowed");
@@ -330,6 +385,20 @@ pub(crate) fn admit(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
             "this Origin is not in limits.allowed_origins",
+        ));
+    }
+    if no_auth
+        && config.listen.ip().is_loopback()
+        && !headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(is_loopback_host)
+    {
+        crate::metrics::error("host_not_allowed");
+        return Err(json_error(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            "without client keys the gateway only answers requests for a loopback Host",
         ));
     }
     let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
@@ -387,15 +456,37 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if req.method() != Method::GET || !is_websocket_upgrade(headers) {
-        let mut r = json_error(
-            StatusCode::UPGRADE_REQUIRED,
-            "websocket_required",
-            "this endpoint serves the Responses API over WebSocket (GET with Upgrade: websocket) or HTTP (POST)",
-        );
-        r.headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        return r;
+    match check_upgrade(req.method(), headers) {
+        Ok(()) => {}
+        Err(BadUpgrade::NotWebSocket) => {
+            let mut r = json_error(
+                StatusCode::UPGRADE_REQUIRED,
+                "websocket_required",
+                "this endpoint serves the Responses API over WebSocket (GET with Upgrade: websocket) or HTTP (POST)",
+            );
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            return r;
+        }
+        Err(BadUpgrade::Version) => {
+            let mut r = json_error(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported_websocket_version",
+                "only WebSocket version 13 is supported",
+            );
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return r;
+        }
+        Err(BadUpgrade::Key) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_websocket_key",
+                "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
+            );
+        }
     }
     if req.version() < http::Version::HTTP_11 {
         // RFC 6455 §4.1: the opening handshake is HTTP/1.1 or later. Refused before any dial.
@@ -540,6 +631,78 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1",
+            "127.0.0.1:9",
+            "[::1]:80",
+            "[::1]",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "rebound.example",
+            "rebound.example:8080",
+            "10.0.0.1",
+            "localhost.evil.example",
+            "",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn opening_handshake_rules() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        assert_eq!(check_upgrade(&Method::GET, &h), Ok(()));
+        assert_eq!(
+            check_upgrade(&Method::POST, &h),
+            Err(BadUpgrade::NotWebSocket)
+        );
+        for bad in [
+            "",
+            "not base64!",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZR==",
+        ] {
+            let mut h = h.clone();
+            h.insert(
+                header::SEC_WEBSOCKET_KEY,
+                HeaderValue::from_str(bad).unwrap(),
+            );
+            assert_eq!(
+                check_upgrade(&Method::GET, &h),
+                Err(BadUpgrade::Key),
+                "{bad:?}"
+            );
+        }
+        let mut long = h.clone();
+        long.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_str(&"A".repeat(30_000)).unwrap(),
+        );
+        assert_eq!(check_upgrade(&Method::GET, &long), Err(BadUpgrade::Key));
+        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("8"));
+        assert_eq!(check_upgrade(&Method::GET, &h), Err(BadUpgrade::Version));
+    }
 
     #[test]
     fn auth_rules() {

@@ -1,0 +1,123 @@
+//! Hardening of the listener (issue 13, in part): RFC 6455 opening-handshake validation, and
+//! a no-auth gateway that browsers and DNS-rebinding pages cannot use.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wsgate::mock::{MockConfig, MockUpstream};
+
+/// Sends a raw request head and returns the status line and headers of the answer.
+async fn raw(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+fn upgrade_head(host: &str, extra: &str, key: &str, version: &str) -> String {
+    format!(
+        "GET /v1/responses HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {key}\r\n\
+         Authorization: Bearer test-client-key\r\nsession-id: {}\r\n{extra}\r\n",
+        unique("hs")
+    )
+}
+
+#[tokio::test]
+async fn the_opening_handshake_is_checked_as_rfc_6455_says() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let long = "A".repeat(30_000);
+    for key in ["", "not-base64!!", "dGhlIHNhbXBsZSBub25jZQ", long.as_str()] {
+        let (status, text) = raw(gw.addr, &upgrade_head("t", "", key, "13")).await;
+        assert_eq!(status, 400, "key {:?}: {text}", &key[..key.len().min(20)]);
+    }
+    let (status, text) = raw(
+        gw.addr,
+        &upgrade_head("t", "", "dGhlIHNhbXBsZSBub25jZQ==", "8"),
+    )
+    .await;
+    assert_eq!(status, 426, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{text}"
+    );
+    assert_eq!(mock.accepted(), 0, "nothing dialed for a bad handshake");
+    // A good one still works.
+    let (status, text) = raw(
+        gw.addr,
+        &upgrade_head("t", "", "dGhlIHNhbXBsZSBub25jZQ==", "13"),
+    )
+    .await;
+    assert_eq!(status, 101, "{text}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_no_auth_gateway_refuses_browsers_and_foreign_hosts() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "").replace(
+        "clients:\n  - name: test\n    key_env: TEST_CLIENT_KEY\n",
+        "clients: []\n",
+    );
+    let config = wsgate::Config::from_yaml(&yaml).unwrap();
+    let secrets = config
+        .resolve_secrets(&|k| k.strip_prefix("KEY_").map(|a| format!("sk-{a}")))
+        .unwrap();
+    let gw = start_with(config, secrets).await;
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let (status, text) = raw(
+        gw.addr,
+        &upgrade_head("127.0.0.1", "Origin: http://evil.example\r\n", key, "13"),
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("origin_not_allowed"));
+    let (status, text) = raw(gw.addr, &upgrade_head("rebound.example", "", key, "13")).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("host_not_allowed"));
+    // The HTTP ingress too.
+    let r = http_request(
+        gw.addr,
+        "POST",
+        "/v1/responses",
+        &[
+            ("origin", "http://evil.example"),
+            ("content-type", "application/json"),
+        ],
+        http_body("hi", false, serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "origin_not_allowed");
+    assert_eq!(mock.accepted(), 0);
+    // Codex (no Origin, a loopback Host) is unaffected.
+    let conv = unique("no-auth");
+    let mut c = wsgate::client::Client::connect(
+        &gw.url(),
+        &[("session-id", conv.as_str()), ("thread-id", conv.as_str())],
+    )
+    .await
+    .expect("Codex-like client");
+    let t = c
+        .turn(&wsgate::client::create_body(Some(&conv), "hi", None))
+        .await
+        .unwrap();
+    assert!(t.is_completed());
+    c.close().await;
+    gw.stop().await;
+}
