@@ -203,7 +203,10 @@ fn map_dial_error(e: tungstenite::Error) -> DialError {
             let body = resp
                 .body()
                 .as_ref()
-                .map(|b| String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned())
+                // Untrusted text: escaped for the logs and messages it ends up in.
+                .map(|b| {
+                    crate::telemetry::escape(&String::from_utf8_lossy(&b[..b.len().min(512)]), 512)
+                })
                 .unwrap_or_default();
             DialError::Status {
                 status: resp.status().as_u16(),

@@ -121,3 +121,46 @@ async fn a_no_auth_gateway_refuses_browsers_and_foreign_hosts() {
     c.close().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn untrusted_text_reaches_the_log_escaped_on_one_line() {
+    let mock = MockUpstream::start(MockConfig {
+        close_reason: Some("bye\nINFO wsgate: forged-line \u{1b}[31mred".into()),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("inject");
+    let mut c = gw.connect(&conv).await;
+    let t = c
+        .turn(&wsgate::client::create_body(
+            Some(&conv),
+            "[[mock: deltas=4, close=1011@mid]]",
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(t.terminal()["status"], 502);
+    c.close().await;
+    let lines = log_lines(&["forged-line"]);
+    assert!(!lines.is_empty(), "the reason was logged");
+    for l in &lines {
+        assert!(
+            l.contains("bye\\\\nINFO") || l.contains("bye\\nINFO"),
+            "escaped: {l}"
+        );
+        assert!(!l.contains('\u{1b}'), "no raw escape sequence: {l:?}");
+        assert!(
+            !l.starts_with("INFO wsgate: forged-line"),
+            "no forged line: {l}"
+        );
+    }
+    assert!(
+        log_lines(&["INFO wsgate: forged-line"])
+            .iter()
+            .all(|l| !l.trim_start().starts_with("INFO wsgate: forged")),
+        "the newline never split a line"
+    );
+    gw.stop().await;
+}

@@ -216,7 +216,7 @@ impl Session {
                 ),
                 None => {
                     crate::metrics::error("client_unsupported_event");
-                    let ty: String = ev.kind().chars().take(64).collect();
+                    let ty = crate::telemetry::escape(ev.kind(), 64);
                     let msg = format!(
                         "event type `{ty}` is not supported; send response.create (or response.steer, \
                          response.inject, response.processed)"

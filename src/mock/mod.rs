@@ -70,6 +70,9 @@ pub struct MockConfig {
     /// Handshakes beyond this many open connections get HTTP 429 (an upstream connection
     /// limit); counted in [`MockUpstream::refused`].
     pub max_open: Option<usize>,
+    /// The reason of scripted close frames (default `mock close <code>`); a hostile upstream
+    /// can put anything there.
+    pub close_reason: Option<String>,
 }
 
 impl Default for MockConfig {
@@ -90,6 +93,7 @@ impl Default for MockConfig {
             speed: false,
             organization: None,
             max_open: None,
+            close_reason: None,
         }
     }
 }
@@ -670,7 +674,12 @@ where
             Outcome::Close(code) => {
                 let frame = CloseFrame {
                     code: CloseCode::from(code),
-                    reason: format!("mock close {code}").into(),
+                    reason: state
+                        .config
+                        .close_reason
+                        .clone()
+                        .unwrap_or_else(|| format!("mock close {code}"))
+                        .into(),
                 };
                 let _ = sink.send(Message::Close(Some(frame))).await;
                 // Give the peer a moment to answer the close before the socket drops.

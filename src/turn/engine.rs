@@ -558,7 +558,10 @@ impl Engine {
                 Some(PumpEvent::Closed(frame)) => {
                     let _ = self.flush_client(d, sent).await;
                     let code = frame.as_ref().map(|f| f.code);
-                    let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                    // Untrusted text: escaped once here for every log line and message.
+                    let reason = frame
+                        .map(|f| crate::telemetry::escape(&f.reason, 123))
+                        .unwrap_or_default();
                     return self.upstream_ended(d, code, &reason).await;
                 }
                 Some(PumpEvent::Failed(e)) => {
