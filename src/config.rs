@@ -269,10 +269,15 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Pooled connections (idle + busy + dialing) per account. Default 8.
     pub max_per_account: usize,
-    /// Pooled connections in total, dials in progress included. Default 256.
+    /// Upstream connections in total: pooled (dials in progress included) and one-shots.
+    /// Default 256.
     pub max_total: usize,
     /// Remembered recent evictions (so the next `new` says why). Default 1024.
     pub max_tombstones: usize,
+    /// A pooled connection that never completed a turn (its client upgraded and left) is
+    /// closed after this much idle time instead of `idle_timeout`. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub unused_idle_timeout: Duration,
     /// Keepalive: a ping after this much upstream silence; two intervals without anything
     /// heard evicts the connection. Runs while idle and during turns. Default `25s`.
     #[serde(with = "humantime_serde")]
@@ -303,6 +308,9 @@ pub struct RelayConfig {
     /// (its upstream connection is discarded). Default `30s`.
     #[serde(with = "humantime_serde")]
     pub client_write_timeout: Duration,
+    /// Bytes of client frames held behind an in-flight turn; more closes the session (1008).
+    /// Default `32MiB`.
+    pub max_queued_bytes: ByteSize,
 }
 
 /// Logging.
@@ -403,6 +411,7 @@ impl Default for PoolConfig {
             max_per_account: 8,
             max_total: 256,
             max_tombstones: 1024,
+            unused_idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(25),
             busy_wait: Duration::from_millis(250),
         }
@@ -418,6 +427,7 @@ impl Default for RelayConfig {
             read_buffer_size: ByteSize::kib(4),
             max_queued_frames: 16,
             client_write_timeout: Duration::from_secs(30),
+            max_queued_bytes: ByteSize::mib(32),
         }
     }
 }
@@ -536,6 +546,15 @@ impl Config {
         if let Err(msg) = self.upstream_http_base() {
             return invalid("upstream.http_url", msg);
         }
+        if self.relay.client_write_timeout.is_zero() {
+            return invalid(
+                "relay.client_write_timeout",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.relay.max_queued_bytes.as_u64() < 1024 {
+            return invalid("relay.max_queued_bytes", "must be at least 1KiB".into());
+        }
         let h = &self.http;
         if h.max_body_size.as_u64() < 1024 {
             return invalid("http.max_body_size", "must be at least 1KiB".into());
@@ -628,6 +647,9 @@ impl Config {
         }
         if p.idle_timeout.is_zero() {
             return invalid("pool.idle_timeout", "must be greater than 0".into());
+        }
+        if p.unused_idle_timeout.is_zero() {
+            return invalid("pool.unused_idle_timeout", "must be greater than 0".into());
         }
         if p.ping_interval < Duration::from_millis(10) {
             return invalid("pool.ping_interval", "must be at least 10ms".into());

@@ -164,3 +164,122 @@ async fn untrusted_text_reaches_the_log_escaped_on_one_line() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_mid_turn_is_closed_and_frees_its_slot() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.relay.client_write_timeout = Duration::from_millis(500);
+        c.relay.max_message_size = bytesize::ByteSize::kib(256);
+        c.pool.max_per_account = 1;
+    })
+    .await;
+    let conv = unique("stalled-reader");
+    let mut c = gw.connect(&conv).await;
+    // 100 MiB of deltas: far more than the socket buffers hold. Then never read again.
+    c.send_json(&wsgate::client::create_body(
+        Some(&conv),
+        "[[mock: deltas=25600, size=4096]]",
+        None,
+    ))
+    .await
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.gateway.resources().sessions
+            == 0)
+        .await,
+        "the session ended: {:?}",
+        gw.gateway.resources()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    gw.assert_quiescent("stalled reader").await;
+    assert_eq!(evictions(&conv), ["discarded"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || mock.open() == 0).await,
+        "upstream closed"
+    );
+    // Its pool slot is free: a victim's new conversation is pooled, not bypassed.
+    let victim = unique("victim");
+    gw.warm(&victim).await;
+    assert_eq!(decisions(&victim), ["new miss"]);
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn abandoned_upgrades_make_room_for_a_real_conversation() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| c.pool.max_per_account = 8).await;
+    // 8 upgrades with fresh ids, closed right after the 101: 8 dialed, pooled, never used.
+    for i in 0..8 {
+        let c = gw.connect(&unique(&format!("abandoned-{i}"))).await;
+        c.abort();
+    }
+    assert!(wait_until(Duration::from_secs(5), || gw.gateway.pool_stats().idle == 8).await);
+    let victim = unique("victim");
+    gw.warm(&victim).await;
+    assert_eq!(decisions(&victim), ["new miss"], "not bypass cap");
+    assert_eq!(log_lines(&["pool evict", "reason=lru"]).len(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unused_pooled_connections_are_not_kept_for_the_whole_idle_timeout() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.pool.unused_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let abandoned = unique("unused");
+    gw.connect(&abandoned).await.abort();
+    let used = unique("used");
+    gw.warm(&used).await;
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.gateway.pool_stats().idle == 1).await,
+        "only the unused one went: {:?}",
+        gw.gateway.pool_stats()
+    );
+    assert_eq!(evictions(&abandoned), ["idle_timeout"]);
+    assert!(evictions(&used).is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn held_frames_are_bounded_in_bytes() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
+    let conv = unique("held-bytes");
+    let mut c = gw.connect(&conv).await;
+    let before = gw.rss_kib();
+    c.send_json(&wsgate::client::create_body(
+        Some(&conv),
+        "[[mock: deltas=100, interval=20]]",
+        None,
+    ))
+    .await
+    .unwrap();
+    // 16 creates of 30 MiB each behind the turn in flight: the second passes 32 MiB.
+    let big = wsgate::client::create_body(Some(&conv), &"x".repeat(30 << 20), None).to_string();
+    let mut closed = None;
+    for _ in 0..16 {
+        if let Err(e) = c.send_text(&big).await {
+            closed = closed.or(e.close_code());
+            break;
+        }
+    }
+    loop {
+        match c.recv().await {
+            Ok(_) => continue,
+            Err(e) => {
+                closed = closed.or(e.close_code());
+                break;
+            }
+        }
+    }
+    assert_eq!(closed, Some(1008), "refused past relay.max_queued_bytes");
+    let grown_mib = gw.rss_kib().saturating_sub(before) / 1024;
+    // Documented bound: max_queued_bytes (32 MiB) + one message being read (32 MiB) + buffers.
+    assert!(grown_mib < 100, "RSS grew {grown_mib} MiB");
+    gw.settle().await;
+}

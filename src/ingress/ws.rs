@@ -31,26 +31,45 @@ use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 
 pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// The client socket as the engine's downstream: frames as they are.
-struct WsDown<'a>(&'a mut ClientWs);
+/// The client socket as the engine's downstream: frames as they are. Every write must make
+/// progress within `relay.client_write_timeout`, else the client counts as gone (a client
+/// that stops reading cannot pin its session, upstream connection and pool slot).
+struct WsDown<'a>(&'a mut ClientWs, std::time::Duration);
+
+impl WsDown<'_> {
+    async fn write<F: Future<Output = Result<(), tungstenite::Error>>>(
+        timeout: std::time::Duration,
+        write: F,
+    ) -> Result<(), ClientGone> {
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "client write failed");
+                Err(ClientGone)
+            }
+            Err(_) => {
+                crate::metrics::error("client_write_timeout");
+                info!(
+                    timeout = ?timeout,
+                    "client stopped reading (relay.client_write_timeout); session ended"
+                );
+                Err(ClientGone)
+            }
+        }
+    }
+}
 
 impl Downstream for WsDown<'_> {
     async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
-        self.0.feed(Message::Text(text)).await.map_err(|e| {
-            debug!(error = %e, "client write failed");
-            ClientGone
-        })
+        Self::write(self.1, self.0.feed(Message::Text(text))).await
     }
 
     async fn flush(&mut self) -> Result<(), ClientGone> {
-        self.0.flush().await.map_err(|_| ClientGone)
+        Self::write(self.1, self.0.flush()).await
     }
 
     async fn error(&mut self, event: serde_json::Value) -> Result<(), ClientGone> {
-        self.0
-            .send(Message::text(event.to_string()))
-            .await
-            .map_err(|_| ClientGone)
+        Self::write(self.1, self.0.send(Message::text(event.to_string()))).await
     }
 
     async fn closed(&mut self, code: u16, reason: &str) {
@@ -82,8 +101,11 @@ pub(crate) struct Session {
     gw: Arc<Shared>,
     client: ClientWs,
     engine: Engine,
-    /// Client frames held behind the turn in flight.
+    /// Client frames held behind the turn in flight, and their bytes.
     held: VecDeque<Utf8Bytes>,
+    held_bytes: usize,
+    /// `relay.client_write_timeout`.
+    write_timeout: std::time::Duration,
     /// The first-frame and turn-idle deadline; armed only when one of them applies.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// True once the client sent a frame.
@@ -97,6 +119,8 @@ impl Session {
             engine: Engine::new(gw.clone(), start),
             client,
             held: VecDeque::new(),
+            held_bytes: 0,
+            write_timeout: gw.config().relay.client_write_timeout,
             got_frame: false,
             gw,
         }
@@ -111,6 +135,7 @@ impl Session {
             if !self.engine.in_turn()
                 && let Some(text) = self.held.pop_front()
             {
+                self.held_bytes -= text.len();
                 if self.client_text(text).await == Flow::Stop {
                     break;
                 }
@@ -125,7 +150,7 @@ impl Session {
                     Flow::Stop
                 }
                 ev = self.engine.next_upstream() => {
-                    let flow = self.engine.upstream_event(&mut WsDown(&mut self.client), ev).await;
+                    let flow = self.engine.upstream_event(&mut WsDown(&mut self.client, self.write_timeout), ev).await;
                     if let Some(due) = self.engine.idle_deadline() {
                         self.timer.as_mut().reset(due);
                     }
@@ -163,7 +188,7 @@ impl Session {
             }
             Some(_) => {
                 self.engine
-                    .turn_idle_expired(&mut WsDown(&mut self.client))
+                    .turn_idle_expired(&mut WsDown(&mut self.client, self.write_timeout))
                     .await
             }
         }
@@ -237,24 +262,28 @@ impl Session {
                 return self.local_error(400, code, &e.to_string()).await;
             }
         };
-        let max_queued = self.gw.config().relay.max_queued_frames;
+        let relay = self.gw.config().relay.clone();
+        let max_queued = relay.max_queued_frames;
         // Creates wait for the turn in flight; side events too when something is held before
         // them, so nothing is reordered.
         if self.engine.in_turn() && (kind == Sent::Create || !self.held.is_empty()) {
-            if self.held.len() >= max_queued {
+            if self.held.len() >= max_queued
+                || self.held_bytes + text.len() > relay.max_queued_bytes.as_u64() as usize
+            {
                 crate::metrics::error("client_queue_full");
                 close_client(
                     &mut self.client,
                     close::client::POLICY,
-                    "too many frames queued behind the response in flight",
+                    "too many frames or bytes queued behind the response in flight",
                 )
                 .await;
                 return Flow::Stop;
             }
+            self.held_bytes += text.len();
             self.held.push_back(text);
             return Flow::Continue;
         }
-        let down = &mut WsDown(&mut self.client);
+        let down = &mut WsDown(&mut self.client, self.write_timeout);
         let flow = if kind == Sent::Create {
             self.engine
                 .start_turn(down, text, previous, cache_key)
@@ -280,7 +309,7 @@ impl Session {
     async fn local_error(&mut self, status: u16, code: &str, message: &str) -> Flow {
         debug!(status, code, message, "error event to client");
         let ev = crate::event::error_value(status, code, message);
-        match WsDown(&mut self.client).error(ev).await {
+        match WsDown(&mut self.client, self.write_timeout).error(ev).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
         }

@@ -165,6 +165,8 @@ pub enum EvictReason {
     /// Poisoned: the turn did not end cleanly (e.g. the client left mid-turn).
     Discarded,
     Shutdown,
+    /// A cap was reached: the least recently used idle connection made room for a new key.
+    Lru,
 }
 
 impl fmt::Display for Decision {
@@ -220,6 +222,7 @@ impl fmt::Display for EvictReason {
             EvictReason::Dead => "dead",
             EvictReason::Discarded => "discarded",
             EvictReason::Shutdown => "shutdown",
+            EvictReason::Lru => "lru",
         })
     }
 }
@@ -229,9 +232,10 @@ impl EvictReason {
     fn next_new_reason(self) -> NewReason {
         match self {
             EvictReason::MaxAge => NewReason::Expired,
-            EvictReason::Close1012 | EvictReason::Close1013 | EvictReason::AccountChanged => {
-                NewReason::Evicted
-            }
+            EvictReason::Close1012
+            | EvictReason::Close1013
+            | EvictReason::AccountChanged
+            | EvictReason::Lru => NewReason::Evicted,
             EvictReason::Dead => NewReason::Dead,
             EvictReason::Discarded => NewReason::Discarded,
             EvictReason::IdleTimeout | EvictReason::Shutdown => NewReason::Miss,
@@ -583,6 +587,9 @@ impl<C: PoolConn> Pool<C> {
     ) -> (Decision, Option<Pooled<C>>) {
         let hint = opts.hint;
         let inner = &self.inner;
+        if !inner.slots.contains_key(&key) {
+            inner.make_room(&key.account, limits, opts.account_cap);
+        }
         // Connections taken out of the pool are dropped after the shard lock is released.
         let mut doomed: Option<C> = None;
         let outcome = match inner.slots.entry(key.clone()) {
@@ -750,7 +757,8 @@ impl<C: PoolConn> Pool<C> {
     /// The reaper's period for the current limits.
     pub fn reap_interval(&self) -> Duration {
         let l = self.inner.limits();
-        (l.idle_timeout.min(l.max_age) / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+        (l.idle_timeout.min(l.max_age).min(l.unused_idle_timeout) / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1))
     }
 
     fn downgrade(&self) -> Weak<Inner<C>> {
@@ -861,19 +869,55 @@ impl<C: PoolConn> Inner<C> {
         drop(doomed);
     }
 
+    /// When a new key of `account` finds a cap reached, evicts the least recently used idle
+    /// connection to make room (`pool evict reason=lru`): of the same account when its cap
+    /// binds, of any account when `max_total` does. Connections that never completed a turn
+    /// (their client upgraded and left) go first.
+    fn make_room(&self, account: &AccountId, limits: &PoolConfig, account_cap: Option<usize>) {
+        let per_account = self
+            .per_account
+            .lock()
+            .ok()
+            .and_then(|p| p.get(account).copied())
+            .unwrap_or(0);
+        let account_full = per_account >= account_cap.unwrap_or(limits.max_per_account);
+        let total_full = self.total.load(Ordering::Acquire) >= limits.max_total;
+        if !account_full && !total_full {
+            return;
+        }
+        let victim = self
+            .slots
+            .iter()
+            .filter(|e| !account_full || &e.key().account == account)
+            .filter_map(|e| match e.value().state {
+                SlotState::Idle { since, .. } => {
+                    Some((served(e.value()) > 0, since, e.key().clone()))
+                }
+                _ => None,
+            })
+            .min_by_key(|(proven, since, _)| (*proven, *since))
+            .map(|(_, _, key)| key);
+        if let Some(key) = victim {
+            self.evict_idle_if(&key, |_, _| Some(EvictReason::Lru));
+        }
+    }
+
     fn reap(&self, now: Instant) {
         let limits = self.limits().clone();
-        let keys: Vec<PoolKey> = self
+        let keys: Vec<(PoolKey, bool)> = self
             .slots
             .iter()
             .filter(|e| matches!(e.value().state, SlotState::Idle { .. }))
-            .map(|e| e.key().clone())
+            .map(|e| (e.key().clone(), served(e.value()) == 0))
             .collect();
-        for key in keys {
+        for (key, unused) in keys {
             self.evict_idle_if(&key, |conn, since| {
+                let idle = now.saturating_duration_since(since);
                 if now.saturating_duration_since(conn.created_at()) >= limits.max_age {
                     Some(EvictReason::MaxAge)
-                } else if now.saturating_duration_since(since) >= limits.idle_timeout {
+                } else if idle >= limits.idle_timeout
+                    || (unused && idle >= limits.unused_idle_timeout)
+                {
                     Some(EvictReason::IdleTimeout)
                 } else {
                     match conn.check_idle() {
@@ -947,6 +991,14 @@ impl<C: PoolConn> Inner<C> {
         }
         drop(doomed);
     }
+}
+
+/// Turns a slot's connection completed (connections without shared facts count as used).
+fn served<C>(slot: &Slot<C>) -> u64 {
+    slot.meta
+        .as_ref()
+        .map(|m| m.turns.load(Ordering::Relaxed))
+        .unwrap_or(1)
 }
 
 fn log_evict(reason: EvictReason, key: &PoolKey, conn_id: u64) {
