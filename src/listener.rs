@@ -91,22 +91,46 @@ pub async fn serve_http<L>(
             _ = &mut stop => break,
         };
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
+        let activity = ConnActivity::new(slot);
+        let service = hyper::service::service_fn({
+            let activity = activity.clone();
+            move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(activity.clone());
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let stopping = stopping.clone();
+        let timeout = limits.timeout;
         connections.spawn(async move {
-            let _slot = slot;
             tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stopping.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            // The connection's deadline: the head read, the response write and the keep-alive
+            // idle all fall under it; it is suspended while a turn runs on the connection.
+            let mut deadline = tokio::time::Instant::now() + timeout;
+            let result = loop {
+                let changed = activity.0.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let busy = activity.turns() > 0;
+                tokio::select! {
+                    result = conn.as_mut() => break result,
+                    _ = stopping.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    _ = tokio::time::sleep_until(deadline), if !busy => {
+                        crate::metrics::error("handshake_timeout");
+                        debug!(client.addr = %peer, "HTTP connection deadline passed; closed");
+                        break Ok(());
+                    }
+                    _ = changed => {
+                        if activity.turns() == 0 {
+                            deadline = tokio::time::Instant::now() + timeout;
+                        }
+                    }
                 }
             };
             match result {
@@ -146,6 +170,61 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// A connection's activity, shared with its requests (a request extension). A non-upgraded
+/// connection lives under a deadline (`limits.handshake_timeout`: head read, response write,
+/// keep-alive idle), so clients that pipeline requests and never read cannot hold a handshake
+/// slot; an HTTP turn (or an upgrade's dial, or a relay) suspends it with [`ConnActivity::turn`],
+/// and the first one hands the handshake slot back (the turn counts against the session
+/// limits instead).
+#[derive(Clone)]
+pub struct ConnActivity(Arc<ActivityInner>);
+
+struct ActivityInner {
+    turns: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+    /// The `limits.max_handshakes` permit, until the first turn.
+    slot: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl ConnActivity {
+    fn new(slot: tokio::sync::OwnedSemaphorePermit) -> ConnActivity {
+        ConnActivity(Arc::new(ActivityInner {
+            turns: Default::default(),
+            changed: tokio::sync::Notify::new(),
+            slot: std::sync::Mutex::new(Some(slot)),
+        }))
+    }
+
+    fn turns(&self) -> usize {
+        self.0.turns.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A turn starts on this connection: its deadline waits until the guard drops.
+    pub fn turn(&self) -> TurnGuard {
+        self.0
+            .turns
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Ok(mut slot) = self.0.slot.lock() {
+            slot.take();
+        }
+        self.0.changed.notify_waiters();
+        TurnGuard(self.clone())
+    }
+}
+
+/// Suspends its connection's deadline while alive.
+pub struct TurnGuard(ConnActivity);
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        self.0
+            .0
+            .turns
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.0.changed.notify_waiters();
+    }
 }
 
 /// Builds the server TLS config from PEM files (ring provider, HTTP/1.1 ALPN).

@@ -456,6 +456,12 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
         Ok(a) => a,
         Err(r) => return r,
     };
+    // Admitted: the upstream dial before the 101 suspends the connection's deadline (the dial
+    // has its own).
+    let _conn_turn = req
+        .extensions()
+        .get::<crate::listener::ConnActivity>()
+        .map(|a| a.turn());
     match check_upgrade(req.method(), headers) {
         Ok(()) => {}
         Err(BadUpgrade::NotWebSocket) => {

@@ -283,3 +283,67 @@ async fn held_frames_are_bounded_in_bytes() {
     assert!(grown_mib < 100, "RSS grew {grown_mib} MiB");
     gw.settle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_non_readers_cannot_hold_the_listener() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.handshake_timeout = Duration::from_secs(1);
+        c.limits.max_handshakes = 4;
+    })
+    .await;
+    let addr = gw.addr;
+    // 8 clients pipeline 8 MiB of `GET /healthz` and never read an answer: the answers fill
+    // the socket buffers and the gateway's writes stall.
+    let started = tokio::time::Instant::now();
+    let attackers: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let one = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+                let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * 2048).collect();
+                let mut sent = 0;
+                while sent < 8 << 20 {
+                    match tokio::time::timeout(Duration::from_secs(10), s.write_all(&chunk)).await {
+                        Ok(Ok(())) => sent += chunk.len(),
+                        // Closed by the gateway (reset), or stuck for 10 s (the bug).
+                        Ok(Err(_)) => return Some(started.elapsed()),
+                        Err(_) => return None,
+                    }
+                }
+                // Everything was written: wait (without reading) for the close.
+                closed_within(&mut s, Duration::from_secs(10))
+                    .await
+                    .map(|_| started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A health check and a real session are still served.
+    let served = tokio::time::timeout(Duration::from_secs(4), async {
+        assert_eq!(http_get(addr, "/healthz", None).await.0, 200);
+        let conv = unique("after-attack");
+        let mut c = gw.connect(&conv).await;
+        let t = c
+            .turn(&wsgate::client::create_body(Some(&conv), "hi", None))
+            .await
+            .unwrap();
+        assert!(t.is_completed());
+        c.close().await;
+    })
+    .await;
+    assert!(served.is_ok(), "the listener kept serving");
+    for a in attackers {
+        let closed = a.await.unwrap().expect("the attacker was disconnected");
+        assert!(closed < Duration::from_secs(4), "closed after {closed:?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || gw
+            .gateway
+            .resources()
+            .http_connections
+            == 0)
+        .await
+    );
+    gw.stop().await;
+}

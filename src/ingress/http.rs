@@ -136,6 +136,11 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
         Ok(a) => a,
         Err(r) => return r,
     };
+    // Admitted: the connection's deadline waits while this runs (body read included).
+    let conn_turn = parts
+        .extensions
+        .get::<crate::listener::ConnActivity>()
+        .map(|a| a.turn());
     let config = shared.config();
     let max_frame = config.relay.max_message_size.as_u64() as usize;
     let bytes = match crate::ingress::body::read(
@@ -210,6 +215,7 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
         keepalive: config.http.sse_keepalive,
         gone,
         _permits: permits,
+        _conn_turn: conn_turn,
     };
     let codex = parts.headers.contains_key("originator");
     let write_timeout = config.relay.client_write_timeout;
@@ -268,6 +274,8 @@ struct Turn {
         tokio::sync::OwnedSemaphorePermit,
         Option<tokio::sync::OwnedSemaphorePermit>,
     ),
+    /// Suspends the HTTP connection's deadline for the turn's life.
+    _conn_turn: Option<crate::listener::TurnGuard>,
 }
 
 /// What the turn task needs of an HTTP downstream beyond [`Downstream`].

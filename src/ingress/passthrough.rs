@@ -71,6 +71,11 @@ async fn relay(
         Ok(a) => a,
         Err(r) => return r,
     };
+    // Admitted: the connection's deadline waits while this runs (body read included).
+    let _conn_turn = parts
+        .extensions
+        .get::<crate::listener::ConnActivity>()
+        .map(|a| a.turn());
     let config = shared.config();
     let body = if method == Method::POST {
         match crate::ingress::body::read(
