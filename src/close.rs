@@ -39,6 +39,8 @@ pub fn upstream_ended(code: Option<CloseCode>, in_turn: bool) -> Disposition {
 
 /// Close codes the gateway sends to clients.
 pub mod client {
+    /// The client broke the WebSocket protocol (reserved bits, unmasked frames, bad opcodes).
+    pub const PROTOCOL: u16 = 1002;
     /// Client sent a binary frame.
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// Too many frames queued behind an in-flight turn.

@@ -347,3 +347,108 @@ async fn pipelining_non_readers_cannot_hold_the_listener() {
     );
     gw.stop().await;
 }
+
+/// A masked text frame header declaring `len` payload bytes, and the first payload byte.
+fn frame_header_declaring(len: u64) -> Vec<u8> {
+    let mut f = vec![0x81, 0x80 | 127];
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[1, 2, 3, 4]); // mask key
+    f.push(b'{' ^ 1);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_frame_lengths_reserve_nothing() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED declared_frame_lengths_reserve_nothing: prlimit is not installed !!!!!!!!\n"
+        );
+        return;
+    }
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = test_yaml(
+        &mock.url(),
+        &["acct-a"],
+        "limits:\n  max_connections_per_client: 0\n",
+    );
+    // 2 GiB of address space: 500 reservations of 32 MiB would need 16 GiB.
+    let gw = GatewayProcess::start_wrapped(
+        &yaml,
+        &[("RUST_LOG", "info")],
+        &["prlimit", "--as=2147483648", "--"],
+    );
+    let addr = gw.addr;
+    let baseline = gw.rss_kib();
+    let mut attackers = Vec::new();
+    for _ in 0..500 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // An upgrade without a conversation id (nothing is dialed), then one frame header
+        // declaring 32 MiB and a single payload byte.
+        let head = raw_upgrade("x").replace("session-id: x\r\n", "");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+        s.write_all(&frame_header_declaring(32 << 20))
+            .await
+            .unwrap();
+        attackers.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = gw.rss_kib();
+    // A normal turn completes beside them: the process is alive.
+    let conv = unique("beside-frames");
+    let mut c = gw.connect(&conv).await;
+    let t = c
+        .turn(&wsgate::client::create_body(Some(&conv), "hi", None))
+        .await
+        .unwrap();
+    assert!(t.is_completed());
+    c.close().await;
+    assert!(
+        held.saturating_sub(baseline) < 100 * 1024,
+        "500 declared 32 MiB frames held {} MiB",
+        held.saturating_sub(baseline) / 1024
+    );
+    drop(attackers);
+    let status = gw.settle().await;
+    assert_eq!(status["sessions_active"], 0);
+    let after = gw.rss_kib();
+    assert!(
+        after.saturating_sub(baseline) < 64 * 1024,
+        "RSS back near its baseline: {baseline} -> {after} KiB"
+    );
+}
+
+#[tokio::test]
+async fn protocol_violations_get_a_1002_close_frame() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    for bad in [
+        // RSV1 set on a text frame (no extension was negotiated).
+        vec![0xC1, 0x80 | 2, 1, 2, 3, 4, b'{' ^ 1, b'}' ^ 2],
+        // An unmasked client frame.
+        vec![0x81, 2, b'{', b'}'],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = raw_upgrade("x").replace("session-id: x\r\n", "");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+        s.write_all(&bad).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n >= 4, "a close frame, not a bare TCP close");
+        assert_eq!(buf[0], 0x88, "close opcode: {:?}", &buf[..n]);
+        assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1002);
+    }
+    gw.assert_quiescent("protocol violations").await;
+    gw.stop().await;
+}

@@ -218,6 +218,13 @@ impl Session {
                 close_client(&mut self.client, close::client::TOO_BIG, &reason).await;
                 Flow::Stop
             }
+            Some(Err(tungstenite::Error::Protocol(e))) => {
+                // RFC 6455 §7.4.1: 1002 for a protocol error, while a close frame can be sent.
+                crate::metrics::error("client_protocol_error");
+                let reason = format!("protocol error: {e}");
+                close_client(&mut self.client, close::client::PROTOCOL, &reason).await;
+                Flow::Stop
+            }
             Some(Err(tungstenite::Error::Utf8(_))) => {
                 close_client(&mut self.client, 1007, "text frame is not valid UTF-8").await;
                 Flow::Stop

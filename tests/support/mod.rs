@@ -360,11 +360,25 @@ impl GatewayProcess {
     }
 
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> GatewayProcess {
+        Self::start_wrapped(yaml, env, &[])
+    }
+
+    /// Starts the gateway under `wrapper` (e.g. `prlimit --as=...`), with `env`.
+    pub fn start_wrapped(yaml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> GatewayProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        let bin = env!("CARGO_BIN_EXE_wsgate");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        let mut child = cmd
             .args(["--config", path.to_str().unwrap(), "run"])
             .env("TEST_CLIENT_KEY", CLIENT_KEY)
             .env("KEY_ACCT_A", "sk-acct-a")
