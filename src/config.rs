@@ -206,6 +206,10 @@ pub struct LimitsConfig {
     /// Largest HTTP request head (request line + headers) accepted; larger gets HTTP 431.
     /// Default `64KiB`.
     pub max_header_size: ByteSize,
+    /// A WebSocket frame that started arriving must be complete within this (checked every
+    /// interval, so it is closed within twice this); else close 1008. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
     /// A new session must send its first frame within this; else close 1008. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub first_frame_timeout: Duration,
@@ -228,6 +232,7 @@ impl Default for LimitsConfig {
             max_handshakes: 1024,
             max_header_size: ByteSize::kib(64),
             first_frame_timeout: Duration::from_secs(60),
+            frame_timeout: Duration::from_secs(60),
             turn_idle_timeout: Duration::from_secs(300),
             allowed_origins: Vec::new(),
         }
@@ -545,6 +550,9 @@ impl Config {
         }
         if let Err(msg) = self.upstream_http_base() {
             return invalid("upstream.http_url", msg);
+        }
+        if self.limits.frame_timeout < Duration::from_millis(10) {
+            return invalid("limits.frame_timeout", "must be at least 10ms".into());
         }
         if self.relay.client_write_timeout.is_zero() {
             return invalid(

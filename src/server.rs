@@ -616,13 +616,10 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
             let _permits = (slot, client_slot);
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(ws_config),
-                    )
-                    .await;
-                    Session::new(shared, ws, start).run().await;
+                    let (io, read) = crate::ingress::ws::Counted::new(TokioIo::new(upgraded));
+                    let ws =
+                        WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+                    Session::new(shared, ws, read, start).run().await;
                 }
                 // The client went away before the upgrade completed: `start` drops, and with it
                 // the upstream, which goes back to the pool (it is clean).

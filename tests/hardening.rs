@@ -452,3 +452,45 @@ async fn protocol_violations_get_a_1002_close_frame() {
     gw.assert_quiescent("protocol violations").await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_frame_that_never_completes_is_cut_at_its_deadline() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.frame_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = raw_upgrade("x").replace("session-id: x\r\n", "");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    // A 1 MiB frame, of which one byte arrives.
+    s.write_all(&frame_header_declaring(1 << 20)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed by its deadline")
+        .unwrap();
+    assert!(n >= 4 && buf[0] == 0x88, "a close frame: {:?}", &buf[..n]);
+    assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1008);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(s);
+    // An idle session that sends nothing is left alone (first_frame_timeout is 60 s).
+    let idle = gw.connect_without_conversation().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.gateway.resources().sessions
+            == 1)
+        .await,
+        "the idle session is still there, the cut one is gone: {:?}",
+        gw.gateway.resources()
+    );
+    drop(idle);
+    gw.stop().await;
+}

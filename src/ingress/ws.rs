@@ -29,7 +29,67 @@ use crate::gateway::Shared;
 use crate::turn::Sent;
 use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 
-pub(crate) type ClientWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type ClientWs = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// The client socket, counting the bytes it delivers: a session compares the count at each
+/// complete message with the count now to see a frame that started and never finished.
+pub(crate) struct Counted<S> {
+    inner: S,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S) -> (Counted<S>, Arc<std::sync::atomic::AtomicU64>) {
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (
+            Counted {
+                inner,
+                read: read.clone(),
+            },
+            read,
+        )
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// The client socket as the engine's downstream: frames as they are. Every write must make
 /// progress within `relay.client_write_timeout`, else the client counts as gone (a client
@@ -110,11 +170,30 @@ pub(crate) struct Session {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// True once the client sent a frame.
     got_frame: bool,
+    /// Bytes the client socket delivered so far, and at the end of the last message.
+    read: Arc<std::sync::atomic::AtomicU64>,
+    read_at_message: u64,
+    /// Checks for a frame that started and did not finish (`limits.frame_timeout`).
+    frame_check: tokio::time::Interval,
+    /// A partial frame was seen at the last check.
+    partial: bool,
 }
 
 impl Session {
-    pub fn new(gw: Arc<Shared>, client: ClientWs, start: EngineStart) -> Session {
+    pub fn new(
+        gw: Arc<Shared>,
+        client: ClientWs,
+        read: Arc<std::sync::atomic::AtomicU64>,
+        start: EngineStart,
+    ) -> Session {
+        let every = gw.config().limits.frame_timeout;
+        let mut frame_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        frame_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Session {
+            read,
+            read_at_message: 0,
+            frame_check,
+            partial: false,
             timer: Box::pin(tokio::time::sleep(gw.config().limits.first_frame_timeout)),
             engine: Engine::new(gw.clone(), start),
             client,
@@ -158,6 +237,7 @@ impl Session {
                 }
                 msg = self.client.next() => self.client_message(msg).await,
                 _ = &mut self.timer, if timed => self.on_timer().await,
+                _ = self.frame_check.tick() => self.check_partial_frame().await,
             };
             if flow == Flow::Stop {
                 break;
@@ -194,7 +274,28 @@ impl Session {
         }
     }
 
+    /// A frame that started arriving must finish within `limits.frame_timeout` (the bytes it
+    /// holds are released only when it completes): two checks in a row that see bytes beyond
+    /// the last complete message, with no message in between, close the session (1008).
+    async fn check_partial_frame(&mut self) -> Flow {
+        let pending = self.read.load(Ordering::Relaxed) > self.read_at_message;
+        if pending && self.partial {
+            crate::metrics::error("client_frame_timeout");
+            let reason = format!(
+                "a frame did not complete within {:?} (limits.frame_timeout)",
+                self.gw.config().limits.frame_timeout
+            );
+            close_client(&mut self.client, close::client::POLICY, &reason).await;
+            return Flow::Stop;
+        }
+        self.partial = pending;
+        Flow::Continue
+    }
+
     async fn client_message(&mut self, msg: Option<Result<Message, tungstenite::Error>>) -> Flow {
+        // A complete message (or the end): what was read so far is accounted for.
+        self.read_at_message = self.read.load(Ordering::Relaxed);
+        self.partial = false;
         match msg {
             Some(Ok(Message::Text(text))) => {
                 self.got_frame = true;
