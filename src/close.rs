@@ -49,6 +49,8 @@ pub mod client {
     pub const TOO_BIG: u16 = 1009;
     /// The gateway is shutting down; reconnect elsewhere.
     pub const RESTART: u16 = 1012;
+    /// The gateway cannot take this now (its buffer budget is exhausted); try again later.
+    pub const TRY_AGAIN: u16 = 1013;
 }
 
 #[cfg(test)]

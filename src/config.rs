@@ -203,6 +203,9 @@ pub struct LimitsConfig {
     /// Connections in their handshake (TLS or HTTP, not yet a WebSocket session) at once,
     /// health checks and scrapes included; more wait in the accept backlog. Default 1024.
     pub max_handshakes: usize,
+    /// Bytes buffered for all clients together (held WebSocket frames, decoded HTTP request
+    /// bodies); past it new work is refused (close 1013, HTTP 503). Default `1GiB`.
+    pub max_buffered_bytes: ByteSize,
     /// Largest HTTP request head (request line + headers) accepted; larger gets HTTP 431.
     /// Default `64KiB`.
     pub max_header_size: ByteSize,
@@ -231,6 +234,7 @@ impl Default for LimitsConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             max_header_size: ByteSize::kib(64),
+            max_buffered_bytes: ByteSize::gib(1),
             first_frame_timeout: Duration::from_secs(60),
             frame_timeout: Duration::from_secs(60),
             turn_idle_timeout: Duration::from_secs(300),

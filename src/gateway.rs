@@ -64,11 +64,60 @@ pub(crate) struct Shared {
     pub listener_tls: Option<Arc<rustls::ServerConfig>>,
     /// One permit per client session (`limits.max_client_connections`).
     pub client_slots: Arc<tokio::sync::Semaphore>,
+    /// Buffered bytes across all clients (`limits.max_buffered_bytes`).
+    pub buffered: Arc<Budget>,
     /// Sessions per client key name (`limits.max_connections_per_client`); bounded by the
     /// number of configured client keys.
     per_client: dashmap::DashMap<String, Arc<tokio::sync::Semaphore>>,
     /// The pool's reaper, stopped with the gateway.
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+/// A gateway-wide budget of buffered bytes (`limits.max_buffered_bytes`): client frames held
+/// behind a turn and decoded HTTP request bodies take leases; past the budget new work is
+/// refused (WebSocket close 1013, HTTP 503) instead of the process growing.
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+/// Bytes taken from the [`Budget`] until dropped.
+pub struct BudgetLease {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Takes `bytes`, or `None` if that would pass the budget.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> Option<BudgetLease> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + bytes <= self.limit).then_some(u + bytes)
+            })
+            .ok()?;
+        Some(BudgetLease {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes leased now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for BudgetLease {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// What the gateway holds right now. Between sessions, everything but the idle pooled
@@ -91,6 +140,8 @@ pub struct Resources {
     pub pool_dialing: usize,
     /// The per-account reservation counts, summed (must equal `pool_reserved`).
     pub pool_reserved_by_account: usize,
+    /// Bytes leased from `limits.max_buffered_bytes` (zero between sessions).
+    pub buffered_bytes: usize,
     /// Entries of the per-account map (none at zero: at most one per reserved slot).
     pub pool_account_entries: usize,
 }
@@ -108,6 +159,7 @@ impl Resources {
             && self.pool_reserved_by_account == self.pool_reserved
             && self.pool_account_entries <= self.pool_reserved
             && self.upstream_pumps == self.pool_idle
+            && self.buffered_bytes == 0
     }
 }
 
@@ -138,6 +190,7 @@ impl Gateway {
     pub fn new(config: Config, secrets: Secrets) -> Result<Gateway, StartError> {
         config.validate()?;
         let max_clients = config.limits.max_client_connections;
+        let buffered_limit = config.limits.max_buffered_bytes.as_u64() as usize;
         let listener_tls = match &config.tls {
             Some(t) => Some(crate::listener::server_config(&t.cert_file, &t.key_file)?),
             None => None,
@@ -171,6 +224,7 @@ impl Gateway {
                 admin_key: RwLock::new(secrets.admin.as_ref().map(|k| k.as_bytes().to_vec())),
                 admin_addr: std::sync::Mutex::new(None),
                 client_slots: Arc::new(tokio::sync::Semaphore::new(max_clients)),
+                buffered: Budget::new(buffered_limit),
                 listener_tls,
                 per_client: dashmap::DashMap::new(),
                 _reaper: tokio_util::task::AbortOnDropHandle::new(reaper),
@@ -206,6 +260,7 @@ impl Gateway {
             pool_busy: pool.busy,
             pool_dialing: pool.dialing,
             pool_reserved_by_account: pool.reserved_by_account,
+            buffered_bytes: shared.buffered.used(),
             pool_account_entries: pool.account_entries,
         }
     }

@@ -1,5 +1,5 @@
-//! Soak (issue 6, item 3): thousands of sessions against the gateway binary, each with a
-//! random fault, bounded in count and time. Afterwards the gateway's RSS is within a small
+//! Soak (issue 6, item 3; issue 13's attackers beside them): thousands of sessions against
+//! the gateway binary, each with a random fault, bounded in count and time. Afterwards the gateway's RSS is within a small
 //! margin of its post-warm-up value and its sessions, session tasks, HTTP connections, busy
 //! and dialing slots and stray upstream pumps are back to zero. `SOAK_SESSIONS=50000 cargo test --test soak` runs longer.
 
@@ -177,6 +177,80 @@ async fn phase(
     (count, failures)
 }
 
+/// Issue 13's attackers, beside the soak's sessions, `rounds` times each: a client that
+/// pipelines `GET /healthz` and never reads, one that declares a whole frame and sends one byte,
+/// one that stops reading mid-turn, and an upgrade abandoned right after its 101. Every one of
+/// them must be cut by its deadline; none may leave anything behind.
+async fn attackers(addr: std::net::SocketAddr, run: Arc<String>, rounds: u64) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut launched = 0;
+    let mut held = Vec::new();
+    for r in 0..rounds {
+        let conv = format!("{run}-{}", r % CONVERSATIONS);
+        // Pipelining non-reader.
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let one = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+            let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+            held.push(tokio::spawn(async move {
+                for _ in 0..32 {
+                    if tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk))
+                        .await
+                        .map_or(true, |w| w.is_err())
+                    {
+                        break;
+                    }
+                }
+                let _ = closed_within(&mut s, Duration::from_secs(10)).await;
+            }));
+            launched += 1;
+        }
+        // A declared 256 KiB frame with one byte of it.
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let head = raw_upgrade("x").replace("session-id: x\r\n", "");
+            let _ = s.write_all(head.as_bytes()).await;
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await;
+            let mut f = vec![0x81, 0x80 | 127];
+            f.extend_from_slice(&(256u64 << 10).to_be_bytes());
+            f.extend_from_slice(&[1, 2, 3, 4, b'{' ^ 1]);
+            let _ = s.write_all(&f).await;
+            held.push(tokio::spawn(async move {
+                let _ = closed_within(&mut s, Duration::from_secs(10)).await;
+            }));
+            launched += 1;
+        }
+        // A client that stops reading mid-turn (4 MiB of deltas).
+        let headers = [
+            ("authorization", "Bearer test-client-key"),
+            ("session-id", conv.as_str()),
+        ];
+        if let Ok(mut c) = Client::connect(&format!("ws://{addr}/v1/responses"), &headers).await {
+            let _ = c
+                .send_json(&create_body(
+                    Some(&conv),
+                    "[[mock: deltas=1000, size=4096]]",
+                    None,
+                ))
+                .await;
+            held.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                drop(c);
+            }));
+            launched += 1;
+        }
+        // An upgrade abandoned right after its 101.
+        if let Ok(c) = Client::connect(&format!("ws://{addr}/v1/responses"), &headers).await {
+            c.abort();
+            launched += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for h in held {
+        let _ = h.await;
+    }
+    launched
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_random_faults_leaks_nothing() {
     init();
@@ -184,7 +258,7 @@ async fn soak_with_random_faults_leaks_nothing() {
     let yaml = test_yaml(
         &mock.url(),
         &["acct-a"],
-        "pool:\n  max_per_account: 1000\n  busy_wait: 20ms\nrelay:\n  max_message_size: 256KiB\nlimits:\n  turn_idle_timeout: 500ms\n  first_frame_timeout: 5s\nlog:\n  level: warn\n",
+        "pool:\n  max_per_account: 1000\n  busy_wait: 20ms\nrelay:\n  max_message_size: 256KiB\n  client_write_timeout: 1s\nlimits:\n  turn_idle_timeout: 500ms\n  first_frame_timeout: 5s\n  frame_timeout: 500ms\n  handshake_timeout: 2s\n  max_connections_per_client: 0\nlog:\n  level: warn\n",
     );
     let gw = GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "warn,wsgate::server=info")]);
     let url = Arc::new(gw.url());
@@ -201,7 +275,10 @@ async fn soak_with_random_faults_leaks_nothing() {
     let warm = gw.settle().await;
     let baseline = gw.rss_kib();
 
+    let attack = tokio::spawn(attackers(gw.addr, run.clone(), 10));
     let (count, failures) = phase(url.clone(), run.clone(), total, 32, 42).await;
+    let attacked = attack.await.unwrap();
+    assert!(attacked >= 30, "attackers ran: {attacked}");
     assert!(
         failures.is_empty(),
         "{} of {count} sessions had no clear answer, e.g. {:?}",

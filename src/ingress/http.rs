@@ -158,6 +158,16 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
             return json_error(status, e.code(), &e.to_string());
         }
     };
+    // The decoded body is buffered for the turn's life (kept for a replay): it takes its
+    // bytes from the gateway-wide budget.
+    let Some(body_lease) = shared.buffered.take(bytes.len()) else {
+        crate::metrics::error("buffer_budget_exhausted");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "buffer_budget_exhausted",
+            "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again",
+        );
+    };
     let create = match parse_create(&bytes, max_frame) {
         Ok(c) => c,
         Err(r) => return r,
@@ -216,6 +226,7 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
         gone,
         _permits: permits,
         _conn_turn: conn_turn,
+        _body: body_lease,
     };
     let codex = parts.headers.contains_key("originator");
     let write_timeout = config.relay.client_write_timeout;
@@ -276,6 +287,8 @@ struct Turn {
     ),
     /// Suspends the HTTP connection's deadline for the turn's life.
     _conn_turn: Option<crate::listener::TurnGuard>,
+    /// The request's bytes in the gateway-wide budget.
+    _body: crate::gateway::BudgetLease,
 }
 
 /// What the turn task needs of an HTTP downstream beyond [`Downstream`].

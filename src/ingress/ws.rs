@@ -161,8 +161,9 @@ pub(crate) struct Session {
     gw: Arc<Shared>,
     client: ClientWs,
     engine: Engine,
-    /// Client frames held behind the turn in flight, and their bytes.
-    held: VecDeque<Utf8Bytes>,
+    /// Client frames held behind the turn in flight (each with its lease of the gateway's
+    /// byte budget), and their bytes.
+    held: VecDeque<(Utf8Bytes, crate::gateway::BudgetLease)>,
     held_bytes: usize,
     /// `relay.client_write_timeout`.
     write_timeout: std::time::Duration,
@@ -212,7 +213,7 @@ impl Session {
         debug!("session started");
         loop {
             if !self.engine.in_turn()
-                && let Some(text) = self.held.pop_front()
+                && let Some((text, _lease)) = self.held.pop_front()
             {
                 self.held_bytes -= text.len();
                 if self.client_text(text).await == Flow::Stop {
@@ -387,8 +388,18 @@ impl Session {
                 .await;
                 return Flow::Stop;
             }
+            let Some(lease) = self.gw.buffered.take(text.len()) else {
+                crate::metrics::error("buffer_budget_exhausted");
+                close_client(
+                    &mut self.client,
+                    close::client::TRY_AGAIN,
+                    "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again",
+                )
+                .await;
+                return Flow::Stop;
+            };
             self.held_bytes += text.len();
-            self.held.push_back(text);
+            self.held.push_back((text, lease));
             return Flow::Continue;
         }
         let down = &mut WsDown(&mut self.client, self.write_timeout);
