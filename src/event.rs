@@ -226,7 +226,7 @@ pub fn error_value(status: u16, code: &str, message: &str) -> serde_json::Value 
 /// The `error` event a client gets when no account can take its turn: status 429 with
 /// `error.type: usage_limit_reached`, the upstream's `code` (or `all_accounts_unavailable`),
 /// and when the first account frees up as `resets_in_seconds` and `resets_at` (unix seconds),
-/// so Codex prints "Try again at <time>" (it never retries a 429).
+/// so Codex prints "Try again at `<time>`" (it never retries a 429).
 pub fn limit_error(code: &str, retry_after: Option<std::time::Duration>) -> serde_json::Value {
     let message = match retry_after {
         Some(d) => format!(

@@ -2,8 +2,8 @@
 //! One request is one turn of the [`Engine`] on the same pool, keys, decisions and failure
 //! policy as a WebSocket turn; this module only encodes what the engine yields:
 //!
-//! - `stream: true`: `text/event-stream`, each upstream frame as `event: <type>` + `data:
-//!   <frame bytes verbatim>`, in order, no `[DONE]`; the body ends right after the turn's
+//! - `stream: true`: `text/event-stream`, each upstream frame as `event: <type>` +
+//!   `data: <frame bytes verbatim>`, in order, no `[DONE]`; the body ends right after the turn's
 //!   terminal event. Keepalives while silent (`codex.keepalive` events for Codex, comments for
 //!   others). Before the first byte a failure is an HTTP status with an OpenAI-shaped body;
 //!   after it, one `response.failed` with code `stream_disconnected`, never a fabricated

@@ -1,10 +1,10 @@
 //! How client requests enter: each ingress is an adapter that turns its transport into turns
-//! for the [`Engine`](crate::turn::engine::Engine) and encodes what the engine yields.
+//! for the turn `Engine` (`turn::engine`) and encodes what the engine yields.
 //!
-//! - [`ws`]: a client WebSocket session (Responses API WebSocket mode).
-//! - [`http`]: `POST` on the same paths: one turn per request, as SSE or one JSON body.
-//! - [`body`]: HTTP request bodies: bounded reading and `Content-Encoding` decoding.
-//! - [`passthrough`]: `GET .../models` and `POST .../responses/compact`, relayed over HTTP.
+//! - `ws`: a client WebSocket session (Responses API WebSocket mode).
+//! - `http`: `POST` on the same paths: one turn per request, as SSE or one JSON body.
+//! - `body`: HTTP request bodies: bounded reading and `Content-Encoding` decoding.
+//! - `passthrough`: `GET .../models` and `POST .../responses/compact`, relayed over HTTP.
 
 pub(crate) mod body;
 pub(crate) mod http;
