@@ -541,3 +541,29 @@ async fn keepalives_while_the_upstream_is_silent() {
     assert_eq!(r.events().last().unwrap()["type"], "response.completed");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_large_relayed_answer_arrives_whole() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    // 4 MiB in, 4 MiB back: more than arrives with the response head.
+    let big = "y".repeat(4 << 20);
+    let r = http_request(
+        gw.addr,
+        "POST",
+        "/v1/responses/compact",
+        &[("content-type", "application/json")],
+        serde_json::to_vec(
+            &json!({"model": "gpt-5.5", "input": [{"role": "user", "content": big}]}),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", &r.text()[..r.text().len().min(300)]);
+    let body = r.json();
+    assert_eq!(
+        body["input_echo"][0]["content"].as_str().map(str::len),
+        Some(4 << 20)
+    );
+    gw.stop().await;
+}

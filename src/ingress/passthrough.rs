@@ -216,6 +216,8 @@ async fn request(
     } else {
         send(tcp, req).await?
     };
+    // The connection task drives the body too: it lives until the body is read.
+    let (response, _conn) = response;
     let (parts, body) = response.into_parts();
     let body = http_body_util::Limited::new(body, max)
         .collect()
@@ -225,27 +227,32 @@ async fn request(
     Ok((parts.status, parts.headers, body))
 }
 
+/// Sends `req` on a new HTTP/1.1 connection; returns the response and the task driving the
+/// connection (aborted when dropped, so it must outlive the reading of the body).
 async fn send<S>(
     io: S,
     req: http::Request<Full<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, String>
+) -> Result<
+    (
+        http::Response<hyper::body::Incoming>,
+        tokio_util::task::AbortOnDropHandle<()>,
+    ),
+    String,
+>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    let conn = tokio::spawn(async move {
+    let conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!(error = %e, "upstream HTTP connection ended");
         }
-    });
-    let result = sender
+    }));
+    let response = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("request failed: {e}"));
-    // The connection task ends with the response body (read by the caller, bounded by its
-    // deadline); it is aborted if the caller gives up.
-    let _conn = tokio_util::task::AbortOnDropHandle::new(conn);
-    result
+        .map_err(|e| format!("request failed: {e}"))?;
+    Ok((response, conn))
 }

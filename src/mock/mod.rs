@@ -365,7 +365,7 @@ async fn serve_http(state: Arc<MockState>, tcp: TcpStream) {
         let state = state.clone();
         async move {
             let (parts, body) = req.into_parts();
-            let body = http_body_util::Limited::new(body, 1 << 20)
+            let body = http_body_util::Limited::new(body, 64 << 20)
                 .collect()
                 .await
                 .map(|c| c.to_bytes())
@@ -414,6 +414,8 @@ async fn serve_http(state: Arc<MockState>, tcp: TcpStream) {
                         "id": "cmp_mock",
                         "object": "response.compaction",
                         "output": [{"type": "compaction", "encrypted_content": format!("mock-compacted-{input}")}],
+                        // The input back, so a large request makes a large answer.
+                        "input_echo": v.get("input").cloned().unwrap_or(Value::Null),
                     })
                     .to_string(),
                 )
