@@ -5,11 +5,16 @@
 #   haproxy  a plain WebSocket reverse proxy (Debian haproxy)
 #   wsgate   this gateway (pooling on)
 #   nopool   this gateway with pool.enabled: false (workload c's baseline)
+# Workloads: (a) one streaming turn, (b) latency under a steady load, (c) reconnect every turn,
+# (d) idle sessions' memory, (e) (a) and (b) through the HTTP ingress, (f) scale: many sessions
+# streaming at once. (a), (b) and (f) also report the middle process's CPU seconds per million
+# relayed events (utime + stime from /proc, before and after each run).
 # and prints ratio tables (also written to bench/results/latest.md, JSON per run beside it).
 #
 # Usage: bench/compare.sh            full run (a few minutes on 2 cores)
 #        QUICK=1 bench/compare.sh    smaller workloads (smoke test)
 #        IDLE_SESSIONS=9500 ...      workload d size (fd limit: 2 per session in a proxy)
+#        ONLY=ab bench/compare.sh    only the named workloads (letters; default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -21,10 +26,15 @@ QUICK=${QUICK:-0}
 REPEAT=${REPEAT:-3}
 if [ "$QUICK" = 1 ]; then
   A_DELTAS=20000; B_SESSIONS=16; B_TURNS=50; B_THINK=2ms; C_SESSIONS=16; C_TURNS=10; IDLE_SESSIONS=${IDLE_SESSIONS:-1000}; REPEAT=1
+  F_SESSIONS=${F_SESSIONS:-300}
 else
   A_DELTAS=100000; B_SESSIONS=64; B_TURNS=200; B_THINK=20ms; C_SESSIONS=64; C_TURNS=20; IDLE_SESSIONS=${IDLE_SESSIONS:-9500}
+  F_SESSIONS=${F_SESSIONS:-2000}
 fi
+F_TURNS=3; F_DELTAS=200; F_THINK=500ms
 FRESH_COST=${FRESH_COST:-50ms}
+ONLY=${ONLY:-abcdef}
+want() { [[ "$ONLY" == *"$1"* ]]; }
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need haproxy; then
@@ -148,19 +158,35 @@ run() { # workload target rep args...
 }
 
 # (a) streaming throughput and (b) latency: fast mock, long-lived connections.
+if want a || want b || want e; then
 start_mock --speed
 start_proxies
 for r in $(seq "$REPEAT"); do
   for t in direct nginx haproxy wsgate; do
-    run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS"
-    run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK"
+    cpu=(); [ "$t" != direct ] && cpu=(--cpu-pid "$(pid_of "$t")")
+    want a && run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS" "${cpu[@]}"
+    want b && run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" "${cpu[@]}"
   done
   # (e) the same two workloads through wsgate's HTTP ingress (POST + SSE, same pool, same mock).
-  run ea wsgate "$r" --http --sessions 1 --turns 1 --deltas "$A_DELTAS"
-  run eb wsgate "$r" --http --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK"
+  if want e; then
+    run ea wsgate "$r" --http --sessions 1 --turns 1 --deltas "$A_DELTAS" --cpu-pid "$GW_PID"
+    run eb wsgate "$r" --http --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --cpu-pid "$GW_PID"
+  fi
 done
+fi
+
+# (f) scale: F_SESSIONS sessions streaming at once (F_DELTAS deltas per turn, think time).
+if want f; then
+start_mock --speed
+start_proxies
+for t in nginx wsgate; do
+  run f "$t" 1 --sessions "$F_SESSIONS" --turns "$F_TURNS" --deltas "$F_DELTAS" --think "$F_THINK" \
+    --connect-concurrency 256 --rss-pid "$(pid_of "$t")" --cpu-pid "$(pid_of "$t")"
+done
+fi
 
 # (c) reconnect every turn, with a fresh-connection cost at the upstream.
+if want c; then
 start_mock --speed --fresh-cost "$FRESH_COST"
 start_proxies
 for r in $(seq "$REPEAT"); do
@@ -168,8 +194,10 @@ for r in $(seq "$REPEAT"); do
     run c "$t" "$r" --sessions "$C_SESSIONS" --turns "$C_TURNS" --deltas 5 --reconnect-every-turn
   done
 done
+fi
 
 # (d) idle sessions: memory per held session in each middle process.
+if want d; then
 start_mock
 start_proxies
 sleep 1
@@ -178,5 +206,6 @@ for t in nginx haproxy wsgate; do
   start_proxies # release the held sockets before the next target
   sleep 1
 done
+fi
 
-python3 "$ROOT/bench/report.py" "$RUNS" "$FRESH_COST" "$IDLE_SESSIONS" "$B_THINK" | tee "$OUT/latest.md"
+python3 "$ROOT/bench/report.py" "$RUNS" "$FRESH_COST" "$IDLE_SESSIONS" "$B_THINK" "$F_SESSIONS x $F_TURNS turns x $F_DELTAS deltas, $F_THINK think" | tee "$OUT/latest.md"

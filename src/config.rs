@@ -302,7 +302,8 @@ pub struct PoolConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
-    /// Frames buffered between an upstream's pump and the client writer. Default 64.
+    /// Ready upstream frames relayed per client flush at most (the batch between reading the
+    /// upstream and one client write). Default 64.
     pub buffer_frames: usize,
     /// Largest WebSocket message accepted from either side. Default `32MiB`.
     pub max_message_size: ByteSize,

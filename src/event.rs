@@ -19,8 +19,10 @@ pub fn is_terminal(event_type: &str) -> bool {
 }
 
 /// Reads the `type` of an event. Fast path: the upstream writes `{"type":"…"` first, so the
-/// common case costs a prefix compare and one `memchr`-like scan; anything else falls back
-/// to a streaming parse that skips every other value.
+/// common case costs a prefix compare and one `memchr` scan; otherwise a structural scan
+/// finds the top-level `"type"` key, skipping strings with `memchr` (no allocation, no value
+/// parsing); an escaped type or anything the scan cannot follow falls back to a streaming
+/// parse that skips every other value.
 pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
     const PREFIX: &str = "{\"type\":\"";
     if let Some(rest) = text.strip_prefix(PREFIX)
@@ -31,6 +33,10 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
             return Some(Cow::Borrowed(ty));
         }
     }
+    if let Some(ty) = scan_type(text.as_bytes()) {
+        // The scan returns byte offsets of an unescaped ASCII-delimited string.
+        return std::str::from_utf8(ty).ok().map(Cow::Borrowed);
+    }
     #[derive(Deserialize)]
     struct TypeOnly<'a> {
         #[serde(rename = "type", borrow, default)]
@@ -39,6 +45,78 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
     serde_json::from_str::<TypeOnly<'_>>(text)
         .ok()
         .and_then(|t| t.kind)
+}
+
+/// Finds the value of the top-level `"type"` key of a JSON object without parsing values:
+/// tracks nesting depth and skips strings. `None` when the key is absent at the top level,
+/// its value is not a plain (unescaped) string, or the text is not an object.
+fn scan_type(b: &[u8]) -> Option<&[u8]> {
+    /// Index of the quote that closes the string whose body starts at `from`.
+    fn string_end(b: &[u8], mut from: usize) -> Option<usize> {
+        loop {
+            let at = from + memchr::memchr2(b'"', b'\\', b.get(from..)?)?;
+            if b[at] == b'"' {
+                return Some(at);
+            }
+            from = at + 2; // skip the escaped byte
+        }
+    }
+    fn skip_ws(b: &[u8], mut i: usize) -> usize {
+        while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            i += 1;
+        }
+        i
+    }
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut depth = 1usize;
+    let mut expect_key = true;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let end = string_end(b, i + 1)?;
+                if depth == 1 && expect_key {
+                    let key = &b[i + 1..end];
+                    i = skip_ws(b, end + 1);
+                    if b.get(i) != Some(&b':') {
+                        return None;
+                    }
+                    i = skip_ws(b, i + 1);
+                    if key == b"type" {
+                        if b.get(i) != Some(&b'"') {
+                            return None;
+                        }
+                        let vend = string_end(b, i + 1)?;
+                        let value = &b[i + 1..vend];
+                        return (!value.contains(&b'\\')).then_some(value);
+                    }
+                    expect_key = false;
+                    continue;
+                }
+                i = end + 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return None;
+                }
+                i += 1;
+            }
+            b',' => {
+                expect_key = depth == 1;
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.
@@ -270,6 +348,21 @@ mod tests {
         );
         assert_eq!(sniff_type(r#"{"type":"a\"b"}"#).unwrap(), "a\"b");
         assert!(sniff_type("not json").is_none());
+        // Any key order: the structural scan skips nested objects, arrays and strings that
+        // look like keys.
+        assert_eq!(
+            sniff_type(r#"{"response":{"type":"inner","x":[{"type":"no"}]},"note":"\"type\":\"no\"","type":"response.created"}"#)
+                .unwrap(),
+            "response.created"
+        );
+        assert_eq!(
+            sniff_type(r#"{"a":[1,{"b":"}"}],"type" : "error"}"#).unwrap(),
+            "error"
+        );
+        // No top-level type (only nested ones), or a non-string type.
+        assert!(sniff_type(r#"{"response":{"type":"inner"}}"#).is_none());
+        assert!(sniff_type(r#"{"type":5}"#).is_none());
+        assert!(sniff_type(r#"[{"type":"x"}]"#).is_none());
         assert!(sniff_type(r#"{"x":1}"#).is_none());
     }
 

@@ -35,6 +35,8 @@ pub struct LoadgenConfig {
     pub idle_hold: Option<Duration>,
     /// Sample this process's RSS in idle mode.
     pub rss_pid: Option<u32>,
+    /// Report the CPU time this process (and its descendants) spent during the run.
+    pub cpu_pid: Option<u32>,
     /// The mock upstream, to report its connection count.
     pub mock_url: Option<String>,
     /// Concurrent connection attempts.
@@ -77,6 +79,12 @@ pub struct Report {
     pub rss_before_kib: Option<u64>,
     pub rss_held_kib: Option<u64>,
     pub rss_per_session_kib: Option<f64>,
+    /// Streaming mode with `rss_pid`: the largest RSS sampled during the run (KiB).
+    pub rss_peak_kib: Option<u64>,
+    /// CPU seconds (user + system) of `cpu_pid` and its descendants during the run.
+    pub cpu_s: Option<f64>,
+    /// `cpu_s` per million events received.
+    pub cpu_s_per_million_events: Option<f64>,
     /// The mock upstream's counters after the run.
     pub mock: Option<Value>,
     /// Upstream connections the mock accepted during this run.
@@ -150,6 +158,37 @@ fn stamp(text: &str) -> Option<u128> {
     digits[..end].parse().ok()
 }
 
+/// User + system CPU seconds of `pid` and all its descendants (Linux; USER_HZ = 100).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may contain spaces): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
+    let mut total = (ticks(14)? + ticks(15)?) as f64 / 100.0;
+    for child in descendants(pid) {
+        total += cpu_seconds(child).unwrap_or(0.0);
+    }
+    Some(total)
+}
+
+/// The direct children of `pid` (every thread's).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
 /// Resident set size of `pid` and all its descendants (e.g. nginx's workers), KiB (Linux).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -161,17 +200,8 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     let mut total = own;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok())
-            {
-                total += rss_kib(child).unwrap_or(0);
-            }
-        }
+    for child in descendants(pid) {
+        total += rss_kib(child).unwrap_or(0);
     }
     Some(total)
 }
@@ -466,6 +496,23 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         Some(url) => mock_stats(url).await,
         None => None,
     };
+    let cpu_before = cfg.cpu_pid.and_then(cpu_seconds);
+    // Streaming runs with `rss_pid`: sample the target's memory while the load runs.
+    let rss_peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = match (cfg.rss_pid, cfg.idle_hold) {
+        (Some(pid), None) => {
+            let peak = rss_peak.clone();
+            Some(tokio::spawn(async move {
+                loop {
+                    if let Some(k) = rss_kib(pid) {
+                        peak.fetch_max(k, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }))
+        }
+        _ => None,
+    };
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.sessions {
@@ -490,6 +537,18 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         elapsed_s: elapsed.as_secs_f64(),
         ..Report::default()
     };
+    if let Some(s) = sampler {
+        s.abort();
+        report.rss_before_kib = rss_before;
+        report.rss_peak_kib = Some(rss_peak.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    if let (Some(before), Some(after)) = (cpu_before, cfg.cpu_pid.and_then(cpu_seconds)) {
+        let cpu = (after - before).max(0.0);
+        report.cpu_s = Some(cpu);
+        if stats.events > 0 {
+            report.cpu_s_per_million_events = Some(cpu * 1e6 / stats.events as f64);
+        }
+    }
     if let Some(hold) = cfg.idle_hold {
         // Let the target settle, then sample its memory while every session is held.
         tokio::time::sleep(hold).await;
@@ -550,6 +609,17 @@ pub fn table(r: &Report) -> String {
         s.push_str(&format!(
             "RSS per session     {k:.1} KiB ({:?} -> {:?} KiB)\n",
             r.rss_before_kib, r.rss_held_kib
+        ));
+    }
+    if let Some(k) = r.rss_peak_kib {
+        s.push_str(&format!(
+            "RSS peak            {:.1} MiB\n",
+            k as f64 / 1024.0
+        ));
+    }
+    if let (Some(c), Some(m)) = (r.cpu_s, r.cpu_s_per_million_events) {
+        s.push_str(&format!(
+            "target CPU          {c:.2} s ({m:.2} s per million events)\n"
         ));
     }
     if let Some(n) = r.upstream_connections_opened {

@@ -55,9 +55,12 @@ struct LoadgenArgs {
     /// Idle mode: one turn per session, then hold them all open this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_hold: Option<std::time::Duration>,
-    /// In idle mode, report this process's RSS per held session.
+    /// In idle mode, report this process's RSS per held session; otherwise its peak RSS.
     #[arg(long)]
     rss_pid: Option<u32>,
+    /// Report this process's CPU time (user + system, with descendants) during the run.
+    #[arg(long)]
+    cpu_pid: Option<u32>,
     /// The mock upstream's URL, to report its connection count.
     #[arg(long)]
     mock_url: Option<String>,
@@ -280,6 +283,7 @@ async fn loadgen(a: LoadgenArgs) -> ExitCode {
         reconnect_every_turn: a.reconnect_every_turn,
         idle_hold: a.idle_hold,
         rss_pid: a.rss_pid,
+        cpu_pid: a.cpu_pid,
         mock_url: a.mock_url,
         connect_concurrency: a.connect_concurrency,
         label: a.label,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -28,8 +28,8 @@ use crate::error::{DialError, StartError};
 use crate::headers::{ForwardHeaders, response_copy};
 use crate::ids::AccountId;
 use crate::pool::{ConnMeta, EvictReason, Health, PoolConn};
-use crate::pump::{self, PumpConfig, PumpEvent, PumpIo};
-use std::sync::atomic::{AtomicU16, Ordering};
+use crate::pump::{self, End, Link, PumpConfig, PumpEvent};
+use std::sync::atomic::Ordering;
 
 pub type UpstreamStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -74,7 +74,6 @@ pub struct Dialer {
     tls: Arc<rustls::ClientConfig>,
     ws_config: WebSocketConfig,
     connect_timeout: Duration,
-    buffer_frames: usize,
     pump: PumpConfig,
     waker: Arc<Notify>,
     /// Every pump task, so shutdown can wait for their close frames.
@@ -94,7 +93,6 @@ impl Dialer {
             tls: crate::tls::client_config(config.upstream.ca_file.as_deref())?,
             ws_config: ws_config(config),
             connect_timeout: config.upstream.connect_timeout,
-            buffer_frames: config.relay.buffer_frames,
             pump: PumpConfig {
                 ping_interval: config.pool.ping_interval,
                 write_timeout: config.upstream.write_timeout,
@@ -163,20 +161,13 @@ impl Dialer {
             Ok(Ok(ok)) => ok,
         };
         debug!(upstream.id = id, account = %account.id, dial_ms = started.elapsed().as_millis() as u64, "upstream connected");
-        let (commands_tx, commands) = mpsc::channel(4);
-        let (events_tx, events) = mpsc::channel(self.buffer_frames);
-        let close_code = Arc::new(AtomicU16::new(1000));
-        let io = PumpIo {
-            commands,
-            events: events_tx,
-            waker: self.waker.clone(),
-            close_code: close_code.clone(),
-        };
+        let link = Link::new(ws, self.waker.clone());
         crate::metrics::dial(started.elapsed());
         ::metrics::counter!(crate::metrics::UPSTREAM_OPENED).increment(1);
         let pump_cfg = self.pump;
+        let pump_link = link.clone();
         self.tasks.spawn(async move {
-            pump::run(ws, io, pump_cfg).await;
+            pump::run(pump_link, pump_cfg).await;
             ::metrics::counter!(crate::metrics::UPSTREAM_CLOSED).increment(1);
         });
         Ok(UpstreamConn {
@@ -184,9 +175,8 @@ impl Dialer {
             created_at: Instant::now(),
             account: account.id.clone(),
             response_headers: response_copy(response.headers()),
-            commands: commands_tx,
-            events,
-            close_code,
+            link,
+            write_timeout: self.pump.write_timeout,
             recent: VecDeque::new(),
             meta: Arc::new(ConnMeta {
                 created_at: Instant::now(),
@@ -238,11 +228,9 @@ pub struct UpstreamConn {
     account: AccountId,
     /// Headers of the upstream's 101, replayed on the client's 101.
     response_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Frames to write upstream (small bound; the holder awaits space).
-    commands: mpsc::Sender<Message>,
-    /// Filled by the pump; `relay.buffer_frames` deep. A full channel stops upstream reads.
-    events: mpsc::Receiver<PumpEvent>,
-    close_code: Arc<AtomicU16>,
+    /// The socket, shared with the pump (which watches it while it idles in the pool).
+    link: Arc<Link>,
+    write_timeout: Duration,
     /// Ids of the last responses completed on this connection (its `previous_response_id` state).
     recent: VecDeque<String>,
     /// Age and turns served, shared with the pool's status view.
@@ -273,13 +261,14 @@ impl UpstreamConn {
         Instant::now().saturating_duration_since(self.created_at)
     }
 
-    /// Queues one frame for the upstream. Fails only if the pump has ended; write failures
-    /// arrive as a [`PumpEvent::Failed`].
+    /// Writes one frame to the upstream (within `upstream.write_timeout`). The holder reads
+    /// the socket from now on.
     pub async fn send(&mut self, msg: Message) -> Result<(), tungstenite::Error> {
-        self.commands
-            .send(msg)
-            .await
-            .map_err(|_| tungstenite::Error::AlreadyClosed)
+        self.link.hold();
+        if self.link.end().is_some() {
+            return Err(tungstenite::Error::AlreadyClosed);
+        }
+        self.link.write(msg, self.write_timeout).await
     }
 
     /// Counts a turn completed on this connection.
@@ -302,17 +291,28 @@ impl UpstreamConn {
 
     /// The close code the pump sends when this handle is dropped.
     pub fn set_close_code(&self, code: u16) {
-        self.close_code.store(code, Ordering::Release);
+        self.link.set_close_code(code);
     }
 
-    /// The next pump event; `None` once the pump has ended and everything was read.
+    /// The next upstream frame, close or failure, read directly from the socket.
     pub async fn recv(&mut self) -> Option<PumpEvent> {
-        self.events.recv().await
+        self.link.hold();
+        Some(std::future::poll_fn(|cx| self.link.poll_read(cx)).await)
     }
 
-    /// The next pump event if one is ready.
+    /// The next upstream frame if one is ready without waiting.
     pub fn try_recv(&mut self) -> Option<PumpEvent> {
-        self.events.try_recv().ok()
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.link.poll_read(&mut cx) {
+            std::task::Poll::Ready(ev) => Some(ev),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+
+impl Drop for UpstreamConn {
+    fn drop(&mut self) {
+        self.link.drop_handle();
     }
 }
 
@@ -335,17 +335,21 @@ impl PoolConn for UpstreamConn {
         }
     }
 
+    fn on_idle(&mut self) {
+        self.link.release();
+    }
+
     fn check_idle(&mut self) -> Health {
-        match self.events.try_recv() {
-            Err(mpsc::error::TryRecvError::Empty) => Health::Ok,
-            Ok(PumpEvent::Closed(Some(f))) if f.code == CloseCode::Restart => {
+        match self.link.end() {
+            None => Health::Ok,
+            Some(End::Closed(Some(f))) if f.code == CloseCode::Restart => {
                 Health::Dead(EvictReason::Close1012)
             }
-            Ok(PumpEvent::Closed(Some(f))) if f.code == CloseCode::Again => {
+            Some(End::Closed(Some(f))) if f.code == CloseCode::Again => {
                 Health::Dead(EvictReason::Close1013)
             }
             // Closed, failed, or unexpected data while idle: never hand it out.
-            Ok(_) | Err(mpsc::error::TryRecvError::Disconnected) => Health::Dead(EvictReason::Dead),
+            Some(_) => Health::Dead(EvictReason::Dead),
         }
     }
 }

@@ -230,11 +230,10 @@ impl Session {
                     Flow::Stop
                 }
                 ev = self.engine.next_upstream() => {
-                    let flow = self.engine.upstream_event(&mut WsDown(&mut self.client, self.write_timeout), ev).await;
-                    if let Some(due) = self.engine.idle_deadline() {
-                        self.timer.as_mut().reset(due);
-                    }
-                    flow
+                    // The turn-idle deadline only moves later while upstream events arrive:
+                    // the timer keeps its earlier deadline and re-arms itself when it fires
+                    // (`on_timer`), instead of touching the timer wheel per batch.
+                    self.engine.upstream_event(&mut WsDown(&mut self.client, self.write_timeout), ev).await
                 }
                 msg = self.client.next() => self.client_message(msg).await,
                 _ = &mut self.timer, if timed => self.on_timer().await,

@@ -787,7 +787,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
         }
         let terminal =
             crate::event::is_terminal(v.get("type").and_then(Value::as_str).unwrap_or(""));
-        self.send_text(v.to_string(), terminal).await
+        self.send_text(type_first(&v), terminal).await
     }
 
     /// Writes one frame; in batch mode flushes every 64 frames and on `flush`.
@@ -1226,4 +1226,24 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         return Outcome::JunkLater(after);
     }
     close_at(Phase::After).unwrap_or(Outcome::Continue)
+}
+
+/// Serializes an event with `type` as its first key, as the real upstream writes its events
+/// (serde_json's map would order keys alphabetically).
+fn type_first(v: &Value) -> String {
+    let Some(map) = v.as_object() else {
+        return v.to_string();
+    };
+    let Some(ty) = map.get("type") else {
+        return v.to_string();
+    };
+    let mut out = format!("{{\"type\":{ty}");
+    for (k, val) in map.iter().filter(|(k, _)| *k != "type") {
+        out.push(',');
+        out.push_str(&Value::String(k.clone()).to_string());
+        out.push(':');
+        out.push_str(&val.to_string());
+    }
+    out.push('}');
+    out
 }

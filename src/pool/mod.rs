@@ -61,6 +61,8 @@ pub trait PoolConn: Send + Sync + 'static {
     fn check_idle(&mut self) -> Health;
     /// Called just before an evicted connection is dropped.
     fn on_evict(&mut self, _reason: EvictReason) {}
+    /// Called when the connection goes (back) to idle in the pool.
+    fn on_idle(&mut self) {}
     /// Shared facts about the connection, readable while a session holds it (status page).
     fn meta(&self) -> Option<Arc<ConnMeta>> {
         None
@@ -959,6 +961,8 @@ impl<C: PoolConn> Inner<C> {
                     };
                     match reason {
                         None => {
+                            let mut conn = conn;
+                            conn.on_idle();
                             slot.state = SlotState::Idle { conn, since: now };
                             debug!(account = %key.account, conversation = %key.conversation, upstream.id = conn_id, "pooled");
                             true

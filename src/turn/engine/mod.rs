@@ -17,8 +17,10 @@
 //!   it is discarded and never pooled.
 //! - Rotation (max-age, account change) happens only at the start of a turn, and only for full
 //!   requests: a continuation (`previous_response_id`) stays on the connection that owns it.
-//! - Upstream frames are relayed verbatim and in order; the downstream is the back-pressure
-//!   point (the pump's channel fills, the pump stops reading).
+//! - Upstream frames are relayed verbatim and in order, read from the upstream socket by this
+//!   task (no hop through another task): up to `relay.buffer_frames` ready frames are fed to
+//!   the downstream and flushed once. The downstream is the back-pressure point: while its
+//!   write waits, the upstream is not read.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,9 +45,6 @@ use crate::upstream::UpstreamConn;
 mod failover;
 
 use failover::carries_no_output;
-
-/// Frames relayed to the client per flush at most (batching under load).
-const MAX_BATCH: usize = 256;
 
 /// Whether the ingress goes on.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -483,6 +482,8 @@ impl Engine {
     ) -> Flow {
         let mut next = ev;
         let mut sent = 0usize;
+        // Frames relayed per client flush at most (`relay.buffer_frames`).
+        let max_batch = self.gw.config().relay.buffer_frames;
         self.last_upstream = Instant::now();
         // Counted once per batch, whichever way the batch ends.
         let mut counted = BatchCount {
@@ -523,7 +524,7 @@ impl Engine {
                             break;
                         }
                     }
-                    if sent >= MAX_BATCH {
+                    if sent >= max_batch {
                         break;
                     }
                     match self

@@ -202,6 +202,12 @@ impl FrameCodec {
             // Not enough data in buffer.
             // wsgate patch: room for the next read only (at most the read size), not for the
             // whole declared frame.
+            if self.in_buffer.capacity() == 0 {
+                // wsgate patch: the buffer was released while the socket idled; a full read's
+                // worth again (a fresh buffer, so later reallocations keep this size too).
+                self.in_buffer =
+                    BytesMut::with_capacity(self.in_buf_max_read.max(FrameHeader::MAX_SIZE));
+            }
             let want = match &self.header {
                 Some((_, len)) => (*len as usize)
                     .saturating_sub(self.in_buffer.len())
@@ -235,6 +241,11 @@ impl FrameCodec {
             }
         }
 
+        if self.in_buffer.is_empty() {
+            // wsgate patch: nothing buffered beyond this frame: release the read buffer, so an
+            // idle socket holds none (it is allocated again at the next read).
+            self.in_buffer = BytesMut::new();
+        }
         let frame = Frame::from_payload(header, payload.freeze());
         trace!("received frame {frame}");
         Ok(Some(frame))
@@ -267,7 +278,14 @@ impl FrameCodec {
 
         trace!("writing frame {frame}");
 
-        self.out_buffer.reserve(frame.len());
+        // wsgate patch: a released (empty) buffer is allocated once at the batching size, not
+        // grown frame by frame.
+        let want = if self.out_buffer.capacity() == 0 {
+            frame.len().max(self.out_buffer_write_len.min(64 << 10))
+        } else {
+            frame.len()
+        };
+        self.out_buffer.reserve(want);
         frame.format_into_buf(&mut self.out_buffer).expect("Bug: can't write to vector");
 
         if self.out_buffer.len() > self.out_buffer_write_len {
@@ -296,6 +314,9 @@ impl FrameCodec {
             }
             self.out_buffer.drain(0..len);
         }
+        // wsgate patch: everything was written: release the write buffer, so an idle socket
+        // holds none.
+        self.out_buffer = Vec::new();
 
         Ok(())
     }
