@@ -49,6 +49,7 @@ pub mod listener;
 pub mod loadgen;
 pub mod metrics;
 pub mod mock;
+pub mod net;
 pub mod pool;
 pub mod pump;
 pub mod reload;

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
@@ -27,11 +26,12 @@ use crate::config::{Config, RelayConfig};
 use crate::error::{DialError, StartError};
 use crate::headers::{ForwardHeaders, response_copy};
 use crate::ids::AccountId;
+use crate::net::ConnectError;
 use crate::pool::{ConnMeta, EvictReason, Health, PoolConn};
 use crate::pump::{self, End, Link, PumpConfig, PumpEvent};
 use std::sync::atomic::Ordering;
 
-pub type UpstreamStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type UpstreamStream = WebSocketStream<crate::net::UpstreamIo>;
 
 /// A validated upstream URL.
 #[derive(Debug, Clone)]
@@ -149,16 +149,22 @@ impl Dialer {
             }
         }
         let started = Instant::now();
-        let connect = tokio_tungstenite::connect_async_tls_with_config(
-            req,
-            Some(self.ws_config),
-            true,
-            Some(Connector::Rustls(self.tls.clone())),
-        );
+        let connect = async {
+            let io = crate::net::connect(&self.url.uri, &self.tls, self.connect_timeout)
+                .await
+                .map_err(|e| match e {
+                    ConnectError::Timeout(t) => DialError::Timeout(t),
+                    ConnectError::Connect(e) => DialError::Connect(e.to_string()),
+                    ConnectError::Tls(e) => DialError::Tls(e),
+                    ConnectError::Address(e) => DialError::Protocol(e),
+                })?;
+            tokio_tungstenite::client_async_with_config(req, io, Some(self.ws_config))
+                .await
+                .map_err(map_dial_error)
+        };
         let (ws, response) = match tokio::time::timeout(self.connect_timeout, connect).await {
             Err(_) => return Err(DialError::Timeout(self.connect_timeout)),
-            Ok(Err(e)) => return Err(map_dial_error(e)),
-            Ok(Ok(ok)) => ok,
+            Ok(r) => r?,
         };
         debug!(upstream.id = id, account = %account.id, dial_ms = started.elapsed().as_millis() as u64, "upstream connected");
         let link = Link::new(ws, self.waker.clone());

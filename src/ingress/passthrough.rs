@@ -163,18 +163,14 @@ async fn request(
     max: usize,
 ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad upstream URL: {e}"))?;
-    let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("upstream URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let connect_timeout = shared.dialer.connect_timeout();
-    let tcp = tokio::time::timeout(
-        connect_timeout,
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
-    .map_err(|e| format!("connect failed: {e}"))?;
-    let _ = tcp.set_nodelay(true);
+    let io = crate::net::connect(&uri, &shared.dialer.tls(), shared.dialer.connect_timeout())
+        .await
+        .map_err(|e| match e {
+            crate::net::ConnectError::Tls(e) => format!("TLS failed: {e}"),
+            crate::net::ConnectError::Connect(e) => format!("connect failed: {e}"),
+            e => e.to_string(),
+        })?;
     let mut req = http::Request::builder()
         .method(method)
         .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
@@ -202,20 +198,7 @@ async fn request(
     let req = req
         .body(Full::new(body.unwrap_or_default()))
         .map_err(|e| format!("bad request: {e}"))?;
-    let response = if https {
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("bad host name: {e}"))?;
-        let tls = tokio::time::timeout(
-            connect_timeout,
-            tokio_rustls::TlsConnector::from(shared.dialer.tls()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS failed: {e}"))?;
-        send(tls, req).await?
-    } else {
-        send(tcp, req).await?
-    };
+    let response = send(io, req).await?;
     // The connection task drives the body too: it lives until the body is read.
     let (response, _conn) = response;
     let (parts, body) = response.into_parts();

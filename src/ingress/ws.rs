@@ -216,28 +216,31 @@ impl Session {
                 && let Some((text, _lease)) = self.held.pop_front()
             {
                 self.held_bytes -= text.len();
-                if self.client_text(text).await == Flow::Stop {
+                if Box::pin(self.client_text(text)).await == Flow::Stop {
                     break;
                 }
                 continue;
             }
             let idle = !self.engine.in_turn();
             let timed = !self.got_frame || !idle;
+            // Every handler below runs boxed: an idle session's task then holds only the
+            // select's small futures, not the state of the deepest path (a turn start that
+            // dials, a failover), which would make every idle session pay for it (issue 14).
             let flow = tokio::select! {
                 biased;
                 _ = self.gw.shutdown.cancelled(), if idle => {
-                    close_client(&mut self.client, close::client::RESTART, "gateway shutting down").await;
+                    Box::pin(close_client(&mut self.client, close::client::RESTART, "gateway shutting down")).await;
                     Flow::Stop
                 }
                 ev = self.engine.next_upstream() => {
                     // The turn-idle deadline only moves later while upstream events arrive:
                     // the timer keeps its earlier deadline and re-arms itself when it fires
                     // (`on_timer`), instead of touching the timer wheel per batch.
-                    self.engine.upstream_event(&mut WsDown(&mut self.client, self.write_timeout), ev).await
+                    Box::pin(self.engine.upstream_event(&mut WsDown(&mut self.client, self.write_timeout), ev)).await
                 }
-                msg = self.client.next() => self.client_message(msg).await,
-                _ = &mut self.timer, if timed => self.on_timer().await,
-                _ = self.frame_check.tick() => self.check_partial_frame().await,
+                msg = self.client.next() => Box::pin(self.client_message(msg)).await,
+                _ = &mut self.timer, if timed => Box::pin(self.on_timer()).await,
+                _ = self.frame_check.tick() => Box::pin(self.check_partial_frame()).await,
             };
             if flow == Flow::Stop {
                 break;
