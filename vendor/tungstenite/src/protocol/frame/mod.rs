@@ -216,7 +216,9 @@ impl FrameCodec {
                 None => FrameHeader::MAX_SIZE,
             };
             if self.in_buffer.capacity() - self.in_buffer.len() < want {
-                self.in_buffer.reserve(want);
+                // wsgate patch: room for a full read, not just the bytes still missing (bytes'
+                // `reserve` can leave exactly `want` spare, which made the next reads tiny).
+                self.in_buffer.reserve(want.max(self.in_buf_max_read));
             }
             if self.read_in(stream)? == 0 {
                 trace!("no frame received");
