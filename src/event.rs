@@ -26,7 +26,7 @@ pub fn is_terminal(event_type: &str) -> bool {
 pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
     const PREFIX: &str = "{\"type\":\"";
     if let Some(rest) = text.strip_prefix(PREFIX)
-        && let Some(end) = rest.find('"')
+        && let Some(end) = memchr::memchr(b'"', rest.as_bytes())
     {
         let ty = &rest[..end];
         if !ty.contains('\\') {

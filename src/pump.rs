@@ -176,10 +176,15 @@ impl Link {
         if let Some(end) = self.end() {
             return Poll::Ready(end.into());
         }
-        self.holder.register(cx.waker());
         let mut ws = self.ws();
         loop {
             let Poll::Ready(next) = Pin::new(&mut *ws).poll_next(cx) else {
+                // Only a holder about to wait needs the pump's wake-up: registered, then the
+                // end re-checked, so an end set in between is not missed.
+                self.holder.register(cx.waker());
+                if let Some(end) = self.end() {
+                    return Poll::Ready(end.into());
+                }
                 self.waiting.store(true, Ordering::Relaxed);
                 return Poll::Pending;
             };

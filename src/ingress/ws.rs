@@ -101,7 +101,15 @@ impl WsDown<'_> {
         timeout: std::time::Duration,
         write: F,
     ) -> Result<(), ClientGone> {
-        match tokio::time::timeout(timeout, write).await {
+        // Most writes complete at once (into the socket's write buffer): only a write that has
+        // to wait gets a deadline, so the hot path reads no clock and arms no timer.
+        let mut write = std::pin::pin!(write);
+        let immediate = futures::FutureExt::now_or_never(write.as_mut());
+        let result = match immediate {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(timeout, write).await,
+        };
+        match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(error = %e, "client write failed");
