@@ -19,7 +19,8 @@
 //! - [`close`]: the close-code policy.
 //! - [`tls`]: the upstream rustls config (ring).
 //! - [`upstream`]: dialing, `UpstreamConn`.
-//! - [`pump`]: the upstream reader task and its bounded channel.
+//! - [`net`]: outbound TCP/TLS connections to the upstream host.
+//! - [`pump`]: the socket shared by an upstream connection's keepalive task and its holder.
 //! - [`pool`]: `Pool`, `PoolKey`, `Pooled`, decisions, evictions, the reaper.
 //! - [`gateway`]: shared state and the acquire path.
 //! - [`listener`]: the HTTP/1.1 accept loop (handshake deadline and bound) and the TLS listener.
