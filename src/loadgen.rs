@@ -112,6 +112,22 @@ impl Stats {
         }
     }
 
+    /// The first event of a turn sent at `sent` arrived.
+    fn first_event(&mut self, sent: Instant) {
+        let _ = self
+            .ttfe_us
+            .record(sent.elapsed().as_micros().max(1) as u64);
+    }
+
+    /// One event arrived (its send stamp, if any, gives its latency).
+    fn event(&mut self, data: &str) {
+        self.events += 1;
+        if let Some(ts) = stamp(data) {
+            let lat = now_ns().saturating_sub(ts) / 1000;
+            let _ = self.latency_us.record((lat as u64).max(1));
+        }
+    }
+
     fn error(&mut self, e: impl std::fmt::Display) {
         self.errors += 1;
         if self.first_error.is_none() {
@@ -229,6 +245,14 @@ impl Ctx {
         Ok(c)
     }
 
+    /// The prompt that asks the mock for this load's turn shape.
+    fn load_text(&self) -> String {
+        format!(
+            "load [[mock: deltas={}, size={}]]",
+            self.cfg.deltas, self.cfg.delta_size
+        )
+    }
+
     /// One turn; returns the completed response id.
     async fn turn(
         &self,
@@ -237,10 +261,7 @@ impl Ctx {
         prev: Option<&str>,
         stats: &mut Stats,
     ) -> Result<Option<String>, ClientError> {
-        let text = format!(
-            "load [[mock: deltas={}, size={}]]",
-            self.cfg.deltas, self.cfg.delta_size
-        );
+        let text = self.load_text();
         let body = create_body(Some(conversation), &text, prev);
         let sent = Instant::now();
         c.send_json(&body).await?;
@@ -249,15 +270,9 @@ impl Ctx {
             let frame = c.recv_text().await?;
             if first {
                 first = false;
-                let _ = stats
-                    .ttfe_us
-                    .record(sent.elapsed().as_micros().max(1) as u64);
+                stats.first_event(sent);
             }
-            stats.events += 1;
-            if let Some(ts) = stamp(&frame) {
-                let lat = now_ns().saturating_sub(ts) / 1000;
-                let _ = stats.latency_us.record((lat as u64).max(1));
-            }
+            stats.event(&frame);
             let Some(ty) = event::sniff_type(&frame) else {
                 continue;
             };
@@ -280,10 +295,7 @@ impl Ctx {
         stats: &mut Stats,
     ) -> Result<Option<String>, String> {
         use http_body_util::BodyExt;
-        let text = format!(
-            "load [[mock: deltas={}, size={}]]",
-            self.cfg.deltas, self.cfg.delta_size
-        );
+        let text = self.load_text();
         let mut body = create_body(Some(conversation), &text, prev);
         if let Some(o) = body.as_object_mut() {
             o.remove("type");
@@ -325,9 +337,7 @@ impl Ctx {
             };
             if first {
                 first = false;
-                let _ = stats
-                    .ttfe_us
-                    .record(sent.elapsed().as_micros().max(1) as u64);
+                stats.first_event(sent);
             }
             pending.push_str(&String::from_utf8_lossy(&data));
             while let Some(end) = pending.find("\n\n") {
@@ -335,11 +345,7 @@ impl Ctx {
                 let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
                     continue;
                 };
-                stats.events += 1;
-                if let Some(ts) = stamp(data) {
-                    let lat = now_ns().saturating_sub(ts) / 1000;
-                    let _ = stats.latency_us.record((lat as u64).max(1));
-                }
+                stats.event(data);
                 match event::sniff_type(data).as_deref() {
                     Some("response.completed") => {
                         let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;

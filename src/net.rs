@@ -28,12 +28,24 @@ pub enum UpstreamIo {
 pub enum ConnectError {
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
-    #[error("{0}")]
+    #[error("connect failed: {0}")]
     Connect(io::Error),
-    #[error("{0}")]
+    #[error("TLS failed: {0}")]
     Tls(String),
     #[error("bad upstream address: {0}")]
     Address(String),
+}
+
+impl From<ConnectError> for crate::error::DialError {
+    fn from(e: ConnectError) -> Self {
+        use crate::error::DialError;
+        match e {
+            ConnectError::Timeout(t) => DialError::Timeout(t),
+            ConnectError::Connect(e) => DialError::Connect(e.to_string()),
+            ConnectError::Tls(e) => DialError::Tls(e),
+            ConnectError::Address(e) => DialError::Protocol(e),
+        }
+    }
 }
 
 /// Opens a connection to `uri`'s host (TLS for `wss`/`https`), within `timeout`.

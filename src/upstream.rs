@@ -26,7 +26,6 @@ use crate::config::{Config, RelayConfig};
 use crate::error::{DialError, StartError};
 use crate::headers::{ForwardHeaders, response_copy};
 use crate::ids::AccountId;
-use crate::net::ConnectError;
 use crate::pool::{ConnMeta, EvictReason, Health, PoolConn};
 use crate::pump::{self, End, Link, PumpConfig, PumpEvent};
 use std::sync::atomic::Ordering;
@@ -150,14 +149,7 @@ impl Dialer {
         }
         let started = Instant::now();
         let connect = async {
-            let io = crate::net::connect(&self.url.uri, &self.tls, self.connect_timeout)
-                .await
-                .map_err(|e| match e {
-                    ConnectError::Timeout(t) => DialError::Timeout(t),
-                    ConnectError::Connect(e) => DialError::Connect(e.to_string()),
-                    ConnectError::Tls(e) => DialError::Tls(e),
-                    ConnectError::Address(e) => DialError::Protocol(e),
-                })?;
+            let io = crate::net::connect(&self.url.uri, &self.tls, self.connect_timeout).await?;
             tokio_tungstenite::client_async_with_config(req, io, Some(self.ws_config))
                 .await
                 .map_err(map_dial_error)

@@ -166,11 +166,7 @@ async fn request(
     let host = uri.host().ok_or("upstream URL has no host")?.to_string();
     let io = crate::net::connect(&uri, &shared.dialer.tls(), shared.dialer.connect_timeout())
         .await
-        .map_err(|e| match e {
-            crate::net::ConnectError::Tls(e) => format!("TLS failed: {e}"),
-            crate::net::ConnectError::Connect(e) => format!("connect failed: {e}"),
-            e => e.to_string(),
-        })?;
+        .map_err(|e| e.to_string())?;
     let mut req = http::Request::builder()
         .method(method)
         .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
