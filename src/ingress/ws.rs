@@ -234,6 +234,8 @@ impl Session {
             // Every handler below runs boxed: an idle session's task then holds only the
             // select's small futures, not the state of the deepest path (a turn start that
             // dials, a failover), which would make every idle session pay for it (issue 14).
+            // The relay too: one allocation per batch of up to `relay.buffer_frames` frames
+            // costs less than the ~0.8 KiB its inline state adds to every idle session.
             let flow = tokio::select! {
                 biased;
                 _ = self.gw.shutdown.cancelled(), if idle => {
