@@ -245,22 +245,56 @@ impl Accounts {
         affinity: Option<&AffinityKey>,
         routing: &str,
     ) -> Result<Assignment, NoUsableAccount> {
-        let list = self.all();
-        let mut previous = None;
-        if let Some(c) = affinity
-            && let Some(id) = self.sticky.lock().ok().and_then(|s| s.get(c).cloned())
-        {
-            match list.iter().find(|a| a.id == id) {
-                Some(a) if a.is_usable() => {
+        let previous = match affinity.and_then(|c| self.sticky(c)) {
+            Some(id) => match self.usable(&id) {
+                Some(account) => {
                     return Ok(Assignment {
-                        account: a.clone(),
+                        account,
                         previous: None,
                     });
                 }
-                _ => previous = Some(id),
-            }
-        }
+                None => Some(id),
+            },
+            None => None,
+        };
         let key = affinity.map(|(_, a)| a.as_str()).unwrap_or(routing);
+        let account = self.choose(key)?;
+        if let Some(c) = affinity {
+            self.stick(c, &account.id);
+        }
+        Ok(Assignment { account, previous })
+    }
+
+    /// The affinity's sticky account on this instance, if any.
+    pub fn sticky(&self, affinity: &AffinityKey) -> Option<AccountId> {
+        self.sticky
+            .lock()
+            .ok()
+            .and_then(|s| s.get(affinity).cloned())
+    }
+
+    /// Makes `id` the affinity's sticky account.
+    pub fn stick(&self, affinity: &AffinityKey, id: &AccountId) {
+        if let Ok(mut s) = self.sticky.lock()
+            && s.get(affinity) != Some(id)
+        {
+            s.insert(
+                affinity.clone(),
+                id.clone(),
+                self.max_sticky.load(Ordering::Acquire),
+            );
+        }
+    }
+
+    /// The account `id` if it is configured and usable.
+    pub fn usable(&self, id: &AccountId) -> Option<Arc<Account>> {
+        self.get(id).filter(|a| a.is_usable())
+    }
+
+    /// The least-loaded usable account (open connections / weight), ties broken by a hash of
+    /// `key` so equal accounts share new work.
+    pub fn choose(&self, key: &str) -> Result<Arc<Account>, NoUsableAccount> {
+        let list = self.all();
         let chosen = list
             .iter()
             .filter(|a| a.is_usable())
@@ -272,7 +306,7 @@ impl Accounts {
                 (load, h.finish())
             })
             .cloned();
-        let Some(account) = chosen else {
+        chosen.ok_or_else(|| {
             let now = Instant::now();
             let retry_after = list
                 .iter()
@@ -284,19 +318,8 @@ impl Accounts {
                     _ => None,
                 })
                 .min();
-            return Err(NoUsableAccount { retry_after });
-        };
-        if let Some(c) = affinity
-            && let Ok(mut s) = self.sticky.lock()
-            && s.get(c) != Some(&account.id)
-        {
-            s.insert(
-                c.clone(),
-                account.id.clone(),
-                self.max_sticky.load(Ordering::Acquire),
-            );
-        }
-        Ok(Assignment { account, previous })
+            NoUsableAccount { retry_after }
+        })
     }
 
     /// Marks an account; returns true if it went from usable to unusable (the caller evicts

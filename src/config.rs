@@ -22,7 +22,7 @@ use crate::error::ConfigError;
 /// so unrelated variables such as `WSGATE_CLIENT_KEY` (a secret named by `key_env`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "paths", "clients", "upstream", "accounts", "routing", "pool", "relay", "shutdown",
-    "admin", "limits", "tls", "log", "http",
+    "admin", "limits", "tls", "log", "http", "cluster",
 ];
 
 /// The whole gateway configuration (DESIGN §5).
@@ -58,6 +58,53 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Logging.
     pub log: LogConfig,
+    /// Several instances sharing account state on Redis. Default: off (one process, no
+    /// external dependency).
+    pub cluster: ClusterConfig,
+}
+
+/// Shared state on Redis (`cluster.redis_url`); without it nothing is shared and no
+/// connection is opened anywhere.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`, `rediss://...`, or `redis+unix:///path/to.sock`. Default: none.
+    /// The URL may carry a password: it is never logged.
+    pub redis_url: Option<String>,
+    /// This instance's name in the registry and in other instances' logs. Default:
+    /// `<hostname>-<pid>`.
+    pub instance_id: Option<String>,
+    /// The key namespace; keys are `<namespace>:v1:...`. Default `wsg`.
+    pub namespace: String,
+    /// Every Redis call's deadline; past it the decision falls back to local state.
+    /// Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// How long a shared affinity -> account binding lives after its last use. Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub affinity_ttl: Duration,
+    /// A client-key connection lease expires this long after its last refresh (a crashed
+    /// instance's leases go with it); refreshed every third of it. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// The instance registry heartbeat; an entry expires after three missed beats.
+    /// Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: None,
+            instance_id: None,
+            namespace: "wsg".into(),
+            call_timeout: Duration::from_millis(250),
+            affinity_ttl: Duration::from_secs(3600),
+            lease_ttl: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
+        }
+    }
 }
 
 /// One gateway API key.
@@ -378,6 +425,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             tls: None,
             log: LogConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -525,6 +573,37 @@ impl Config {
         };
         if self.paths.is_empty() {
             return invalid("paths", "at least one path is required".into());
+        }
+        let cl = &self.cluster;
+        if let Some(url) = &cl.redis_url
+            && ![
+                "redis://",
+                "rediss://",
+                "redis+unix://",
+                "unix://",
+                "valkey://",
+                "valkeys://",
+            ]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
+            // The URL may hold a password: name the key, not the value.
+            return invalid(
+                "cluster.redis_url",
+                "must start with redis://, rediss://, redis+unix:// or unix://".into(),
+            );
+        }
+        if cl.call_timeout.is_zero()
+            || cl.lease_ttl < Duration::from_secs(1)
+            || cl.heartbeat.is_zero()
+        {
+            return invalid(
+                "cluster",
+                "call_timeout and heartbeat must be > 0 and lease_ttl >= 1s".into(),
+            );
+        }
+        if cl.namespace.is_empty() || cl.namespace.contains(char::is_whitespace) {
+            return invalid("cluster.namespace", "must be a non-empty word".into());
         }
         for (i, p) in self.paths.iter().enumerate() {
             if !p.starts_with('/') || p.len() < 2 {

@@ -177,6 +177,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error("cluster.redis_url: {0}")]
+    Cluster(String),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,

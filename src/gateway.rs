@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::accounts::{Accounts, Availability};
+use crate::cluster::SharedState;
 use crate::config::{Config, Secrets};
 use crate::error::{AcquireError, DialError, StartError};
 use crate::headers::ForwardHeaders;
@@ -69,6 +70,8 @@ pub(crate) struct Shared {
     /// Sessions per client key name (`limits.max_connections_per_client`); bounded by the
     /// number of configured client keys.
     per_client: dashmap::DashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Shared state with other instances (`cluster.redis_url`); disabled without it.
+    pub cluster: crate::cluster::Cluster,
     /// The pool's reaper, stopped with the gateway.
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
 }
@@ -202,7 +205,11 @@ impl Gateway {
         let dialer = Dialer::new(&config, pool.waker())?;
         let accounts =
             Accounts::from_config(&config.accounts, &secrets, config.routing.max_conversations);
-        Ok(Gateway {
+        let (cluster, notices) = crate::cluster::Cluster::start(
+            &config.cluster,
+            config.accounts.iter().map(|a| a.id.clone()).collect(),
+        )?;
+        let gateway = Gateway {
             shared: Arc::new(Shared {
                 ws_config: ws_config(&config),
                 config: RwLock::new(Arc::new(config)),
@@ -227,9 +234,23 @@ impl Gateway {
                 buffered: Budget::new(buffered_limit),
                 listener_tls,
                 per_client: dashmap::DashMap::new(),
+                cluster,
                 _reaper: tokio_util::task::AbortOnDropHandle::new(reaper),
             }),
-        })
+        };
+        if let Some(mut notices) = notices {
+            // Other instances' account states, applied here; ends with the gateway.
+            let shared = Arc::downgrade(&gateway.shared);
+            tokio::spawn(async move {
+                while let Some(n) = notices.recv().await {
+                    match shared.upgrade() {
+                        Some(s) => s.apply_shared_state(n),
+                        None => return,
+                    }
+                }
+            });
+        }
+        Ok(gateway)
     }
 
     /// The config in force.
@@ -347,6 +368,9 @@ impl Gateway {
             shared.pool.evict_account(&id, EvictReason::AccountChanged);
             summary.evicted_accounts.push(id.to_string());
         }
+        shared
+            .cluster
+            .set_accounts(config.accounts.iter().map(|a| a.id.clone()).collect());
         if let Ok(mut k) = shared.client_keys.write() {
             *k = client_keys(&secrets);
         }
@@ -418,8 +442,14 @@ impl Shared {
     }
 
     /// Makes an account unusable and evicts its pooled connections (an account change for
-    /// every conversation on it). Returns how many connections were evicted.
+    /// every conversation on it). Returns how many connections were evicted. A credential
+    /// refusal is shared with the other instances.
     pub fn make_unusable(&self, id: &AccountId, to: Availability) -> usize {
+        if let Availability::AuthFailed { retry_at } = to {
+            let left = retry_at.saturating_duration_since(tokio::time::Instant::now());
+            self.cluster
+                .share_account_state(id.as_str(), SharedState::AuthFailed, left);
+        }
         if self.accounts.set_availability(id, to) {
             warn!(account = %id, state = to.label(), "account unusable");
             self.pool.evict_account(id, EvictReason::AccountChanged)
@@ -428,7 +458,7 @@ impl Shared {
         }
     }
 
-    /// A rate limit from the upstream: cool the account down.
+    /// A rate limit from the upstream: cool the account down, here and (shared) everywhere.
     pub fn cool_down(&self, id: &AccountId, for_: Option<Duration>) {
         let for_ = for_.unwrap_or(self.config().routing.cooldown);
         let until = tokio::time::Instant::now() + for_;
@@ -437,8 +467,41 @@ impl Shared {
             .set_availability(id, Availability::Cooling { until })
         {
             warn!(account = %id, cooldown_s = for_.as_secs(), "account rate-limited; cooling down");
+            self.cluster
+                .share_account_state(id.as_str(), SharedState::Cooling, for_);
             self.pool.evict_account(id, EvictReason::AccountChanged);
         }
+    }
+
+    /// Another instance saw an account refused or rate-limited: the same here (not shared
+    /// again). Its pooled connections go; its conversations move on their next request.
+    pub fn apply_shared_state(&self, n: crate::cluster::AccountNotice) {
+        let id = AccountId::new(n.account.as_str());
+        let until = tokio::time::Instant::now() + n.remaining;
+        let to = match n.state {
+            SharedState::Cooling => Availability::Cooling { until },
+            SharedState::AuthFailed => Availability::AuthFailed { retry_at: until },
+        };
+        if self.accounts.set_availability(&id, to) {
+            warn!(
+                account = %id,
+                state = to.label(),
+                remaining_s = n.remaining.as_secs(),
+                from_instance = %n.from,
+                "account unusable (shared by the cluster)"
+            );
+            self.pool.evict_account(&id, EvictReason::AccountChanged);
+        }
+    }
+
+    /// The account for an affinity: shared with the other instances when the cluster is on
+    /// ([`crate::cluster::assign`]), this instance's sticky map otherwise.
+    pub async fn assign(
+        &self,
+        affinity: Option<&crate::accounts::AffinityKey>,
+        routing: &str,
+    ) -> Result<crate::accounts::Assignment, crate::accounts::NoUsableAccount> {
+        crate::cluster::assign(&self.accounts, &self.cluster, affinity, routing).await
     }
 
     /// Gets an upstream connection for a route: the affinity's account, then the pool's
@@ -467,12 +530,11 @@ impl Shared {
             if self.shutdown.is_cancelled() {
                 return Err(AcquireError::ShuttingDown);
             }
-            let assignment = self
-                .accounts
-                .assign(affinity.as_ref(), routing)
-                .map_err(|e| AcquireError::NoAccount {
+            let assignment = self.assign(affinity.as_ref(), routing).await.map_err(|e| {
+                AcquireError::NoAccount {
                     retry_after: e.retry_after,
-                })?;
+                }
+            })?;
             let account = assignment.account;
             let key_on = |account: AccountId| {
                 route.lane.as_ref().map(|c| PoolKey {

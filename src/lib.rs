@@ -37,6 +37,7 @@
 pub mod accounts;
 pub mod client;
 pub mod close;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;

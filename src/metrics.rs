@@ -34,6 +34,9 @@ pub const REUSE_AGE: &str = "wsgate_pool_reuse_age_seconds";
 pub const CACHED_RATIO: &str = "wsgate_turn_cached_ratio";
 pub const INPUT_TOKENS: &str = "wsgate_input_tokens_total";
 pub const CACHED_TOKENS: &str = "wsgate_cached_tokens_total";
+pub const CLUSTER_DEGRADED: &str = "wsgate_cluster_degraded";
+pub const CLUSTER_REDIS_ERRORS: &str = "wsgate_cluster_redis_errors_total";
+pub const CLUSTER_FALLBACKS: &str = "wsgate_cluster_fallbacks_total";
 
 /// Latency buckets (seconds): 1 ms .. 10 min.
 const LATENCY: &[f64] = &[
@@ -87,6 +90,18 @@ fn describe() {
     );
     describe_gauge!(POOLED, "Pooled upstream connections by account and state");
     describe_gauge!(ACCOUNTS, "Accounts by state");
+    describe_gauge!(
+        CLUSTER_DEGRADED,
+        "1 while cluster.redis_url is set but Redis does not answer (decisions are local)"
+    );
+    describe_counter!(
+        CLUSTER_REDIS_ERRORS,
+        "Redis calls that failed or timed out, by operation"
+    );
+    describe_counter!(
+        CLUSTER_FALLBACKS,
+        "Decisions taken on local state because Redis was unavailable, by operation"
+    );
     describe_histogram!(
         TURN_FIRST_EVENT,
         "Time from response.create to the first upstream event"

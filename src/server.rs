@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
+use crate::cluster::LeaseGrant;
 use crate::error::AcquireError;
 use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, HeaderIds};
@@ -88,6 +89,7 @@ pub async fn serve(
         .listening
         .store(true, std::sync::atomic::Ordering::Release);
     info!(addr = %addr, "wsgate listening");
+    shared.cluster.set_addr(addr);
     let token = shared.shutdown.clone();
     tokio::spawn({
         let token = token.clone();
@@ -118,6 +120,8 @@ pub async fn serve(
         sessions = shared.sessions.len(),
         "listener closed; draining"
     );
+    // Other instances and operators see it in the registry; new conversations go elsewhere.
+    shared.cluster.set_draining();
     shared.sessions.close();
     if tokio::time::timeout(grace, shared.sessions.wait())
         .await
@@ -140,6 +144,7 @@ pub async fn serve(
     if !gateway.wait_upstreams_closed(Duration::from_secs(2)).await {
         warn!("some upstream connections did not close in time");
     }
+    shared.cluster.leave().await;
     info!("wsgate stopped");
     Ok(())
 }
@@ -205,14 +210,14 @@ async fn status_json(State(gw): State<Gateway>, headers: HeaderMap) -> Response 
     if let Some(denied) = admin_denied(&gw, &headers) {
         return denied;
     }
-    axum::Json(gw.shared.status()).into_response()
+    axum::Json(gw.shared.status_with_cluster().await).into_response()
 }
 
 async fn status_page(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
     if let Some(denied) = admin_denied(&gw, &headers) {
         return denied;
     }
-    let html = crate::status::render_html(&gw.shared.status());
+    let html = crate::status::render_html(&gw.shared.status_with_cluster().await);
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
@@ -346,16 +351,20 @@ fn is_base64_of_16_bytes(key: &[u8]) -> bool {
 /// session's or the HTTP turn's life).
 pub(crate) struct Admitted {
     pub client: ClientId,
-    pub permits: (
-        tokio::sync::OwnedSemaphorePermit,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ),
+    pub permits: (tokio::sync::OwnedSemaphorePermit, ClientSlot),
+}
+
+/// A client key's share of `limits.max_connections_per_client`: this instance's permit and,
+/// with a cluster, the key's lease in Redis (so the limit holds across instances).
+pub(crate) struct ClientSlot {
+    _local: Option<tokio::sync::OwnedSemaphorePermit>,
+    _shared: Option<crate::cluster::Lease>,
 }
 
 /// The checks every client request passes, WebSocket or HTTP: the client key, the Origin
 /// allow-list, the connection limits, and not shutting down.
 #[allow(clippy::result_large_err)] // the refusal is the handler's answer, returned at once
-pub(crate) fn admit(
+pub(crate) async fn admit(
     shared: &crate::gateway::Shared,
     headers: &HeaderMap,
     peer: SocketAddr,
@@ -409,17 +418,32 @@ pub(crate) fn admit(
             "the gateway is at limits.max_client_connections",
         ));
     };
-    let client_slot = match shared.client_permit(client.as_str()) {
+    let too_many = || {
+        crate::metrics::error("too_many_connections_for_client");
+        json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections_for_client",
+            "this client key is at limits.max_connections_per_client",
+        )
+    };
+    let local = match shared.client_permit(client.as_str()) {
         None => None,
         Some(Ok(p)) => Some(p),
-        Some(Err(())) => {
-            crate::metrics::error("too_many_connections_for_client");
-            return Err(json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections_for_client",
-                "this client key is at limits.max_connections_per_client",
-            ));
+        Some(Err(())) => return Err(too_many()),
+    };
+    let limit = config.limits.max_connections_per_client;
+    let shared_lease = if limit > 0 && shared.cluster.enabled() {
+        match shared.cluster.lease(client.as_str(), limit).await {
+            LeaseGrant::Granted(l) => Some(l),
+            LeaseGrant::Refused => return Err(too_many()),
+            LeaseGrant::Local => None,
         }
+    } else {
+        None
+    };
+    let client_slot = ClientSlot {
+        _local: local,
+        _shared: shared_lease,
     };
     if shared.shutdown.is_cancelled() {
         return Err(json_error(
@@ -452,7 +476,7 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
     let Admitted {
         client,
         permits: (slot, client_slot),
-    } = match admit(shared, headers, peer) {
+    } = match admit(shared, headers, peer).await {
         Ok(a) => a,
         Err(r) => return r,
     };

@@ -32,6 +32,9 @@ pub struct Status {
     pub decisions: DecisionTotals,
     /// Completed turns' `cached_tokens / input_tokens`, by pool decision.
     pub cached_token_ratio: BTreeMap<&'static str, Option<f64>>,
+    /// Other instances and shared account states (`cluster.redis_url`); `enabled: false`
+    /// without it.
+    pub cluster: crate::cluster::ClusterStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -236,7 +239,18 @@ impl Shared {
             recent_decisions,
             decisions,
             cached_token_ratio,
+            cluster: self.cluster.local_status(),
         }
+    }
+
+    /// [`Shared::status`] plus what Redis says of the cluster (instances, shared account
+    /// states), within the call timeout.
+    pub async fn status_with_cluster(&self) -> Status {
+        let mut s = self.status();
+        if self.cluster.enabled() {
+            s.cluster = self.cluster.status().await;
+        }
+        s
     }
 
     /// Sets the state gauges from the live state (called at each scrape).
@@ -273,6 +287,10 @@ impl Shared {
                 .filter(|a| a.availability().label() == state)
                 .count();
             gauge!(crate::metrics::ACCOUNTS, "state" => state).set(n as f64);
+        }
+        if self.cluster.enabled() {
+            let degraded = if self.cluster.degraded() { 1.0 } else { 0.0 };
+            gauge!(crate::metrics::CLUSTER_DEGRADED).set(degraded);
         }
     }
 }
@@ -418,8 +436,48 @@ pub fn render_html(s: &Status) -> String {
             d.upstream_id
         );
     }
-    h.push_str("</table></body></html>\n");
+    h.push_str("</table>");
+    render_cluster(&mut h, &s.cluster);
+    h.push_str("</body></html>\n");
     h
+}
+
+fn render_cluster(h: &mut String, c: &crate::cluster::ClusterStatus) {
+    if !c.enabled {
+        return;
+    }
+    let state = if c.degraded {
+        "<span class=\"bad\">degraded: Redis is not answering, decisions are local</span>"
+    } else {
+        "<span class=\"ok\">shared state on Redis</span>"
+    };
+    let _ = write!(
+        h,
+        "<h2>Cluster</h2><p>this instance: {} · {state}</p>\
+         <table><tr><th>instance</th><th>address</th><th>state</th></tr>",
+        esc(c.instance.as_deref().unwrap_or("-"))
+    );
+    for i in &c.instances {
+        let _ = write!(
+            h,
+            "<tr><td>{}{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&i.id),
+            if i.this { " (this)" } else { "" },
+            esc(i.addr.as_deref().unwrap_or("-")),
+            esc(&i.state)
+        );
+    }
+    h.push_str("</table><table><tr><th>shared account state</th><th>state</th><th>left</th></tr>");
+    for a in &c.accounts {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class=\"bad\">{}</td><td>{:.0}s</td></tr>",
+            esc(&a.id),
+            esc(&a.state),
+            a.remaining_s
+        );
+    }
+    h.push_str("</table>");
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ fn parse_create(body: &[u8], max_frame: usize) -> Result<CreateRequest, Response
 pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Response {
     let shared = gw.shared.clone();
     let (parts, body) = req.into_parts();
-    let Admitted { client, permits } = match admit(&shared, &parts.headers, peer) {
+    let Admitted { client, permits } = match admit(&shared, &parts.headers, peer).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -281,10 +281,7 @@ struct Turn {
     keepalive: Duration,
     gone: CancellationToken,
     /// Held for the turn's life: it counts against the connection limits.
-    _permits: (
-        tokio::sync::OwnedSemaphorePermit,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ),
+    _permits: (tokio::sync::OwnedSemaphorePermit, crate::server::ClientSlot),
     /// Suspends the HTTP connection's deadline for the turn's life.
     _conn_turn: Option<crate::listener::TurnGuard>,
     /// The request's bytes in the gateway-wide budget.

@@ -67,7 +67,7 @@ async fn relay(
     suffix: &str,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let Admitted { client, permits } = match admit(shared, &parts.headers, peer) {
+    let Admitted { client, permits } = match admit(shared, &parts.headers, peer).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -100,7 +100,7 @@ async fn relay(
         .ok()
         .and_then(|ids| ids.route(client.clone(), None).affinity)
         .map(|a| (client.clone(), a));
-    let account = match shared.accounts.assign(affinity.as_ref(), suffix) {
+    let account = match shared.assign(affinity.as_ref(), suffix).await {
         Ok(a) => a.account,
         Err(no) => {
             let v = crate::event::limit_error("all_accounts_unavailable", no.retry_after);

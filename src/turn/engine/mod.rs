@@ -301,6 +301,7 @@ impl Engine {
         if let Some(prev) = &previous
             && !self.route_to_owner(prev)
         {
+            self.log_owner(prev).await;
             return self
                 .send_error(d,
                     400,
@@ -358,6 +359,29 @@ impl Engine {
             failed_over: Vec::new(),
         });
         Flow::Continue
+    }
+
+    /// With a cluster: says in the log where a continuation this instance cannot serve
+    /// lives (`prev_id_owner=other_instance owner_instance=...`), from the owner record.
+    async fn log_owner(&self, previous: &str) {
+        let cluster = &self.gw.cluster;
+        if !cluster.enabled() {
+            return;
+        }
+        let owner = cluster.owner(previous, self.route.client.as_str()).await;
+        let (place, instance) = match &owner {
+            Some(o) if !o.same_client => ("other_client", "-"),
+            Some(o) if Some(o.instance.as_str()) == cluster.instance() => {
+                ("this_instance", o.instance.as_str())
+            }
+            Some(o) => ("other_instance", o.instance.as_str()),
+            None => ("unknown", "-"),
+        };
+        info!(
+            prev_id_owner = place,
+            owner_instance = %crate::telemetry::escape(instance, 64),
+            "continuation not held by a connection here; previous_response_not_found"
+        );
     }
 
     /// An owned future (the session itself is not `Sync`, so it is not borrowed across the dial).
@@ -656,6 +680,13 @@ impl Engine {
                 conn.count_turn();
                 if let Some(id) = &terminal.completed_response_id {
                     conn.record_response(id);
+                    if self.gw.cluster.enabled() {
+                        let lane = self.route.lane.as_ref().map(|l| l.as_str()).unwrap_or("");
+                        let ttl = self.gw.pool.limits().max_age;
+                        self.gw
+                            .cluster
+                            .record_owner(id, self.route.client.as_str(), lane, ttl);
+                    }
                 }
             }
         }

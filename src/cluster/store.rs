@@ -1,0 +1,668 @@
+//! The Redis side of [`super::Cluster`]: the connection (a redis-rs `ConnectionManager` plus
+//! one pub/sub connection), calls under a deadline, the degraded switch, the background
+//! writer, and the supervisor that connects, listens, beats and republishes.
+//!
+//! Life of the connection: CONNECTING (start; calls answer "no shared state") -> UP after the
+//! first connect and resync -> DOWN when any call fails or the subscription ends (one
+//! `cluster degraded` line) -> the supervisor retries every second -> UP again after a resync
+//! (`cluster recovered`). Only the supervisor's retries touch Redis while DOWN.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use redis::RedisResult;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::keys::Keys;
+use super::scripts;
+use super::{AccountNotice, ClusterStatus, InstanceView, SharedAccountView, SharedState};
+use crate::config::ClusterConfig;
+use crate::telemetry::escape;
+
+const CONNECTING: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// Background writes waiting for the writer; past this they are dropped (counted as
+/// fallbacks): what matters is republished after an outage anyway.
+const WRITE_QUEUE: usize = 4096;
+/// Notices from other instances waiting to be applied.
+const NOTICE_QUEUE: usize = 256;
+/// Between reconnect attempts while DOWN.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// A write that does not need an answer.
+pub(super) enum Write {
+    Owner {
+        key: String,
+        value: String,
+        ttl_ms: u64,
+    },
+    Release {
+        key: String,
+        member: String,
+    },
+    AccountState {
+        account: String,
+        state: SharedState,
+        ms: u64,
+    },
+    Registry,
+}
+
+struct Registry {
+    addr: Option<SocketAddr>,
+    state: &'static str,
+}
+
+pub(super) struct Inner {
+    pub cfg: ClusterConfig,
+    pub instance: String,
+    pub keys: Keys,
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    state: AtomicU8,
+    /// Poked when a call fails, so the supervisor drops the connection and reconnects.
+    lost: Notify,
+    writes: mpsc::Sender<Write>,
+    writes_rx: Mutex<Option<mpsc::Receiver<Write>>>,
+    notices: mpsc::Sender<AccountNotice>,
+    /// This instance's leases: client name -> members (bounded by its live sessions).
+    leases: Mutex<HashMap<String, HashSet<String>>>,
+    /// What this instance announced: account -> (state, until), bounded by the accounts.
+    published: Mutex<HashMap<String, (SharedState, Instant)>>,
+    pub accounts: RwLock<Vec<String>>,
+    registry: Mutex<Registry>,
+    pub next_lease: AtomicU64,
+    pub stop: CancellationToken,
+    started_ms: u64,
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `<hostname>-<pid>`.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wsgate".into());
+    format!("{host}-{}", std::process::id())
+}
+
+fn fallback(op: &'static str) {
+    ::metrics::counter!(crate::metrics::CLUSTER_FALLBACKS, "op" => op).increment(1);
+}
+
+impl Inner {
+    pub fn new(
+        cfg: &ClusterConfig,
+        client: redis::Client,
+        accounts: Vec<String>,
+    ) -> (Arc<Inner>, mpsc::Receiver<AccountNotice>) {
+        let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE);
+        let (notices, notices_rx) = mpsc::channel(NOTICE_QUEUE);
+        let inner = Arc::new(Inner {
+            instance: cfg.instance_id.clone().unwrap_or_else(default_instance_id),
+            keys: Keys::new(&cfg.namespace),
+            cfg: cfg.clone(),
+            client,
+            conn: Mutex::new(None),
+            state: AtomicU8::new(CONNECTING),
+            lost: Notify::new(),
+            writes,
+            writes_rx: Mutex::new(Some(writes_rx)),
+            notices,
+            leases: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
+            accounts: RwLock::new(accounts),
+            registry: Mutex::new(Registry {
+                addr: None,
+                state: "serving",
+            }),
+            next_lease: AtomicU64::new(1),
+            stop: CancellationToken::new(),
+            started_ms: epoch_ms(),
+        });
+        ::metrics::gauge!(crate::metrics::CLUSTER_DEGRADED).set(1.0);
+        (inner, notices_rx)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.load(Ordering::Acquire) == UP
+    }
+
+    /// Runs one Redis call if the connection is up, under `cluster.call_timeout`. `None` =
+    /// no shared answer (the caller decides locally; counted as a fallback).
+    pub async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let conn = if self.is_up() {
+            self.connection()
+        } else {
+            None
+        };
+        let Some(conn) = conn else {
+            fallback(op);
+            return None;
+        };
+        self.exec(op, conn, f).await
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.conn.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// One call on `conn`, whatever the state (the supervisor's resync uses it before UP).
+    async fn exec<T, F, Fut>(&self, op: &'static str, conn: ConnectionManager, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.cfg.call_timeout, f(conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.failed(op, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed(op, "timed out");
+                None
+            }
+        }
+    }
+
+    fn failed(&self, op: &'static str, why: &str) {
+        ::metrics::counter!(crate::metrics::CLUSTER_REDIS_ERRORS, "op" => op).increment(1);
+        fallback(op);
+        self.degrade(op, why);
+    }
+
+    /// Switches to local decisions; logs once per outage.
+    fn degrade(&self, op: &str, why: &str) {
+        if self.state.swap(DOWN, Ordering::AcqRel) != DOWN {
+            ::metrics::gauge!(crate::metrics::CLUSTER_DEGRADED).set(1.0);
+            warn!(
+                instance = %self.instance,
+                op,
+                reason = %escape(why, 200),
+                "cluster degraded: Redis is not answering; deciding on local state until it does"
+            );
+        }
+        self.lost.notify_one();
+    }
+
+    /// Queues a background write (dropped, and counted, when the queue is full).
+    pub fn write(&self, w: Write) {
+        if self.writes.try_send(w).is_err() {
+            fallback("write_queue_full");
+        }
+    }
+
+    pub fn share_account_state(&self, account: &str, state: SharedState, remaining: Duration) {
+        if let Ok(mut p) = self.published.lock() {
+            p.retain(|_, (_, until)| *until > Instant::now());
+            p.insert(account.to_string(), (state, Instant::now() + remaining));
+        }
+        self.write(Write::AccountState {
+            account: account.to_string(),
+            state,
+            ms: remaining.as_millis().max(1) as u64,
+        });
+    }
+
+    pub fn hold_lease(&self, client: &str, member: &str) {
+        if let Ok(mut l) = self.leases.lock() {
+            l.entry(client.to_string())
+                .or_default()
+                .insert(member.to_string());
+        }
+    }
+
+    pub fn release_lease(&self, client: &str, member: &str) {
+        if let Ok(mut l) = self.leases.lock()
+            && let Some(set) = l.get_mut(client)
+        {
+            set.remove(member);
+            if set.is_empty() {
+                l.remove(client);
+            }
+        }
+        self.write(Write::Release {
+            key: self.keys.client_leases(client),
+            member: member.to_string(),
+        });
+    }
+
+    pub fn set_registry(&self, addr: Option<SocketAddr>, state: Option<&'static str>) {
+        if let Ok(mut r) = self.registry.lock() {
+            if addr.is_some() {
+                r.addr = addr;
+            }
+            if let Some(s) = state {
+                r.state = s;
+            }
+        }
+        self.write(Write::Registry);
+    }
+
+    fn registry_entry(&self) -> String {
+        let (addr, state) = self
+            .registry
+            .lock()
+            .map(|r| (r.addr.map(|a| a.to_string()), r.state))
+            .unwrap_or((None, "serving"));
+        serde_json::json!({
+            "addr": addr,
+            "state": state,
+            "started_ms": self.started_ms,
+            "expires_ms": epoch_ms() + 3 * self.cfg.heartbeat.as_millis() as u64,
+        })
+        .to_string()
+    }
+
+    /// Carries out one background write on `conn`; false if Redis did not take it.
+    async fn apply(&self, conn: ConnectionManager, w: Write) -> bool {
+        match w {
+            Write::Owner { key, value, ttl_ms } => self
+                .exec("owner_put", conn, move |mut c| async move {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&value)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await
+                .is_some(),
+            Write::Release { key, member } => self
+                .exec("lease_release", conn, move |mut c| async move {
+                    redis::cmd("ZREM")
+                        .arg(&key)
+                        .arg(&member)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await
+                .is_some(),
+            Write::AccountState { account, state, ms } => {
+                let key = self.keys.account_state(&account);
+                let event = serde_json::json!({
+                    "from": self.instance,
+                    "account": self.keys.account_tag(&account),
+                    "state": state.label(),
+                    "ms": ms,
+                })
+                .to_string();
+                let channel = self.keys.events();
+                self.exec("account_state", conn, move |mut c| async move {
+                    redis::pipe()
+                        .cmd("SET")
+                        .arg(&key)
+                        .arg(state.label())
+                        .arg("PX")
+                        .arg(ms)
+                        .ignore()
+                        .cmd("PUBLISH")
+                        .arg(&channel)
+                        .arg(&event)
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await
+                .is_some()
+            }
+            Write::Registry => {
+                let (key, field, value) = (
+                    self.keys.instances(),
+                    self.instance.clone(),
+                    self.registry_entry(),
+                );
+                self.exec("registry", conn, move |mut c| async move {
+                    redis::cmd("HSET")
+                        .arg(&key)
+                        .arg(&field)
+                        .arg(&value)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await
+                .is_some()
+            }
+        }
+    }
+
+    /// Re-sends this instance's leases (refresh, or republish after an outage).
+    async fn refresh_leases(&self, conn: &ConnectionManager) -> bool {
+        let leases: Vec<(String, Vec<String>)> = self
+            .leases
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .map(|(c, m)| (c.clone(), m.iter().cloned().collect()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ttl = self.cfg.lease_ttl.as_millis() as u64;
+        for (client, members) in leases {
+            let key = self.keys.client_leases(&client);
+            let done = self
+                .exec("lease_refresh", conn.clone(), move |mut c| async move {
+                    let mut inv = scripts::REFRESH.key(&key);
+                    inv.arg(ttl);
+                    for m in &members {
+                        inv.arg(m);
+                    }
+                    inv.invoke_async::<i64>(&mut c).await
+                })
+                .await;
+            if done.is_none() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// After (re)connecting: announce this instance, republish its account states and
+    /// leases, and read every account's shared state (notices may have been missed).
+    async fn resync(&self, conn: &ConnectionManager) -> bool {
+        if !self.apply(conn.clone(), Write::Registry).await {
+            return false;
+        }
+        let published: Vec<(String, SharedState, Instant)> = self
+            .published
+            .lock()
+            .map(|p| p.iter().map(|(a, (s, u))| (a.clone(), *s, *u)).collect())
+            .unwrap_or_default();
+        for (account, state, until) in published {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                let ms = left.as_millis().max(1) as u64;
+                if !self
+                    .apply(conn.clone(), Write::AccountState { account, state, ms })
+                    .await
+                {
+                    return false;
+                }
+            }
+        }
+        if !self.refresh_leases(conn).await {
+            return false;
+        }
+        let Some(states) = self.read_account_states(conn).await else {
+            return false;
+        };
+        for (account, state, left) in states {
+            let _ = self.notices.try_send(AccountNotice {
+                account,
+                state,
+                remaining: left,
+                from: "redis".into(),
+            });
+        }
+        true
+    }
+
+    /// Every configured account's shared state: (account, state, time left).
+    async fn read_account_states(
+        &self,
+        conn: &ConnectionManager,
+    ) -> Option<Vec<(String, SharedState, Duration)>> {
+        let ids = self.accounts.read().map(|a| a.clone()).unwrap_or_default();
+        let keys: Vec<String> = ids.iter().map(|a| self.keys.account_state(a)).collect();
+        let replies: Vec<(Option<String>, i64)> = self
+            .exec("account_read", conn.clone(), move |mut c| async move {
+                let mut p = redis::pipe();
+                for k in &keys {
+                    p.cmd("GET").arg(k).cmd("PTTL").arg(k);
+                }
+                p.query_async::<Vec<(Option<String>, i64)>>(&mut c).await
+            })
+            .await?;
+        Some(
+            ids.into_iter()
+                .zip(replies)
+                .filter_map(|(id, (state, ttl))| {
+                    let state = SharedState::parse(state.as_deref()?)?;
+                    (ttl > 0).then(|| (id, state, Duration::from_millis(ttl as u64)))
+                })
+                .collect(),
+        )
+    }
+
+    /// A message on the events channel: another instance's account state.
+    fn on_event(&self, payload: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return;
+        };
+        let from = v["from"].as_str().unwrap_or("?");
+        if from == self.instance {
+            return;
+        }
+        let (Some(tag), Some(state), Some(ms)) = (
+            v["account"].as_str(),
+            v["state"].as_str().and_then(SharedState::parse),
+            v["ms"].as_u64(),
+        ) else {
+            return;
+        };
+        let ids = self.accounts.read().map(|a| a.clone()).unwrap_or_default();
+        if let Some(account) = ids.into_iter().find(|a| self.keys.account_tag(a) == tag) {
+            let _ = self.notices.try_send(AccountNotice {
+                account,
+                state,
+                remaining: Duration::from_millis(ms),
+                from: escape(from, 64),
+            });
+        }
+    }
+
+    pub async fn leave(&self) {
+        let Some(conn) = self.connection().filter(|_| self.is_up()) else {
+            return;
+        };
+        let (key, field) = (self.keys.instances(), self.instance.clone());
+        self.exec("registry", conn, move |mut c| async move {
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(&field)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await;
+    }
+
+    pub async fn status(&self) -> ClusterStatus {
+        let mut status = ClusterStatus {
+            enabled: true,
+            instance: Some(self.instance.clone()),
+            degraded: !self.is_up(),
+            ..Default::default()
+        };
+        let Some(conn) = self.connection().filter(|_| self.is_up()) else {
+            return status;
+        };
+        let key = self.keys.instances();
+        let k = key.clone();
+        let all: HashMap<String, String> = self
+            .exec("status", conn.clone(), move |mut c| async move {
+                redis::cmd("HGETALL").arg(&k).query_async(&mut c).await
+            })
+            .await
+            .unwrap_or_default();
+        let now = epoch_ms();
+        let mut expired = Vec::new();
+        for (id, text) in all {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if v["expires_ms"].as_u64().is_none_or(|e| e < now) {
+                expired.push(id);
+                continue;
+            }
+            status.instances.push(InstanceView {
+                this: id == self.instance,
+                id: escape(&id, 64),
+                addr: v["addr"].as_str().map(|a| escape(a, 64)),
+                state: escape(v["state"].as_str().unwrap_or("?"), 16),
+            });
+        }
+        status.instances.sort_by(|a, b| a.id.cmp(&b.id));
+        if !expired.is_empty() {
+            self.exec("registry", conn.clone(), move |mut c| async move {
+                redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg(&expired)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        }
+        status.accounts = self
+            .read_account_states(&conn)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, state, left)| SharedAccountView {
+                id,
+                state: state.label().into(),
+                remaining_s: left.as_secs_f64(),
+            })
+            .collect();
+        status
+    }
+}
+
+/// Starts the supervisor and the writer.
+pub(super) fn spawn(inner: &Arc<Inner>) {
+    tokio::spawn(supervise(inner.clone()));
+    if let Some(rx) = inner.writes_rx.lock().ok().and_then(|mut r| r.take()) {
+        tokio::spawn(writer(inner.clone(), rx));
+    }
+}
+
+/// Applies background writes in order; while DOWN they are dropped (the resync after the
+/// outage republishes what still matters).
+async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Write>) {
+    loop {
+        let w = tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            w = rx.recv() => match w { Some(w) => w, None => return },
+        };
+        match inner.connection().filter(|_| inner.is_up()) {
+            Some(conn) => {
+                inner.apply(conn, w).await;
+            }
+            None => fallback("write_while_degraded"),
+        }
+    }
+}
+
+async fn connect(inner: &Inner) -> RedisResult<(ConnectionManager, redis::aio::PubSub)> {
+    let deadline = inner.cfg.call_timeout.max(Duration::from_secs(1));
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(deadline))
+        .set_response_timeout(Some(inner.cfg.call_timeout));
+    let manager = ConnectionManager::new_with_config(inner.client.clone(), config).await?;
+    let mut pubsub = inner.client.get_async_pubsub().await?;
+    pubsub.subscribe(inner.keys.events()).await?;
+    Ok((manager, pubsub))
+}
+
+/// Connects, resyncs, then listens and beats until the connection is lost; retries every
+/// second while Redis is away. Ends when the cluster handle is dropped.
+async fn supervise(inner: Arc<Inner>) {
+    let mut connected_once = false;
+    loop {
+        let deadline = inner.cfg.call_timeout.max(Duration::from_secs(1));
+        let attempt = tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            a = tokio::time::timeout(deadline, connect(&inner)) => a,
+        };
+        match attempt {
+            Ok(Ok((manager, pubsub))) => {
+                if let Ok(mut c) = inner.conn.lock() {
+                    *c = Some(manager.clone());
+                }
+                if inner.resync(&manager).await {
+                    inner.state.store(UP, Ordering::Release);
+                    ::metrics::gauge!(crate::metrics::CLUSTER_DEGRADED).set(0.0);
+                    if connected_once {
+                        info!(instance = %inner.instance, "cluster recovered: Redis answers again; state republished");
+                    } else {
+                        info!(instance = %inner.instance, "cluster connected");
+                    }
+                    connected_once = true;
+                    listen(&inner, pubsub).await;
+                }
+            }
+            Ok(Err(e)) => inner.degrade("connect", &e.to_string()),
+            Err(_) => inner.degrade("connect", "timed out"),
+        }
+        if let Ok(mut c) = inner.conn.lock() {
+            *c = None;
+        }
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+/// While UP: other instances' notices, the registry heartbeat, lease refreshes.
+async fn listen(inner: &Inner, pubsub: redis::aio::PubSub) {
+    let mut messages = pubsub.into_on_message();
+    let beat = inner.cfg.heartbeat;
+    let refresh_every = inner.cfg.lease_ttl / 3;
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
+    let mut refresh = tokio::time::interval_at(Instant::now() + refresh_every, refresh_every);
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = inner.lost.notified() => {
+                if !inner.is_up() {
+                    return;
+                }
+            }
+            m = messages.next() => match m {
+                Some(m) => inner.on_event(m.get_payload_bytes()),
+                None => {
+                    inner.degrade("subscribe", "subscription connection closed");
+                    return;
+                }
+            },
+            _ = heartbeat.tick() => {
+                if let Some(conn) = inner.connection() {
+                    inner.apply(conn, Write::Registry).await;
+                }
+            }
+            _ = refresh.tick() => {
+                let idle = inner.leases.lock().map(|l| l.is_empty()).unwrap_or(true);
+                if !idle && let Some(conn) = inner.connection() {
+                    debug!("refreshing client connection leases");
+                    inner.refresh_leases(&conn).await;
+                }
+            }
+        }
+    }
+}
