@@ -52,9 +52,9 @@ pub async fn assign(
     accounts.stick(key, &account.id);
     if local.as_ref() != Some(&account.id) {
         if reason == "claimed" {
-            debug!(client, affinity = aff, account = %account.id, reason, "affinity bound");
+            debug!(client = %client, affinity = %aff, account = %account.id, reason = %reason, "affinity bound");
         } else {
-            info!(client, affinity = aff, account = %account.id, reason, "affinity bound by the cluster");
+            info!(client = %client, affinity = %aff, account = %account.id, reason = %reason, "affinity bound by the cluster");
         }
     }
     Ok(Assignment {

@@ -66,9 +66,9 @@ pub static REFRESH: LazyLock<Script> = LazyLock::new(|| {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local until = now + tonumber(ARGV[1])
+local expiry = now + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], until, ARGV[i])
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return #ARGV - 1

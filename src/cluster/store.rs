@@ -200,7 +200,7 @@ impl Inner {
             ::metrics::gauge!(crate::metrics::CLUSTER_DEGRADED).set(1.0);
             warn!(
                 instance = %self.instance,
-                op,
+                op = %op,
                 reason = %escape(why, 200),
                 "cluster degraded: Redis is not answering; deciding on local state until it does"
             );

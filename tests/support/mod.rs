@@ -2,6 +2,8 @@
 //! upstream, log capture, unique ids, and polling.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};

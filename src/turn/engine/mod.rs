@@ -378,7 +378,7 @@ impl Engine {
             None => ("unknown", "-"),
         };
         info!(
-            prev_id_owner = place,
+            prev_id_owner = %place,
             owner_instance = %crate::telemetry::escape(instance, 64),
             "continuation not held by a connection here; previous_response_not_found"
         );
