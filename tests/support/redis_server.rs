@@ -19,14 +19,13 @@ pub struct RedisServer {
 
 /// `redis-server` on the PATH (or in /usr/bin), if installed.
 fn binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
+    std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
         .map(|d| d.join("redis-server"))
-        .find(|p| p.is_file());
-    found
+        .find(|p| p.is_file())
 }
 
 fn skip(why: &str) {
