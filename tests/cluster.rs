@@ -29,9 +29,7 @@ fn instance(
             redis.url
         )
         + extra;
-    let p =
-        GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "info"), ("KEY_ACCT_B", "sk-acct-b")]);
-    p
+    GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "info"), ("KEY_ACCT_B", "sk-acct-b")])
 }
 
 /// Waits until `p` logged a line containing `needle` (at most `within`).
