@@ -292,8 +292,7 @@ async fn nginx_keeps_a_codex_process_tree_on_one_instance_and_drains_to_the_othe
     let closed = tokio::time::timeout(Duration::from_secs(5), root.recv())
         .await
         .expect("the idle root is closed at once")
-        .err()
-        .expect("closed, not a frame");
+        .expect_err("closed, not a frame");
     assert_eq!(closed.close_code(), Some(1012), "{closed}");
     let mut again = connect(&lb.url(), &headers).await;
     turn(&mut again).await;
