@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::lb::instance;
 use support::redis_server::RedisServer;
 use support::*;
 use wsgate::client::{Client, ClientError, create_body};
@@ -13,23 +14,6 @@ use wsgate::mock::{Limit, MockConfig, MockUpstream};
 
 async fn mock() -> MockUpstream {
     MockUpstream::start(MockConfig::default()).await.unwrap()
-}
-
-/// An instance in a cluster named `ns`, with `extra` YAML sections appended.
-fn instance(
-    mock: &MockUpstream,
-    redis: &RedisServer,
-    ns: &str,
-    id: &str,
-    extra: &str,
-) -> GatewayProcess {
-    let yaml = test_yaml(&mock.url(), &["acct-a", "acct-b"], "")
-        + &format!(
-            "cluster:\n  redis_url: {}\n  instance_id: {id}\n  namespace: {ns}\n  lease_ttl: 3s\n  heartbeat: 10s\n",
-            redis.url
-        )
-        + extra;
-    GatewayProcess::start_with_env(&yaml, &[("RUST_LOG", "info"), ("KEY_ACCT_B", "sk-acct-b")])
 }
 
 /// Waits until `p` logged a line containing `needle` (at most `within`).

@@ -327,3 +327,80 @@ async fn codex_over_http_rides_one_pooled_upstream_websocket() {
     );
     gw.stop().await;
 }
+
+/// Two instances sharing a Redis behind nginx configured as docs/CLUSTER.md says. Codex's
+/// instance is drained (SIGTERM) while Codex runs a tool: the idle session gets 1012, Codex
+/// reconnects through nginx, and its next turn (the tool output) completes on the other
+/// instance, on the same account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_behind_nginx_finishes_on_the_other_instance_when_its_instance_drains() {
+    let test = "codex_behind_nginx_finishes_on_the_other_instance_when_its_instance_drains";
+    let Some(codex) = codex_or_skip(test) else {
+        return;
+    };
+    let Some(redis) = support::redis_server::RedisServer::any() else {
+        return;
+    };
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let ns = unique("codex-lb");
+    let drain = "shutdown:\n  grace: 20s\n";
+    let a = support::lb::instance(&mock, &redis, &ns, "A", drain);
+    let b = support::lb::instance(&mock, &redis, &ns, "B", drain);
+    let Some(lb) = support::lb::Proxy::nginx(a.addr, b.addr) else {
+        return;
+    };
+    let lb_addr: std::net::SocketAddr = format!("127.0.0.1:{}", lb.port).parse().unwrap();
+    let (home, work) = (codex_home(lb_addr), tempfile::tempdir().unwrap());
+    let run = codex_exec(
+        &codex,
+        home.path(),
+        work.path(),
+        "Run the check tool. [[mock: tool, tool_sleep=3000]]",
+    );
+    // Codex is running its 3 s tool once the mock answered the tool-call turn.
+    let tool_running = wait_until(Duration::from_secs(60), || {
+        mock.connections()
+            .iter()
+            .any(|c| c.creates.load(std::sync::atomic::Ordering::Acquire) >= 2)
+    })
+    .await;
+    assert!(tool_running, "Codex reached its tool run");
+    let decided = |p: &GatewayProcess| p.stderr_text().contains("pool decision");
+    let (mut drained, other) = match (decided(&a), decided(&b)) {
+        (true, false) => (a, b),
+        (false, true) => (b, a),
+        d => panic!("Codex's session is on exactly one instance: {d:?}"),
+    };
+    let account = |p: &GatewayProcess| {
+        p.stderr_text()
+            .lines()
+            .filter(|l| l.contains("pool decision"))
+            .filter_map(|l| {
+                l.split(" account=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+                    .map(String::from)
+            })
+            .next_back()
+    };
+    let before = account(&drained);
+    drained.signal("TERM");
+    let (out, stdout, stderr) = finished(run).await;
+    assert_tool_answer(&out, &stdout, &stderr);
+    assert!(
+        decided(&other),
+        "the next turn ran on the other instance: {}",
+        other.stderr_text()
+    );
+    assert_eq!(
+        account(&other),
+        before,
+        "on the same account (shared affinity)"
+    );
+    let status = drained
+        .wait_exit(Duration::from_secs(25))
+        .await
+        .expect("the drained instance exits");
+    assert!(status.success(), "{status:?}");
+}

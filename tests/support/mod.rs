@@ -2,6 +2,7 @@
 //! upstream, log capture, unique ids, and polling.
 #![allow(dead_code)]
 
+pub mod lb;
 pub mod redis_server;
 
 use std::io::Write;
