@@ -340,6 +340,29 @@ async fn losing_redis_degrades_to_local_state_and_its_return_republishes() {
         }
         assert_eq!(count(p, "cluster degraded"), 1, "one line per outage");
     }
+    let metrics = http_get(a.addr, "/metrics", None).await.1;
+    assert_eq!(
+        prom_value(&metrics, "wsgate_cluster_degraded", &[]),
+        Some(1.0)
+    );
+    assert!(
+        prom_value(
+            &metrics,
+            "wsgate_cluster_redis_errors_total",
+            &[("op", "subscribe")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert!(
+        prom_value(
+            &metrics,
+            "wsgate_cluster_fallbacks_total",
+            &[("op", "affinity_get")]
+        )
+        .is_some_and(|n| n >= 3.0),
+        "every turn's assignment fell back to local state: {metrics}"
+    );
     redis.restart();
     let back = Instant::now();
     for p in [&a, &b] {
@@ -369,7 +392,120 @@ async fn losing_redis_degrades_to_local_state_and_its_return_republishes() {
         .unwrap();
     assert_eq!(leases, 1, "A's live session's lease republished");
     assert_eq!(count(&a, "cluster degraded"), 1);
+    let metrics = http_get(a.addr, "/metrics", None).await.1;
+    assert_eq!(
+        prom_value(&metrics, "wsgate_cluster_degraded", &[]),
+        Some(0.0)
+    );
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_costs_a_request_at_most_the_call_timeout() {
+    let Some(redis) = RedisServer::own() else {
+        return;
+    };
+    let mock = mock().await;
+    let ns = unique("slow");
+    let a = instance(&mock, &redis, &ns, "A", "");
+    connected(&a).await;
+    // Redis accepts connections but runs no command for 3 s (a stalled server).
+    let mut c = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let conv = unique("during-pause");
+        let started = Instant::now();
+        one_turn(&a.url(), &borrowed(&ws_headers(&conv)), &conv).await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(250 + 400),
+            "turn {i} waited at most the call timeout (250ms) for Redis: {took:?}"
+        );
+    }
+    assert_eq!(count(&a, "cluster degraded"), 1, "{}", a.stderr_text());
+    assert!(
+        logged(&a, "cluster recovered", Duration::from_secs(8)).await,
+        "back once Redis answers: {}",
+        a.stderr_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_is_marked_in_the_registry_then_leaves_it() {
+    let Some(redis) = RedisServer::any() else {
+        return;
+    };
+    let mock = mock().await;
+    let ns = unique("drain");
+    let drain = "shutdown:\n  grace: 10s\n";
+    let mut a = instance(&mock, &redis, &ns, "A", drain);
+    let b = instance(&mock, &redis, &ns, "B", drain);
+    let states = |s: &Value| -> Vec<(String, String)> {
+        s["cluster"]["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap().to_string(),
+                    i["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let status = b.status().await;
+    assert_eq!(
+        states(&status),
+        [
+            ("A".into(), "serving".into()),
+            ("B".into(), "serving".into())
+        ],
+        "{}",
+        status["cluster"]
+    );
+    assert_eq!(status["cluster"]["instance"], "B");
+    assert_eq!(status["cluster"]["degraded"], false);
+    // A turn in flight keeps A draining for a while.
+    let conv = unique("inflight");
+    let mut streaming = a.connect(&conv).await;
+    streaming
+        .send_json(&create_body(
+            Some(&conv),
+            "[[mock: deltas=60, interval=25]]",
+            None,
+        ))
+        .await
+        .unwrap();
+    streaming.recv().await.unwrap();
+    a.signal("TERM");
+    let mut draining = false;
+    for _ in 0..50 {
+        if states(&b.status().await).contains(&("A".into(), "draining".into())) {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(draining, "B sees A draining");
+    let page = http_get(b.addr, "/status", None).await.1;
+    assert!(
+        page.contains("<h2>Cluster</h2>") && page.contains("draining"),
+        "{page}"
+    );
+    let t = streaming.read_turn().await.unwrap();
+    assert!(t.is_completed());
+    assert!(a.wait_exit(Duration::from_secs(10)).await.is_some());
+    assert_eq!(
+        states(&b.status().await),
+        [("B".into(), "serving".into())],
+        "A left the registry when it stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

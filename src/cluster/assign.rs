@@ -18,7 +18,8 @@ pub async fn assign(
     affinity: Option<&AffinityKey>,
     routing: &str,
 ) -> Result<Assignment, NoUsableAccount> {
-    let Some(key) = affinity.filter(|_| cluster.enabled() && !cluster.degraded()) else {
+    // Degraded: `affinity` answers `None` at once (counted as a fallback).
+    let Some(key) = affinity.filter(|_| cluster.enabled()) else {
         return accounts.assign(affinity, routing);
     };
     let (client, aff) = (key.0.as_str(), key.1.as_str());

@@ -189,13 +189,13 @@ impl Inner {
     }
 
     fn failed(&self, op: &'static str, why: &str) {
-        ::metrics::counter!(crate::metrics::CLUSTER_REDIS_ERRORS, "op" => op).increment(1);
         fallback(op);
         self.degrade(op, why);
     }
 
-    /// Switches to local decisions; logs once per outage.
-    fn degrade(&self, op: &str, why: &str) {
+    /// A Redis error (counted): switches to local decisions; logs once per outage.
+    fn degrade(&self, op: &'static str, why: &str) {
+        ::metrics::counter!(crate::metrics::CLUSTER_REDIS_ERRORS, "op" => op).increment(1);
         if self.state.swap(DOWN, Ordering::AcqRel) != DOWN {
             ::metrics::gauge!(crate::metrics::CLUSTER_DEGRADED).set(1.0);
             warn!(
