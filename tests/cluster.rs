@@ -473,16 +473,7 @@ async fn a_draining_instance_is_marked_in_the_registry_then_leaves_it() {
     assert_eq!(status["cluster"]["degraded"], false);
     // A turn in flight keeps A draining for a while.
     let conv = unique("inflight");
-    let mut streaming = a.connect(&conv).await;
-    streaming
-        .send_json(&create_body(
-            Some(&conv),
-            "[[mock: deltas=60, interval=25]]",
-            None,
-        ))
-        .await
-        .unwrap();
-    streaming.recv().await.unwrap();
+    let mut streaming = a.start_long_turn(&conv).await;
     a.signal("TERM");
     let mut draining = false;
     for _ in 0..50 {

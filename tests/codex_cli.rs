@@ -109,6 +109,30 @@ fn codex_exec(codex: &Path, home: &Path, work: &Path, prompt: &str) -> tokio::pr
         .expect("codex runs")
 }
 
+/// Starts `codex exec` on a prompt whose tool runs for 3 s and returns once Codex is running
+/// it (the mock answered the tool-call turn: prewarm + turn on one upstream connection).
+async fn start_tool_run(
+    codex: &Path,
+    home: &Path,
+    work: &Path,
+    mock: &MockUpstream,
+) -> tokio::process::Child {
+    let run = codex_exec(
+        codex,
+        home,
+        work,
+        "Run the check tool. [[mock: tool, tool_sleep=3000]]",
+    );
+    let tool_running = wait_until(Duration::from_secs(60), || {
+        mock.connections()
+            .iter()
+            .any(|c| c.creates.load(std::sync::atomic::Ordering::Acquire) >= 2)
+    })
+    .await;
+    assert!(tool_running, "Codex reached its tool run");
+    run
+}
+
 async fn finished(child: tokio::process::Child) -> (Output, String, String) {
     let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
         .await
@@ -257,19 +281,7 @@ async fn codex_survives_a_gateway_restart_during_a_tool_run() {
         .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
     let mut a = GatewayProcess::start(&yaml);
     let (home, work) = (codex_home(a.addr), tempfile::tempdir().unwrap());
-    let run = codex_exec(
-        &codex,
-        home.path(),
-        work.path(),
-        "Run the check tool. [[mock: tool, tool_sleep=3000]]",
-    );
-    // The tool call went out (prewarm + turn answered): Codex is running the 3 s tool now.
-    let tool_running = wait_until(Duration::from_secs(60), || {
-        mock.connection(1)
-            .is_some_and(|c| c.creates.load(std::sync::atomic::Ordering::Acquire) >= 2)
-    })
-    .await;
-    assert!(tool_running, "Codex reached its tool run");
+    let run = start_tool_run(&codex, home.path(), work.path(), &mock).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.signal("TERM");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -351,20 +363,7 @@ async fn codex_behind_nginx_finishes_on_the_other_instance_when_its_instance_dra
     };
     let lb_addr: std::net::SocketAddr = format!("127.0.0.1:{}", lb.port).parse().unwrap();
     let (home, work) = (codex_home(lb_addr), tempfile::tempdir().unwrap());
-    let run = codex_exec(
-        &codex,
-        home.path(),
-        work.path(),
-        "Run the check tool. [[mock: tool, tool_sleep=3000]]",
-    );
-    // Codex is running its 3 s tool once the mock answered the tool-call turn.
-    let tool_running = wait_until(Duration::from_secs(60), || {
-        mock.connections()
-            .iter()
-            .any(|c| c.creates.load(std::sync::atomic::Ordering::Acquire) >= 2)
-    })
-    .await;
-    assert!(tool_running, "Codex reached its tool run");
+    let run = start_tool_run(&codex, home.path(), work.path(), &mock).await;
     let decided = |p: &GatewayProcess| p.stderr_text().contains("pool decision");
     let (mut drained, other) = match (decided(&a), decided(&b)) {
         (true, false) => (a, b),

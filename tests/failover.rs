@@ -283,16 +283,7 @@ async fn a_replacement_takes_over_the_address_while_the_old_process_drains() {
         + "shutdown:\n  grace: 20s\n";
     let mut a = GatewayProcess::start(&yaml);
     let conv = unique("restart");
-    let mut streaming = a.connect(&conv).await;
-    streaming
-        .send_json(&create_body(
-            Some(&conv),
-            "[[mock: deltas=60, interval=25]]",
-            None,
-        ))
-        .await
-        .unwrap();
-    streaming.recv().await.unwrap();
+    let mut streaming = a.start_long_turn(&conv).await;
     a.signal("TERM");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let b = GatewayProcess::start(&yaml);

@@ -114,24 +114,13 @@ impl Proxy {
              fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n{block}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = Command::new(bin)
-            .arg("-p")
+        let mut cmd = Command::new(bin);
+        cmd.arg("-p")
             .arg(dir.path())
             .arg("-c")
             .arg(dir.path().join("nginx.conf"))
-            .args(["-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nginx");
-        Some(
-            Proxy {
-                child,
-                port,
-                _dir: dir,
-            }
-            .wait_ready(),
-        )
+            .args(["-g", "daemon off;"]);
+        Some(Proxy::spawn(cmd, port, dir))
     }
 
     pub fn haproxy(a: SocketAddr, b: SocketAddr) -> Option<Proxy> {
@@ -151,21 +140,23 @@ impl Proxy {
         );
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, conf).unwrap();
-        let child = Command::new(bin)
-            .arg("-f")
-            .arg(&path)
-            .arg("-db")
+        let mut cmd = Command::new(bin);
+        cmd.arg("-f").arg(&path).arg("-db");
+        Some(Proxy::spawn(cmd, port, dir))
+    }
+
+    /// Runs the load balancer in the foreground and waits until it accepts on `port`.
+    fn spawn(mut cmd: Command, port: u16, dir: tempfile::TempDir) -> Proxy {
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start haproxy");
-        Some(
-            Proxy {
-                child,
-                port,
-                _dir: dir,
-            }
-            .wait_ready(),
-        )
+            .expect("start the load balancer");
+        Proxy {
+            child,
+            port,
+            _dir: dir,
+        }
+        .wait_ready()
     }
 }

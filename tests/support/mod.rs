@@ -465,6 +465,21 @@ impl GatewayProcess {
         panic!("the gateway did not settle back to zero: {s}");
     }
 
+    /// Connects for `conversation` and starts a 60-delta turn paced 25 ms apart (1.5 s in
+    /// flight); returns once its first event arrived.
+    pub async fn start_long_turn(&self, conversation: &str) -> wsgate::client::Client {
+        let mut c = self.connect(conversation).await;
+        c.send_json(&wsgate::client::create_body(
+            Some(conversation),
+            "[[mock: deltas=60, interval=25]]",
+            None,
+        ))
+        .await
+        .unwrap();
+        c.recv().await.unwrap();
+        c
+    }
+
     /// Connects with the test client key for `conversation` (session-id header).
     pub async fn connect(&self, conversation: &str) -> wsgate::client::Client {
         let headers = [
