@@ -354,6 +354,7 @@ impl Gateway {
             (old.admin.listen != config.admin.listen, "admin.listen"),
             (old.limits != config.limits, "limits"),
             (old.tls != config.tls, "tls"),
+            (old.cluster != config.cluster, "cluster"),
         ] {
             if changed {
                 summary.needs_restart.push(key);

@@ -39,6 +39,10 @@ const WRITE_QUEUE: usize = 4096;
 const NOTICE_QUEUE: usize = 256;
 /// Between reconnect attempts while DOWN.
 const RETRY: Duration = Duration::from_secs(1);
+/// The longest unusable state taken from Redis (the upstream's own `resets_in_seconds` is
+/// clamped the same way): a hostile or corrupt value cannot park an account for ever, or
+/// overflow a deadline.
+const MAX_SHARED_STATE: Duration = Duration::from_secs(7 * 86400);
 
 /// A write that does not need an answer.
 pub(super) enum Write {
@@ -442,7 +446,8 @@ impl Inner {
                 .zip(replies)
                 .filter_map(|(id, (state, ttl))| {
                     let state = SharedState::parse(state.as_deref()?)?;
-                    (ttl > 0).then(|| (id, state, Duration::from_millis(ttl as u64)))
+                    let left = Duration::from_millis(ttl as u64).min(MAX_SHARED_STATE);
+                    (ttl > 0).then_some((id, state, left))
                 })
                 .collect(),
         )
@@ -469,7 +474,7 @@ impl Inner {
             let _ = self.notices.try_send(AccountNotice {
                 account,
                 state,
-                remaining: Duration::from_millis(ms),
+                remaining: Duration::from_millis(ms).min(MAX_SHARED_STATE),
                 from: escape(from, 64),
             });
         }
@@ -664,5 +669,65 @@ async fn listen(inner: &Inner, pubsub: redis::aio::PubSub) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inner() -> (Arc<Inner>, mpsc::Receiver<AccountNotice>) {
+        let cfg = ClusterConfig {
+            redis_url: Some("redis://127.0.0.1:1/".into()),
+            instance_id: Some("me".into()),
+            ..Default::default()
+        };
+        // Opening a client does not connect; nothing here touches the network.
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        Inner::new(&cfg, client, vec!["acct-a".into(), "acct-b".into()])
+    }
+
+    #[test]
+    fn events_from_others_are_applied_and_hostile_ones_are_not() {
+        let (i, mut rx) = inner();
+        let tag = i.keys.account_tag("acct-b");
+        let event = |from: &str, account: &str, state: &str, ms: u64| {
+            serde_json::json!({"from": from, "account": account, "state": state, "ms": ms})
+                .to_string()
+        };
+        i.on_event(event("other", &tag, "cooling", 1500).as_bytes());
+        let n = rx.try_recv().expect("applied");
+        assert_eq!(
+            (n.account.as_str(), n.state),
+            ("acct-b", SharedState::Cooling)
+        );
+        assert_eq!(n.remaining, Duration::from_millis(1500));
+        assert_eq!(n.from, "other");
+        // Its own announcements, unknown accounts, unknown states and garbage are ignored.
+        i.on_event(event("me", &tag, "cooling", 1500).as_bytes());
+        i.on_event(event("other", "not-a-tag", "cooling", 1500).as_bytes());
+        i.on_event(event("other", &tag, "exploded", 1500).as_bytes());
+        i.on_event(b"\xff{not json");
+        assert!(rx.try_recv().is_err());
+        // A value that would park the account for ever (or overflow a deadline) is clamped,
+        // and the sender's name is escaped before it reaches a log line.
+        i.on_event(event("evil\n\u{1b}[31m", &tag, "auth_failed", u64::MAX).as_bytes());
+        let n = rx.try_recv().expect("applied, clamped");
+        assert_eq!(n.remaining, MAX_SHARED_STATE);
+        assert!(!n.from.contains('\n') && !n.from.contains('\u{1b}'));
+    }
+
+    #[tokio::test]
+    async fn without_a_connection_every_call_falls_back_at_once() {
+        let (i, _rx) = inner();
+        let started = std::time::Instant::now();
+        let v: Option<String> = i
+            .run("test", |mut c| async move {
+                redis::cmd("GET").arg("k").query_async(&mut c).await
+            })
+            .await;
+        assert!(v.is_none());
+        assert!(started.elapsed() < Duration::from_millis(50));
+        assert!(!i.is_up());
     }
 }
