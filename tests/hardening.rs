@@ -556,3 +556,68 @@ async fn the_gateway_wide_byte_budget_refuses_new_work_instead_of_growing() {
     assert_eq!(gw.gateway.resources().buffered_bytes, 0);
     gw.stop().await;
 }
+
+/// A socket that hands out queued bytes and records how much room each read offered.
+struct RecordingSocket {
+    incoming: std::collections::VecDeque<Vec<u8>>,
+    offered: Vec<usize>,
+}
+
+impl std::io::Read for RecordingSocket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.offered.push(buf.len());
+        match self.incoming.pop_front() {
+            Some(mut chunk) => {
+                let n = chunk.len().min(buf.len());
+                buf[..n].copy_from_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.incoming.push_front(chunk.split_off(n));
+                }
+                Ok(n)
+            }
+            None => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl std::io::Write for RecordingSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A masked client text frame.
+fn client_frame(text: &str) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x81, 0x80 | text.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The vendored tungstenite releases an empty read buffer (idle memory) and must allocate it
+/// again at a full read's size: a burst after an idle moment is one `recv`, not a 14-byte
+/// header read and then the rest (which doubled the reads of every turn).
+#[test]
+fn a_released_read_buffer_comes_back_at_full_read_size() {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let socket = RecordingSocket {
+        incoming: [client_frame("first"), client_frame("second")].into(),
+        offered: Vec::new(),
+    };
+    let mut ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
+    for want in ["first", "second"] {
+        let msg = ws.read().expect("a frame");
+        assert_eq!(msg.into_text().unwrap().as_str(), want);
+    }
+    let offered = &ws.get_ref().offered;
+    assert_eq!(offered.len(), 2, "one read per frame: {offered:?}");
+    assert!(
+        offered.iter().all(|n| *n >= 4096),
+        "every read offered a full buffer: {offered:?}"
+    );
+}

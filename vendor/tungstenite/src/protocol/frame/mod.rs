@@ -187,6 +187,12 @@ impl FrameCodec {
                     // wsgate patch: nothing is reserved for the declared length here; the
                     // buffer grows as the payload arrives (below), so a 15-byte header cannot
                     // reserve `max_frame_size` bytes of address space.
+                } else if self.in_buffer.capacity() == 0 {
+                    // wsgate patch: a released buffer comes back at a full read's size (a
+                    // bare `reserve` allocated exactly the header size, so every burst after
+                    // an idle moment cost a 14-byte read before the real one).
+                    self.in_buffer =
+                        BytesMut::with_capacity(self.in_buf_max_read.max(FrameHeader::MAX_SIZE));
                 } else {
                     self.in_buffer.reserve(FrameHeader::MAX_SIZE);
                 }
