@@ -368,3 +368,61 @@ async fn healthz_and_non_websocket_requests() {
     assert_eq!(mock.accepted(), 0);
     gw.stop().await;
 }
+
+/// Idle sessions hold no read or write buffers: with a 64 KiB read size, 300 sessions that each
+/// ran a turn and then idle (client socket and pooled upstream socket both waiting for bytes)
+/// would hold 2 x 64 KiB each if a waiting read allocated its buffer (37 MiB); they hold the
+/// session's own state only.
+#[tokio::test]
+async fn idle_sessions_hold_no_socket_buffers() {
+    init();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = test_yaml(
+        &mock.url(),
+        &["acct-a"],
+        "relay:\n  read_buffer_size: 64KiB\nlimits:\n  max_connections_per_client: 0\npool:\n  max_total: 1000\n  max_per_account: 1000\n",
+    );
+    let gw = GatewayProcess::start(&yaml);
+    // Warm the process up (allocator arenas, first pooled connection) before the baseline.
+    let warm = unique("idle-warm");
+    let mut w = gw.connect(&warm).await;
+    assert!(
+        w.turn(&create_body(Some(&warm), "warm up", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = gw.rss_kib();
+
+    const PAIRS: usize = 300;
+    let mut held = Vec::with_capacity(PAIRS);
+    for batch in 0..PAIRS / 50 {
+        let turns = (0..50).map(|i| {
+            let conv = unique(&format!("idle-{batch}-{i}"));
+            let gw = &gw;
+            async move {
+                let mut c = gw.connect(&conv).await;
+                let t = c
+                    .turn(&create_body(Some(&conv), "[[mock: deltas=20]]", None))
+                    .await
+                    .unwrap();
+                assert!(t.is_completed(), "{:?}", t.terminal());
+                c
+            }
+        });
+        held.extend(futures::future::join_all(turns).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = gw.status().await;
+    assert_eq!(status["sessions_active"], PAIRS + 1, "{status}");
+    let per_pair_kib = gw.rss_kib().saturating_sub(baseline) / PAIRS as u64;
+    assert!(
+        per_pair_kib < 40,
+        "{per_pair_kib} KiB per idle session pair (64 KiB reads): a waiting read holds a buffer"
+    );
+    for c in held {
+        c.close().await;
+    }
+    w.close().await;
+}

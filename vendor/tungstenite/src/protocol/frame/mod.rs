@@ -188,11 +188,10 @@ impl FrameCodec {
                     // buffer grows as the payload arrives (below), so a 15-byte header cannot
                     // reserve `max_frame_size` bytes of address space.
                 } else if self.in_buffer.capacity() == 0 {
-                    // wsgate patch: a released buffer comes back at a full read's size (a
-                    // bare `reserve` allocated exactly the header size, so every burst after
-                    // an idle moment cost a 14-byte read before the real one).
-                    self.in_buffer =
-                        BytesMut::with_capacity(self.in_buf_max_read.max(FrameHeader::MAX_SIZE));
+                    // wsgate patch: a released buffer stays released until bytes arrive
+                    // (`read_in` reads them through a per-thread scratch buffer); a bare
+                    // `reserve` allocated exactly the header size, so every burst after an
+                    // idle moment cost a 14-byte read before the real one.
                 } else {
                     self.in_buffer.reserve(FrameHeader::MAX_SIZE);
                 }
@@ -209,10 +208,15 @@ impl FrameCodec {
             // wsgate patch: room for the next read only (at most the read size), not for the
             // whole declared frame.
             if self.in_buffer.capacity() == 0 {
-                // wsgate patch: the buffer was released while the socket idled; a full read's
-                // worth again (a fresh buffer, so later reallocations keep this size too).
-                self.in_buffer =
-                    BytesMut::with_capacity(self.in_buf_max_read.max(FrameHeader::MAX_SIZE));
+                // wsgate patch: the buffer was released while the socket idled. A read that
+                // would block must not allocate it again (an idle socket waits here), so the
+                // bytes go through a per-thread scratch buffer first and the buffer is
+                // allocated, at a full read's size, only when some arrived.
+                if self.read_released(stream)? == 0 {
+                    trace!("no frame received");
+                    return Ok(None);
+                }
+                continue;
             }
             let want = match &self.header {
                 Some((_, len)) => (*len as usize)
@@ -257,6 +261,30 @@ impl FrameCodec {
         let frame = Frame::from_payload(header, payload.freeze());
         trace!("received frame {frame}");
         Ok(Some(frame))
+    }
+
+    /// wsgate patch: one read while `in_buffer` is released, through a per-thread scratch
+    /// buffer of a full read's size; `in_buffer` is allocated (a full read's size, or the
+    /// bytes read if more) only when bytes arrived, so a read that would block allocates
+    /// nothing.
+    fn read_released(&mut self, stream: &mut impl Read) -> io::Result<usize> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let read_size = self.in_buf_max_read.max(FrameHeader::MAX_SIZE);
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < read_size {
+                scratch.resize(read_size, 0);
+            }
+            let n = stream.read(&mut scratch[..read_size])?;
+            if n > 0 {
+                let mut fresh = BytesMut::with_capacity(read_size);
+                fresh.extend_from_slice(&scratch[..n]);
+                self.in_buffer = fresh;
+            }
+            Ok(n)
+        })
     }
 
     /// Read into available `in_buffer` capacity.
