@@ -513,7 +513,9 @@ where
         }
         Ok(resp)
     };
+    // 16 KiB reads: tungstenite's default 128 KiB is zero-filled before every read.
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(16 << 10)
         .max_message_size(Some(state.config.max_message_size))
         .max_frame_size(Some(state.config.max_message_size));
     let ws =
@@ -788,6 +790,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
         let terminal =
             crate::event::is_terminal(v.get("type").and_then(Value::as_str).unwrap_or(""));
         self.send_text(type_first(&v), terminal).await
+    }
+
+    /// Sends an event already rendered with `self.seq` as its `sequence_number`.
+    async fn emit_rendered(&mut self, text: String, terminal: bool) -> bool {
+        self.seq += 1;
+        if terminal {
+            self.end();
+        }
+        self.send_text(text, terminal).await
     }
 
     /// Writes one frame; in batch mode flushes every 64 frames and on `flush`.
@@ -1114,19 +1125,27 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
             let is_delta =
                 ev.get("type").and_then(Value::as_str) == Some("response.output_text.delta");
             if !is_delta {
-                let mut v = f.render(i, &vars);
-                if v["type"] == "response.completed" {
-                    if d.incomplete {
-                        v["type"] = json!("response.incomplete");
-                        v["response"]["status"] = json!("incomplete");
-                        v["response"]["incomplete_details"] =
-                            json!({"reason": "max_output_tokens"});
+                let ty = ev.get("type").and_then(Value::as_str).unwrap_or("");
+                let rendered = (!d.incomplete && !d.empty_output)
+                    .then(|| f.render_text(i, &vars, em.seq))
+                    .flatten();
+                if let Some(text) = rendered {
+                    ok = ok && em.emit_rendered(text, crate::event::is_terminal(ty)).await;
+                } else {
+                    let mut v = f.render(i, &vars);
+                    if v["type"] == "response.completed" {
+                        if d.incomplete {
+                            v["type"] = json!("response.incomplete");
+                            v["response"]["status"] = json!("incomplete");
+                            v["response"]["incomplete_details"] =
+                                json!({"reason": "max_output_tokens"});
+                        }
+                        if d.empty_output {
+                            v["response"]["output"] = json!([]);
+                        }
                     }
-                    if d.empty_output {
-                        v["response"]["output"] = json!([]);
-                    }
+                    ok = ok && em.emit(v).await;
                 }
-                ok = ok && em.emit(v).await;
                 if i == 0 && d.custom {
                     ok = ok
                         && em

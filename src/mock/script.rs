@@ -289,8 +289,68 @@ fn substitute(v: &mut Value, vars: &Vars) {
     }
 }
 
-/// A fixture: its events, each a JSON value with placeholders.
-pub struct Fixture(Vec<Value>);
+/// A fixture: its events, each a JSON value with placeholders, and each event's text split
+/// at its whole-string placeholders (rendered without building a JSON value).
+pub struct Fixture(Vec<Value>, Vec<Option<Template>>);
+
+/// An event's text: `{"type":"..."` (where `sequence_number` goes), then literal text and
+/// whole-string placeholders (`"{{name}}"`, replaced by the value's JSON).
+struct Template {
+    head: String,
+    rest: Vec<Piece>,
+}
+
+enum Piece {
+    Text(String),
+    Var(String),
+}
+
+impl Template {
+    /// `None` when the line does not start with its `type` or has a placeholder inside a
+    /// longer string (those render through the JSON value).
+    fn parse(line: &str) -> Option<Template> {
+        let body = line.strip_prefix("{\"type\":\"")?;
+        let end = body.find('"')?;
+        let head = line[..9 + end + 1].to_string();
+        let mut rest = Vec::new();
+        let mut text = &line[head.len()..];
+        while let Some(at) = text.find("{{") {
+            let before = text[..at].strip_suffix('"')?;
+            let after = &text[at + 2..];
+            let close = after.find("}}\"")?;
+            let name = &after[..close];
+            if !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                return None;
+            }
+            rest.push(Piece::Text(before.to_string()));
+            rest.push(Piece::Var(name.to_string()));
+            text = &after[close + 3..];
+        }
+        rest.push(Piece::Text(text.to_string()));
+        Some(Template { head, rest })
+    }
+
+    fn render(&self, vars: &Vars, seq: u64) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(256);
+        out.push_str(&self.head);
+        let _ = write!(out, ",\"sequence_number\":{seq}");
+        for piece in &self.rest {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(name) => match vars.get(name) {
+                    Some(v) => {
+                        let _ = write!(out, "{v}");
+                    }
+                    None => {
+                        let _ = write!(out, "\"{{{{{name}}}}}\"");
+                    }
+                },
+            }
+        }
+        out
+    }
+}
 
 #[derive(Clone, Copy)]
 pub enum FixtureName {
@@ -302,20 +362,35 @@ pub enum FixtureName {
 }
 
 impl Fixture {
-    pub fn load(name: FixtureName) -> Fixture {
-        let text = match name {
-            FixtureName::Prewarm => PREWARM,
-            FixtureName::TextTurn => TEXT_TURN,
-            FixtureName::ToolCall => TOOL_CALL,
-            FixtureName::FailedTurn => FAILED_TURN,
-            FixtureName::PreviousResponseNotFound => PREV_NOT_FOUND,
-        };
+    /// The fixture, parsed once per process (turns render from the parsed events).
+    pub fn load(name: FixtureName) -> &'static Fixture {
+        static PARSED: std::sync::LazyLock<[Fixture; 5]> = std::sync::LazyLock::new(|| {
+            [PREWARM, TEXT_TURN, TOOL_CALL, FAILED_TURN, PREV_NOT_FOUND].map(Fixture::parse)
+        });
+        &PARSED[match name {
+            FixtureName::Prewarm => 0,
+            FixtureName::TextTurn => 1,
+            FixtureName::ToolCall => 2,
+            FixtureName::FailedTurn => 3,
+            FixtureName::PreviousResponseNotFound => 4,
+        }]
+    }
+
+    fn parse(text: &str) -> Fixture {
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         Fixture(
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
+            lines
+                .iter()
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|e| json!({"type": "error", "status": 500, "error": {"message": format!("bad fixture line: {e}")}})))
                 .collect(),
+            lines.iter().map(|l| Template::parse(l)).collect(),
         )
+    }
+
+    /// Event `i` rendered with `vars` straight to its text, `type` first and then
+    /// `sequence_number`; `None` when the event has no text template.
+    pub fn render_text(&self, i: usize, vars: &Vars, seq: u64) -> Option<String> {
+        self.1.get(i)?.as_ref().map(|t| t.render(vars, seq))
     }
 
     pub fn events(&self) -> &[Value] {
@@ -333,6 +408,34 @@ impl Fixture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_templates_render_like_the_json_values() {
+        let item =
+            json!({"id": "msg_1", "type": "message", "content": [{"text": "a \"quoted\" b"}]});
+        let vars = Vars(vec![
+            ("id", json!("resp_1")),
+            ("model", json!("m")),
+            ("previous_response_id", Value::Null),
+            ("usage", json!({"input_tokens": 3})),
+            ("item_id", json!("msg_1")),
+            ("text", json!("a \"quoted\" b\n")),
+            ("delta", json!("d")),
+            ("item", item),
+        ]);
+        let f = Fixture::load(FixtureName::TextTurn);
+        for i in 0..f.events().len() {
+            let text = f.render_text(i, &vars, 7 + i as u64).expect("a template");
+            assert!(text.starts_with("{\"type\":\""), "{text}");
+            let mut want = f.render(i, &vars);
+            want["sequence_number"] = json!(7 + i as u64);
+            let got: Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(got, want, "event {i}");
+        }
+        // A placeholder inside a longer string renders through the JSON value.
+        let failed = Fixture::load(FixtureName::FailedTurn);
+        assert!((0..failed.events().len()).any(|i| failed.render_text(i, &vars, 0).is_none()));
+    }
 
     #[test]
     fn directives() {
