@@ -296,8 +296,20 @@ struct Inner<C> {
     recent: Mutex<VecDeque<DecisionRecord>>,
     /// Decisions since start: reuse, new, bypass.
     totals: [AtomicU64; 3],
-    /// Woken whenever a busy slot is released (returned or removed).
-    released: Notify,
+    /// Woken when a busy slot is released (returned or removed): one notifier per shard of
+    /// keys, so a release wakes only the reconnects waiting on keys of its shard, not every
+    /// waiter in the pool.
+    released: [Notify; RELEASE_SHARDS],
+}
+
+/// Shards of [`Inner::released`].
+const RELEASE_SHARDS: usize = 64;
+
+fn release_shard(key: &PoolKey) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let h =
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
+    (h % RELEASE_SHARDS as u64) as usize
 }
 
 struct Slot<C> {
@@ -337,7 +349,7 @@ impl<C: PoolConn> Pool<C> {
                 closed: AtomicBool::new(false),
                 recent: Mutex::new(VecDeque::with_capacity(RECENT_DECISIONS)),
                 totals: Default::default(),
-                released: Notify::new(),
+                released: std::array::from_fn(|_| Notify::new()),
             }),
         }
     }
@@ -675,7 +687,7 @@ impl<C: PoolConn> Pool<C> {
         let deadline = Instant::now() + timeout;
         loop {
             // Register before looking, so a release between the look and the wait is not lost.
-            let notified = self.inner.released.notified();
+            let notified = self.inner.released[release_shard(key)].notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let held = self
@@ -934,7 +946,7 @@ impl<C: PoolConn> Inner<C> {
     /// A guard came back. Puts the connection back to idle, or removes the slot.
     fn put_back(&self, key: &PoolKey, conn_id: u64, conn: Option<C>, reusable: bool) {
         self.put_back_inner(key, conn_id, conn, reusable);
-        self.released.notify_waiters();
+        self.released[release_shard(key)].notify_waiters();
     }
 
     fn put_back_inner(&self, key: &PoolKey, conn_id: u64, conn: Option<C>, reusable: bool) {

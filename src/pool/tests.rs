@@ -355,3 +355,55 @@ async fn attach_moves_the_slot_from_dialing_to_busy() {
     assert_eq!((pool.stats().dialing, pool.stats().busy), (0, 1));
     assert_eq!(pool.snapshot()[0].state, "busy");
 }
+
+/// A reconnect waiting for its key's previous session wakes when that key is released, and
+/// only then: releases of keys in other shards do not wake it (no pool-wide herd).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_reconnect_waits_for_its_own_key_only() {
+    let mut limits = limits();
+    limits.max_per_account = 10;
+    limits.max_total = 10;
+    let pool = Arc::new(Pool::new(limits));
+    let k = key("a", "c1");
+    // A key in another release shard.
+    let other = (2..200)
+        .map(|i| key("a", &format!("c{i}")))
+        .find(|o| release_shard(o) != release_shard(&k))
+        .expect("a key in another shard");
+    let (_, mine, _h1) = dial(&pool, &k);
+    let (_, theirs, _h2) = dial(&pool, &other);
+    let started = Instant::now();
+    let waiter = tokio::spawn({
+        let (pool, k) = (pool.clone(), k.clone());
+        async move {
+            let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = polls.clone();
+            let wait = pool.wait_released(&k, Duration::from_secs(5));
+            tokio::pin!(wait);
+            std::future::poll_fn(|cx| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                wait.as_mut().poll(cx)
+            })
+            .await;
+            (Instant::now(), polls.load(Ordering::SeqCst))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    theirs.release(); // another shard: the waiter is not woken
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    mine.release();
+    let (woke, polls) = waiter.await.unwrap();
+    assert_eq!(
+        woke.duration_since(started),
+        Duration::from_millis(200),
+        "woken by its own release"
+    );
+    assert_eq!(
+        polls, 2,
+        "polled once to wait and once when its key was released"
+    );
+    assert_eq!(
+        pool.checkout(Some(k.clone()), &k.account).unwrap().decision,
+        Decision::Reuse
+    );
+}
