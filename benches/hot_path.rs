@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-frame hot path: event-type sniffing (vs a full JSON parse),
 //! terminal inspection, client-frame parsing, the pump -> session handoff, and relaying one
-//! frame through tungstenite (decode as the upstream's client, encode as the client's server).
+//! frame through tungstenite (decode as the upstream's client, encode as the client's server),
+//! and relaying a burst of deltas per event or as a raw run.
 //! Run: `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
@@ -30,16 +31,32 @@ fn create_body() -> String {
 
 /// An in-memory byte pipe for tungstenite.
 #[derive(Default)]
-struct Pipe(std::collections::VecDeque<u8>);
+struct Pipe {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Pipe {
+    /// Everything written and not yet read.
+    fn take(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.at);
+        self.buf.clear();
+        self.at = 0;
+        rest
+    }
+}
 
 impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.0.is_empty() {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = out.len().min(self.buf.len() - self.at);
+        if n == 0 {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
-        let n = buf.len().min(self.0.len());
-        for (i, b) in self.0.drain(..n).enumerate() {
-            buf[i] = b;
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        if self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
         }
         Ok(n)
     }
@@ -47,7 +64,7 @@ impl Read for Pipe {
 
 impl Write for Pipe {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend(buf);
+        self.buf.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -113,14 +130,62 @@ fn relay(c: &mut Criterion) {
     g.bench_function("decode from upstream + sniff + encode to client", |b| {
         b.iter(|| {
             upstream_server.send(Message::Text(text.clone())).ok();
-            let bytes: Vec<u8> = upstream_server.get_mut().0.drain(..).collect();
-            upstream_client.get_mut().0.extend(bytes);
+            let bytes = upstream_server.get_mut().take();
+            upstream_client.get_mut().write_all(&bytes).ok();
             let msg = upstream_client.read().expect("a frame");
             if let Message::Text(t) = &msg {
                 black_box(event::sniff_type(t).is_some_and(|t| event::is_terminal(&t)));
             }
             to_client.send(msg).ok();
-            black_box(to_client.get_mut().0.drain(..).count())
+            black_box(to_client.get_mut().take().len())
+        })
+    });
+    g.finish();
+
+    // A burst as one socket read brings it in workload (a): 22 deltas. Per event (decode,
+    // sniff, encode each) against the raw run (the first frame decoded, the other 21 taken
+    // as bytes, checked and copied once), as the session relays them since issue 14.
+    const BURST: usize = 22;
+    let mut g = c.benchmark_group("relay a burst of 22 deltas");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let burst = {
+        let mut server = WebSocket::from_raw_socket(Pipe::default(), Role::Server, Some(config));
+        for _ in 0..BURST {
+            server.write(Message::Text(text.clone())).ok();
+        }
+        server.flush().ok();
+        server.get_mut().take()
+    };
+    g.bench_function("per event: decode + sniff + encode each", |b| {
+        b.iter(|| {
+            upstream_client.get_mut().write_all(&burst).ok();
+            for _ in 0..BURST {
+                let msg = upstream_client.read().expect("a frame");
+                if let Message::Text(t) = &msg {
+                    black_box(event::sniff_type(t).is_some_and(|t| event::is_terminal(&t)));
+                }
+                to_client.write(msg).ok();
+            }
+            to_client.flush().ok();
+            black_box(to_client.get_mut().take().len())
+        })
+    });
+    let mut payloads = Vec::new();
+    g.bench_function("raw run: first decoded, the rest copied as bytes", |b| {
+        b.iter(|| {
+            upstream_client.get_mut().write_all(&burst).ok();
+            let msg = upstream_client.read().expect("a frame");
+            if let Message::Text(t) = &msg {
+                black_box(event::sniff_type(t).is_some_and(|t| event::is_terminal(&t)));
+            }
+            to_client.write(msg).ok();
+            let run = upstream_client
+                .take_text_run(BURST, &mut event::is_relayable_delta, &mut payloads)
+                .expect("a run");
+            assert_eq!(payloads.len(), BURST - 1);
+            to_client.write_raw_frames(&run).ok();
+            to_client.flush().ok();
+            black_box(to_client.get_mut().take().len())
         })
     });
     g.finish();

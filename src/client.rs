@@ -112,11 +112,14 @@ pub fn create_body(
     body
 }
 
-/// The client's socket settings: tungstenite's defaults except a 16 KiB read size (its
-/// default 128 KiB is zero-filled before every read: a memset and page faults per event for a
-/// load generator holding thousands of sessions).
+/// The client's socket settings: tungstenite's defaults except 16 KiB reads and write
+/// batches (its default 128 KiB read buffer is zero-filled before every read, and large
+/// per-write buffers churn the allocator: page faults per turn for a load generator holding
+/// thousands of sessions).
 fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10)
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 << 10)
+        .write_buffer_size(16 << 10)
 }
 
 /// What tokio-tungstenite's connect functions return.

@@ -47,6 +47,23 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
         .and_then(|t| t.kind)
 }
 
+/// Whether a frame payload can be relayed as part of a raw run: a streamed delta
+/// (`response.output_text.delta`, `response.function_call_arguments.delta`, ...) written
+/// `type` first as the upstream writes them, and valid UTF-8. Anything else (another type,
+/// `type` not first, an escaped type) goes through the per-event path.
+pub fn is_relayable_delta(payload: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"{\"type\":\"";
+    let Some(rest) = payload.strip_prefix(PREFIX) else {
+        return false;
+    };
+    let head = &rest[..rest.len().min(96)];
+    let Some(end) = memchr::memchr(b'"', head) else {
+        return false;
+    };
+    let ty = &head[..end];
+    ty.ends_with(b".delta") && !ty.contains(&b'\\') && std::str::from_utf8(payload).is_ok()
+}
+
 /// Finds the value of the top-level `"type"` key of a JSON object without parsing values:
 /// tracks nesting depth and skips strings. `None` when the key is absent at the top level,
 /// its value is not a plain (unescaped) string, or the text is not an object.

@@ -200,6 +200,24 @@ impl Link {
         }
     }
 
+    /// The holder's raw read: a run of plain text frames already buffered (see
+    /// `tungstenite::WebSocket::take_text_run`), without I/O; `None` when there is none or
+    /// the connection ended.
+    pub fn take_text_run(
+        &self,
+        max_frames: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+        payloads: &mut Vec<std::ops::Range<usize>>,
+    ) -> Option<bytes::Bytes> {
+        if self.ended.load(Ordering::Acquire) {
+            payloads.clear();
+            return None;
+        }
+        let run = self.ws().take_text_run(max_frames, accept, payloads)?;
+        self.heard.store(true, Ordering::Relaxed);
+        Some(run)
+    }
+
     /// The pump's read while the connection idles: `None` once a holder took it.
     fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<Option<End>> {
         let mut ws = self.ws();

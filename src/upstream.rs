@@ -298,6 +298,17 @@ impl UpstreamConn {
         Some(std::future::poll_fn(|cx| self.link.poll_read(cx)).await)
     }
 
+    /// A run of plain text frames already read from the socket, as raw bytes (see
+    /// [`Link::take_text_run`](crate::pump::Link::take_text_run)).
+    pub fn take_text_run(
+        &mut self,
+        max_frames: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+        payloads: &mut Vec<std::ops::Range<usize>>,
+    ) -> Option<bytes::Bytes> {
+        self.link.take_text_run(max_frames, accept, payloads)
+    }
+
     /// The next upstream frame if one is ready without waiting.
     pub fn try_recv(&mut self) -> Option<PumpEvent> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());

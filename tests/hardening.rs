@@ -621,3 +621,147 @@ fn a_released_read_buffer_comes_back_at_full_read_size() {
         "every read offered a full buffer: {offered:?}"
     );
 }
+
+/// An unmasked server frame: `first` is the FIN/RSV/opcode byte.
+fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n => {
+            f.push(126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+fn delta(text: &str) -> Vec<u8> {
+    format!(r#"{{"type":"response.output_text.delta","delta":"{text}"}}"#).into_bytes()
+}
+
+/// A client-role socket holding `frames` in one read.
+fn upstream_holding(
+    frames: &[Vec<u8>],
+) -> tokio_tungstenite::tungstenite::WebSocket<RecordingSocket> {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    let socket = RecordingSocket {
+        incoming: [frames.concat()].into(),
+        offered: Vec::new(),
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(64 << 10)
+        .max_frame_size(Some(1000));
+    WebSocket::from_raw_socket(socket, Role::Client, Some(config))
+}
+
+/// The raw relay (vendored tungstenite, `take_text_run`) takes only what the per-event path
+/// would relay unchanged: complete, final, unmasked text frames without reserved bits, within
+/// the size limit, that are plain deltas in valid UTF-8. It stops at anything else, which the
+/// per-event read then handles (and rejects, where the protocol says so).
+#[test]
+fn raw_runs_take_only_complete_plain_delta_frames() {
+    use tokio_tungstenite::tungstenite::Message;
+    let accept = &mut wsgate::event::is_relayable_delta;
+    let mut payloads = Vec::new();
+    let first = server_frame(0x81, &delta("first"));
+    let (a, b) = (
+        server_frame(0x81, &delta("a")),
+        server_frame(0x81, &delta("b")),
+    );
+    // Stoppers, each after the same two good deltas.
+    let created = server_frame(0x81, br#"{"type":"response.created","response":{}}"#);
+    let binary = server_frame(0x82, &delta("bin"));
+    let mut masked = vec![0x81, 0x80 | 4, 0, 0, 0, 0];
+    masked.extend_from_slice(b"abcd");
+    let fragment = server_frame(0x01, &delta("part"));
+    let rsv = server_frame(0xC1, &delta("rsv"));
+    let mut bad_utf8 = delta("x");
+    bad_utf8[40] = 0xff;
+    let bad_utf8 = server_frame(0x81, &bad_utf8);
+    let too_big = server_frame(0x81, &delta(&"y".repeat(1200)));
+    let partial = server_frame(0x81, &delta("cut"))[..10].to_vec();
+    let type_later = server_frame(
+        0x81,
+        br#"{"delta":"z","type":"response.output_text.delta"}"#,
+    );
+    for (name, stopper) in [
+        ("created", created),
+        ("binary", binary),
+        ("masked", masked),
+        ("fragment", fragment),
+        ("rsv", rsv),
+        ("bad utf8", bad_utf8),
+        ("too big", too_big),
+        ("partial", partial),
+        ("type not first", type_later),
+    ] {
+        let mut ws = upstream_holding(&[first.clone(), a.clone(), b.clone(), stopper.clone()]);
+        let msg = ws.read().expect("the first frame, the usual way");
+        assert!(
+            matches!(msg, Message::Text(t) if t.contains("first")),
+            "{name}"
+        );
+        let run = ws
+            .take_text_run(64, accept, &mut payloads)
+            .unwrap_or_else(|| panic!("{name}: a run"));
+        assert_eq!(
+            run.as_ref(),
+            [a.clone(), b.clone()].concat(),
+            "{name}: raw bytes"
+        );
+        let texts: Vec<&[u8]> = payloads.iter().map(|p| &run[p.clone()]).collect();
+        assert_eq!(texts, [delta("a"), delta("b")], "{name}: payload ranges");
+        assert!(
+            ws.take_text_run(64, accept, &mut payloads).is_none(),
+            "{name}: the run stops before it"
+        );
+        assert!(payloads.is_empty());
+    }
+    // The frame count limit holds, and the rest stays for the next run.
+    let mut ws = upstream_holding(&[first, a.clone(), b.clone()]);
+    ws.read().unwrap();
+    assert_eq!(
+        ws.take_text_run(1, accept, &mut payloads).unwrap().as_ref(),
+        a
+    );
+    assert_eq!(
+        ws.take_text_run(1, accept, &mut payloads).unwrap().as_ref(),
+        b
+    );
+}
+
+/// Frames relayed raw reach the client byte for byte, and only a server-role socket (whose
+/// frames are unmasked, like the upstream's) accepts them.
+#[test]
+fn raw_frames_are_written_verbatim_by_a_server_socket_only() {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+    let frames = [
+        server_frame(0x81, &delta("a")),
+        server_frame(0x81, &delta(&"b".repeat(300))),
+    ]
+    .concat();
+    #[derive(Default)]
+    struct Sink(Vec<u8>);
+    impl std::io::Read for Sink {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+    }
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut server = WebSocket::from_raw_socket(Sink::default(), Role::Server, None);
+    server.write_raw_frames(&frames).unwrap();
+    server.flush().unwrap();
+    assert_eq!(server.get_ref().0, frames);
+    let mut client = WebSocket::from_raw_socket(Sink::default(), Role::Client, None);
+    assert!(client.write_raw_frames(&frames).is_err());
+    assert!(client.get_ref().0.is_empty());
+}

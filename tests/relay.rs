@@ -426,3 +426,52 @@ async fn idle_sessions_hold_no_socket_buffers() {
     }
     w.close().await;
 }
+
+/// Deltas that arrive many per read are relayed as raw frame runs: what the client receives is
+/// exactly what the upstream sent, frame for frame and byte for byte, in order, with the events
+/// around them (created, done, completed) handled one by one as before.
+#[tokio::test]
+async fn batched_deltas_reach_the_client_byte_for_byte() {
+    init();
+    let mock = MockUpstream::start(MockConfig {
+        speed: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "");
+    let gw = GatewayProcess::start(&yaml);
+    let conv = unique("raw-run");
+    let mut c = gw.connect(&conv).await;
+    for turn in 0..2 {
+        let before = mock
+            .connections()
+            .first()
+            .map_or(0, |c| c.sent_frames().len());
+        c.send_json(&create_body(
+            Some(&conv),
+            "[[mock: deltas=2000, size=40]]",
+            None,
+        ))
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        loop {
+            let text = c.recv_text().await.unwrap();
+            let done = text.contains("\"type\":\"response.completed\"");
+            got.push(text.to_string());
+            if done {
+                break;
+            }
+        }
+        let conns = mock.connections();
+        assert_eq!(conns.len(), 1, "one pooled upstream connection");
+        let sent = conns[0].sent_frames();
+        assert_eq!(got.len(), 2008, "turn {turn}: every event");
+        assert!(
+            got == sent[before..],
+            "turn {turn}: the client got exactly the frames the upstream sent"
+        );
+    }
+    c.close().await;
+}

@@ -132,6 +132,26 @@ impl Downstream for WsDown<'_> {
         Self::write(self.1, self.0.feed(Message::Text(text))).await
     }
 
+    fn raw_frames(&self) -> bool {
+        true
+    }
+
+    fn try_feed_raw(&mut self, frames: &[u8]) -> Result<bool, ClientGone> {
+        use futures::Sink;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let queued = match std::pin::Pin::new(&mut *self.0).poll_ready(&mut cx) {
+            std::task::Poll::Pending => return Ok(false),
+            std::task::Poll::Ready(ready) => ready.and_then(|()| self.0.start_send_raw(frames)),
+        };
+        match queued {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                debug!(error = %e, "client write failed");
+                Err(ClientGone)
+            }
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), ClientGone> {
         Self::write(self.1, self.0.flush()).await
     }

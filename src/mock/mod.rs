@@ -513,9 +513,11 @@ where
         }
         Ok(resp)
     };
-    // 16 KiB reads: tungstenite's default 128 KiB is zero-filled before every read.
+    // 16 KiB reads and write batches: tungstenite's default 128 KiB read buffer is
+    // zero-filled before every read.
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(16 << 10)
+        .write_buffer_size(16 << 10)
         .max_message_size(Some(state.config.max_message_size))
         .max_frame_size(Some(state.config.max_message_size));
     let ws =

@@ -129,15 +129,19 @@ impl Ledger {
                     Attribution::Unattributed
                 }
             }
-            _ if self.active.is_some() || self.awaiting_successor || self.create_pending() => {
-                Attribution::Part
-            }
+            _ if self.expects_parts() => Attribution::Part,
             _ => Attribution::Unattributed,
         };
         if verdict == Attribution::Unattributed {
             self.tainted = true;
         }
         verdict
+    }
+
+    /// Whether an event of an ordinary type (a delta) would be attributed as part of the
+    /// turn now (what [`Ledger::attribute`] answers for it, without side effects).
+    pub fn expects_parts(&self) -> bool {
+        self.active.is_some() || self.awaiting_successor || self.create_pending()
     }
 
     fn create_pending(&self) -> bool {

@@ -62,6 +62,16 @@ pub(crate) struct ClientGone;
 pub(crate) trait Downstream: Send {
     /// Queues one upstream frame, verbatim (written out by [`Downstream::flush`]).
     fn feed(&mut self, text: Utf8Bytes) -> impl Future<Output = Result<(), ClientGone>> + Send;
+    /// Whether frames already encoded by the upstream can be queued verbatim
+    /// ([`Downstream::try_feed_raw`]): a WebSocket client.
+    fn raw_frames(&self) -> bool {
+        false
+    }
+    /// Queues upstream frames verbatim (headers included) if that needs no waiting; `false`
+    /// when they have to go one by one through [`Downstream::feed`].
+    fn try_feed_raw(&mut self, _frames: &[u8]) -> Result<bool, ClientGone> {
+        Ok(false)
+    }
     /// Writes out what was queued.
     fn flush(&mut self) -> impl Future<Output = Result<(), ClientGone>> + Send;
     /// An `error` event of the gateway's own (WebSocket shape: top-level `status`, nested
@@ -548,6 +558,14 @@ impl Engine {
                             break;
                         }
                     }
+                    if d.raw_frames()
+                        && self
+                            .relay_run(d, &mut counted, &mut sent, max_batch)
+                            .await
+                            .is_err()
+                    {
+                        return Flow::Stop;
+                    }
                     if sent >= max_batch {
                         break;
                     }
@@ -623,21 +641,78 @@ impl Engine {
             })
             .unwrap_or_default();
         for text in held.into_iter().chain(text) {
-            counted.frames += 1;
-            counted.bytes += text.len() as u64;
+            let len = text.len();
             if let Err(e) = d.feed(text).await {
                 debug!(error = %e, "client write failed");
                 return Err(e);
             }
-            *sent += 1;
-            if let Some(t) = self.turn.as_mut() {
-                if t.frames == 0 {
-                    crate::metrics::first_event(t.started.elapsed());
-                }
-                t.frames += 1;
-            }
+            self.relayed(counted, sent, len);
         }
         Ok(())
+    }
+
+    /// Relays the run of deltas that the last socket read left buffered, as raw frames (one
+    /// copy into the client's write buffer instead of a decode and an encode per frame):
+    /// only while a turn is in flight, nothing is held back, and the ledger attributes any
+    /// delta to the turn, so each frame is handled exactly as the per-event path would
+    /// (relayed, counted, no side effects). The run stops at the first frame that is not a
+    /// plain delta (see [`event::is_relayable_delta`]); that frame is read the usual way.
+    async fn relay_run<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        max_batch: usize,
+    ) -> Result<(), ClientGone> {
+        let eligible = self.turn.as_ref().is_some_and(|t| t.quiet.is_empty())
+            && self.ledger.expects_parts()
+            && *sent < max_batch;
+        let Some(conn) = self
+            .upstream
+            .as_mut()
+            .and_then(Pooled::conn_mut)
+            .filter(|_| eligible)
+        else {
+            return Ok(());
+        };
+        let mut payloads = Vec::new();
+        let Some(run) = conn.take_text_run(
+            max_batch - *sent,
+            &mut event::is_relayable_delta,
+            &mut payloads,
+        ) else {
+            return Ok(());
+        };
+        if d.try_feed_raw(&run)? {
+            for p in &payloads {
+                self.relayed(counted, sent, p.len());
+            }
+            return Ok(());
+        }
+        // The client's buffer is full: frame by frame, waiting as the per-event path does.
+        for p in payloads {
+            let len = p.len();
+            let text = Utf8Bytes::try_from(run.slice(p)).unwrap_or_default();
+            if let Err(e) = d.feed(text).await {
+                debug!(error = %e, "client write failed");
+                return Err(e);
+            }
+            self.relayed(counted, sent, len);
+        }
+        Ok(())
+    }
+
+    /// Counts one frame of `len` payload bytes queued for the client.
+    fn relayed(&mut self, counted: &mut BatchCount, sent: &mut usize, len: usize) {
+        counted.frames += 1;
+        counted.bytes += len as u64;
+        *sent += 1;
+        if let Some(t) = self.turn.as_mut() {
+            if t.frames == 0 {
+                crate::metrics::first_event(t.started.elapsed());
+            }
+            t.frames += 1;
+        }
     }
 
     /// Attributes an upstream event (see [`Ledger`]); returns the turn's terminal event, if

@@ -305,6 +305,23 @@ impl<Stream: Read + Write> WebSocket<Stream> {
         self.context.write(&mut self.socket, message)
     }
 
+    /// wsgate patch: takes a run of complete text frames already buffered, without I/O (see
+    /// [`WebSocketContext::take_text_run`]).
+    pub fn take_text_run(
+        &mut self,
+        max_frames: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+        payloads: &mut Vec<std::ops::Range<usize>>,
+    ) -> Option<bytes::Bytes> {
+        self.context.take_text_run(max_frames, accept, payloads)
+    }
+
+    /// wsgate patch: queues frames taken by `take_text_run` on another socket, verbatim (see
+    /// [`WebSocketContext::write_raw_frames`]).
+    pub fn write_raw_frames(&mut self, frames: &[u8]) -> Result<()> {
+        self.context.write_raw_frames(&mut self.socket, frames)
+    }
+
     /// Flush writes.
     ///
     /// Ensures all messages previously passed to [`write`](Self::write) and automatic
@@ -515,6 +532,58 @@ impl WebSocketContext {
 
         let should_flush = self._write(stream, Some(frame))?;
         if should_flush {
+            self.flush(stream)?;
+        }
+        Ok(())
+    }
+
+    /// wsgate patch: on a client, takes a run of complete, final, unmasked text frames with no
+    /// reserved bits (each within the frame and message size limits and accepted by `accept`)
+    /// from the bytes already buffered, without I/O, for relaying verbatim. Nothing is taken
+    /// while a fragmented message is being received, a control reply is pending, or the
+    /// connection is closing; the run ends at the first frame that is anything else, which
+    /// stays buffered for [`read`](Self::read). Returns the frames' raw bytes; `payloads`
+    /// gets each payload's range in them.
+    pub fn take_text_run(
+        &mut self,
+        max_frames: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+        payloads: &mut Vec<std::ops::Range<usize>>,
+    ) -> Option<bytes::Bytes> {
+        payloads.clear();
+        if self.role != Role::Client
+            || self.incomplete.is_some()
+            || self.additional_send.is_some()
+            || self.unflushed_additional
+            || !self.state.is_active()
+        {
+            return None;
+        }
+        let max = self
+            .config
+            .max_frame_size
+            .unwrap_or(usize::MAX)
+            .min(self.config.max_message_size.unwrap_or(usize::MAX));
+        self.frame.take_text_run(max_frames, max, accept, payloads)
+    }
+
+    /// wsgate patch: on a server, queues already-encoded unmasked frames (a run taken by
+    /// [`take_text_run`](Self::take_text_run) on a client socket) verbatim, like
+    /// [`write`](Self::write) queues a message.
+    pub fn write_raw_frames<Stream>(&mut self, stream: &mut Stream, frames: &[u8]) -> Result<()>
+    where
+        Stream: Read + Write,
+    {
+        self.state.check_not_terminated()?;
+        if !self.state.is_active() {
+            return Err(Error::Protocol(ProtocolError::SendAfterClosing));
+        }
+        if self.role != Role::Server {
+            // A client's frames must be masked: raw server frames cannot be relayed as is.
+            return Err(Error::Protocol(ProtocolError::MaskedFrameFromServer));
+        }
+        self.frame.buffer_raw(stream, frames)?;
+        if self._write(stream, None)? {
             self.flush(stream)?;
         }
         Ok(())

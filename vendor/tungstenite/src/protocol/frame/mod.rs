@@ -14,7 +14,7 @@ pub use self::{
 
 use crate::{
     error::{CapacityError, Error, ProtocolError, Result},
-    protocol::frame::mask::apply_mask,
+    protocol::frame::{coding::OpCode, mask::apply_mask},
     Message,
 };
 use bytes::BytesMut;
@@ -285,6 +285,79 @@ impl FrameCodec {
             }
             Ok(n)
         })
+    }
+
+    /// wsgate patch: takes a run of frames from the bytes already buffered (no I/O): complete,
+    /// final, unmasked text frames with no reserved bits, each payload at most `max_size`
+    /// bytes and accepted by `accept`, at most `max_frames` of them. The run stops at the
+    /// first frame that is anything else (it stays buffered for `read_frame`). Returns the
+    /// frames' raw bytes (headers included); `payloads` gets each payload's range in them.
+    pub(super) fn take_text_run(
+        &mut self,
+        max_frames: usize,
+        max_size: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+        payloads: &mut Vec<std::ops::Range<usize>>,
+    ) -> Option<bytes::Bytes> {
+        payloads.clear();
+        if self.header.is_some() {
+            return None;
+        }
+        let buf = &self.in_buffer[..];
+        let mut pos = 0;
+        while payloads.len() < max_frames {
+            let mut cursor = Cursor::new(&buf[pos..]);
+            let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
+                break;
+            };
+            let plain = header.is_final
+                && !(header.rsv1 || header.rsv2 || header.rsv3)
+                && header.mask.is_none()
+                && header.opcode == OpCode::Data(crate::protocol::frame::coding::Data::Text);
+            if !plain || len > max_size as u64 {
+                break;
+            }
+            let start = pos + cursor.position() as usize;
+            let end = start + len as usize;
+            if end > buf.len() || !accept(&buf[start..end]) {
+                break;
+            }
+            payloads.push(start..end);
+            pos = end;
+        }
+        if payloads.is_empty() {
+            return None;
+        }
+        let run = self.in_buffer.split_to(pos).freeze();
+        if self.in_buffer.is_empty() {
+            // As in `read_frame`: an empty buffer is released.
+            self.in_buffer = BytesMut::new();
+        }
+        Some(run)
+    }
+
+    /// wsgate patch: queues already-encoded frames (see `take_text_run`), like `buffer_frame`.
+    pub(super) fn buffer_raw<Stream>(&mut self, stream: &mut Stream, frames: &[u8]) -> Result<()>
+    where
+        Stream: Write,
+    {
+        if frames.len() + self.out_buffer.len() > self.max_out_buffer_len {
+            return Err(Error::WriteBufferFull(Box::new(Message::Binary(
+                bytes::Bytes::copy_from_slice(frames),
+            ))));
+        }
+        let want = if self.out_buffer.capacity() == 0 {
+            frames.len().max(self.out_buffer_write_len.min(64 << 10))
+        } else {
+            frames.len()
+        };
+        self.out_buffer.reserve(want);
+        self.out_buffer.extend_from_slice(frames);
+        if self.out_buffer.len() > self.out_buffer_write_len {
+            self.write_out_buffer(stream)
+        } else {
+            Ok(())
+        }
     }
 
     /// Read into available `in_buffer` capacity.
