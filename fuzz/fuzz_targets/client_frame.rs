@@ -44,4 +44,47 @@ fuzz_target!(|data: &[u8]| {
         let _ = ids.route(wsgate::ids::ClientId::anonymous(), None);
     }
     let _ = ForwardHeaders::from_client(&headers);
+    upstream_bytes(data);
 });
+
+/// The same bytes as what an upstream sent: raw runs and per-frame reads alternate over
+/// them (as the relay does) and never panic; every run holds only what was buffered.
+fn upstream_bytes(data: &[u8]) {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    struct Bytes<'a>(&'a [u8]);
+    impl std::io::Read for Bytes<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.0.len()).min(97);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    impl std::io::Write for Bytes<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let _ = event::is_relayable_delta(data);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(512)
+        .max_frame_size(Some(4096))
+        .max_message_size(Some(8192));
+    let mut ws = WebSocket::from_raw_socket(Bytes(data), Role::Client, Some(config));
+    let mut payloads = Vec::new();
+    for _ in 0..64 {
+        if let Some(run) = ws.take_text_run(8, &mut event::is_relayable_delta, &mut payloads) {
+            assert!(run.len() <= data.len());
+            assert!(payloads.iter().all(|p| p.end <= run.len()));
+        }
+        if ws.read().is_err() {
+            break;
+        }
+    }
+}
