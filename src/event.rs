@@ -200,6 +200,11 @@ pub struct Terminal {
     pub usage: Option<(u64, u64)>,
     /// `response.id` of a `response.completed` (it can be continued on this connection).
     pub completed_response_id: Option<String>,
+    /// `response.id` of any `response.*` terminal (the ledger matches it to the running
+    /// response).
+    pub response_id: Option<String>,
+    /// `response.incomplete_details.reason` is `steered` (the turn goes on in a successor).
+    pub steered: bool,
     /// The account is rate- or usage-limited (status 429 or a limit code), account-wide: a
     /// refusal of this one request (a request larger than the limit) does not count.
     pub rate_limited: bool,
@@ -238,6 +243,11 @@ impl Terminal {
             input_tokens_details: Option<Details>,
         }
         #[derive(Deserialize, Default)]
+        struct Incomplete {
+            #[serde(default)]
+            reason: Option<String>,
+        }
+        #[derive(Deserialize, Default)]
         struct Response {
             #[serde(default)]
             id: Option<String>,
@@ -245,6 +255,8 @@ impl Terminal {
             usage: Option<Usage>,
             #[serde(default)]
             error: Option<ErrorBody>,
+            #[serde(default)]
+            incomplete_details: Option<Incomplete>,
         }
         #[derive(Deserialize, Default)]
         struct Event {
@@ -261,6 +273,11 @@ impl Terminal {
             ..Terminal::default()
         };
         let response = ev.response.unwrap_or_default();
+        t.response_id = response.id.clone();
+        t.steered = response
+            .incomplete_details
+            .and_then(|d| d.reason)
+            .is_some_and(|r| r == "steered");
         if ty == "response.completed" {
             t.completed_response_id = response.id;
             t.usage = response.usage.map(|u| {

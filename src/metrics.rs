@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ::metrics::{Counter, counter, histogram};
+use ::metrics::{Counter, Histogram, counter, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::pool::{Decision, EvictReason};
@@ -151,27 +151,33 @@ pub fn dial(elapsed: Duration) {
     histogram!(DIAL).record(elapsed.as_secs_f64());
 }
 
-/// A turn ended with `terminal` (an event type, or `aborted` / `upstream_failed`).
-pub fn turn(terminal: &str, ingress: crate::turn::Ingress, duration: Duration) {
-    let terminal = match terminal {
-        "response.completed" => "completed",
-        "response.failed" => "failed",
-        "response.incomplete" => "incomplete",
-        "error" => "error",
-        "upstream_failed" => "upstream_failed",
-        "rate_limited" => "rate_limited",
-        "failover_continuation" => "failover_continuation",
-        _ => "aborted",
-    };
-    let ingress = ingress.label();
-    counter!(TURNS, "terminal" => terminal, "ingress" => ingress).increment(1);
-    histogram!(TURN_DURATION, "terminal" => terminal, "ingress" => ingress)
-        .record(duration.as_secs_f64());
+/// The `terminal` label of a turn that ended with `terminal` (an event type, or `aborted` /
+/// `upstream_failed`, ...), as an index into [`TERMINALS`].
+fn terminal_index(terminal: &str) -> usize {
+    match terminal {
+        "response.completed" => 0,
+        "response.failed" => 1,
+        "response.incomplete" => 2,
+        "error" => 3,
+        "upstream_failed" => 4,
+        "rate_limited" => 5,
+        "failover_continuation" => 6,
+        _ => 7,
+    }
 }
 
-pub fn first_event(after: Duration) {
-    histogram!(TURN_FIRST_EVENT).record(after.as_secs_f64());
-}
+const TERMINALS: [&str; 8] = [
+    "completed",
+    "failed",
+    "incomplete",
+    "error",
+    "upstream_failed",
+    "rate_limited",
+    "failover_continuation",
+    "aborted",
+];
+
+const INGRESSES: [crate::turn::Ingress; 2] = [crate::turn::Ingress::Ws, crate::turn::Ingress::Http];
 
 /// Usage of a completed turn, labelled with the pool decision of its connection.
 pub fn usage(decision: Decision, input_tokens: u64, cached_tokens: u64) {
@@ -184,23 +190,56 @@ pub fn usage(decision: Decision, input_tokens: u64, cached_tokens: u64) {
     }
 }
 
-/// Pre-registered per-frame counters (registering once keeps the hot path to atomic adds).
+/// Pre-registered metrics of the relay path: per-frame counters and per-turn series
+/// (registering once keeps the hot path to atomic adds, no registry lookup by label).
 #[derive(Clone)]
 pub struct Relay {
     pub frames_up: Counter,
     pub bytes_up: Counter,
     pub frames_down: Counter,
     pub bytes_down: Counter,
+    first_event: Histogram,
+    /// Turns and their durations by terminal label ([`TERMINALS`]) and ingress.
+    turns: Vec<(Counter, Histogram)>,
 }
 
 impl Relay {
     pub fn new() -> Relay {
+        let turns = TERMINALS
+            .iter()
+            .flat_map(|terminal| {
+                INGRESSES.iter().map(move |ingress| {
+                    let ingress = ingress.label();
+                    (
+                        counter!(TURNS, "terminal" => *terminal, "ingress" => ingress),
+                        histogram!(TURN_DURATION, "terminal" => *terminal, "ingress" => ingress),
+                    )
+                })
+            })
+            .collect();
         Relay {
             frames_up: counter!(FRAMES, "direction" => "client_to_upstream"),
             bytes_up: counter!(BYTES, "direction" => "client_to_upstream"),
             frames_down: counter!(FRAMES, "direction" => "upstream_to_client"),
             bytes_down: counter!(BYTES, "direction" => "upstream_to_client"),
+            first_event: histogram!(TURN_FIRST_EVENT),
+            turns,
         }
+    }
+
+    /// A turn ended with `terminal` (an event type, or `aborted` / `upstream_failed`).
+    pub fn turn(&self, terminal: &str, ingress: crate::turn::Ingress, duration: Duration) {
+        let at = terminal_index(terminal) * INGRESSES.len()
+            + INGRESSES.iter().position(|i| *i == ingress).unwrap_or(0);
+        if let Some((turns, durations)) = self.turns.get(at) {
+            turns.increment(1);
+            durations.record(duration.as_secs_f64());
+        }
+    }
+
+    /// The first event of a turn reached its client `after` the turn started.
+    pub fn first_event(&self, after: Duration) {
+        self.first_event.record(after.as_secs_f64());
     }
 }
 

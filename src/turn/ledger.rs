@@ -20,6 +20,7 @@
 
 use std::collections::VecDeque;
 
+use crate::event::Terminal;
 use serde::Deserialize;
 
 /// A client event sent upstream.
@@ -59,7 +60,7 @@ pub enum Attribution {
 }
 
 /// The attribution state of one upstream connection.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Ledger {
     /// Events sent and not yet answered, oldest first (bounded by the caller).
     outstanding: VecDeque<Sent>,
@@ -104,10 +105,25 @@ impl Ledger {
     /// Attributes one upstream event of type `ty` (`text` is parsed only for the few types
     /// whose attribution needs a field).
     pub fn attribute(&mut self, ty: &str, text: &str) -> Attribution {
+        self.attribute_inspected(ty, text, None)
+    }
+
+    /// [`Ledger::attribute`], for an event whose terminal fields the caller already parsed
+    /// (`inspected`: [`Terminal::inspect`] of this event), so it is parsed once.
+    pub fn attribute_inspected(
+        &mut self,
+        ty: &str,
+        text: &str,
+        inspected: Option<&Terminal>,
+    ) -> Attribution {
         let verdict = match ty {
             "response.created" => self.created(text),
             "response.completed" | "response.failed" | "response.incomplete" => {
-                self.response_end(ty, text)
+                let (id, steered) = match inspected {
+                    Some(t) => (t.response_id.clone(), t.steered),
+                    None => response_fields(text),
+                };
+                self.response_end(ty, id, steered)
             }
             "error" => self.error(),
             "response.steer.accepted" | "response.steer.pending" | "response.steer.failed" => {
@@ -171,8 +187,7 @@ impl Ledger {
         Attribution::Unattributed
     }
 
-    fn response_end(&mut self, ty: &str, text: &str) -> Attribution {
-        let (id, steered) = response_fields(text);
+    fn response_end(&mut self, ty: &str, id: Option<String>, steered: bool) -> Attribution {
         match self.active.clone() {
             Some(active) if id.as_deref() == Some(&*active) => {
                 self.active = None;
@@ -279,8 +294,17 @@ mod tests {
     fn ended(ty: &str, id: &str) -> String {
         format!(r#"{{"type":"{ty}","response":{{"id":"{id}"}}}}"#)
     }
+    /// Attributes as the engine does (a terminal inspected once and shared with the ledger)
+    /// and checks that the ledger's own parse gives the same verdict and state.
     fn feed(l: &mut Ledger, ty: &str, text: &str) -> Attribution {
-        l.attribute(ty, text)
+        let mut own = l.clone();
+        let by_own_parse = own.attribute(ty, text);
+        let inspected = (ty.starts_with("response.") && crate::event::is_terminal(ty))
+            .then(|| crate::event::Terminal::inspect(ty, text));
+        let verdict = l.attribute_inspected(ty, text, inspected.as_ref());
+        assert_eq!(verdict, by_own_parse, "{ty}");
+        assert_eq!(format!("{l:?}"), format!("{own:?}"), "{ty}");
+        verdict
     }
 
     #[test]

@@ -115,7 +115,9 @@ impl Engine {
     /// Ends the turn in flight with `terminal` as its metric label.
     pub(super) fn end_turn_failed(&mut self, terminal: &str) {
         if let Some(turn) = self.turn.take() {
-            crate::metrics::turn(terminal, self.ingress, turn.started.elapsed());
+            self.gw
+                .relay
+                .turn(terminal, self.ingress, turn.started.elapsed());
         }
     }
 

@@ -198,7 +198,9 @@ impl Engine {
         };
         let timeout = self.gw.config().limits.turn_idle_timeout;
         crate::metrics::error("turn_idle_timeout");
-        crate::metrics::turn("upstream_failed", self.ingress, turn.started.elapsed());
+        self.gw
+            .relay
+            .turn("upstream_failed", self.ingress, turn.started.elapsed());
         if let Some(up) = self.upstream.take() {
             info!(upstream.id = up.id(), "upstream silent mid-turn; discarded");
             self.evict(up, EvictReason::Dead);
@@ -216,7 +218,9 @@ impl Engine {
             if let Some(up) = &self.upstream {
                 info!(parent: &turn.span, upstream.id = up.id(), "client left mid-turn; upstream discarded");
             }
-            crate::metrics::turn("aborted", self.ingress, turn.started.elapsed());
+            self.gw
+                .relay
+                .turn("aborted", self.ingress, turn.started.elapsed());
             crate::metrics::error("client_left_mid_turn");
         }
         self.sync_reusable();
@@ -709,7 +713,7 @@ impl Engine {
         *sent += 1;
         if let Some(t) = self.turn.as_mut() {
             if t.frames == 0 {
-                crate::metrics::first_event(t.started.elapsed());
+                self.gw.relay.first_event(t.started.elapsed());
             }
             t.frames += 1;
         }
@@ -721,8 +725,13 @@ impl Engine {
     fn attribute(&mut self, text: &str) -> (Option<event::Terminal>, bool) {
         let was_tainted = self.ledger.is_tainted();
         let ty = event::sniff_type(text);
+        // A response's terminal is parsed once, for the ledger and for the turn's end.
+        let inspected = ty
+            .as_deref()
+            .filter(|t| t.starts_with("response.") && event::is_terminal(t))
+            .map(|t| event::Terminal::inspect(t, text));
         let verdict = match ty.as_deref() {
-            Some(t) => self.ledger.attribute(t, text),
+            Some(t) => self.ledger.attribute_inspected(t, text, inspected.as_ref()),
             None => {
                 self.ledger.taint();
                 Attribution::Unattributed
@@ -737,9 +746,10 @@ impl Engine {
             );
         }
         match (verdict, ty) {
-            (Attribution::Terminal, Some(t)) if self.turn.is_some() => {
-                (Some(event::Terminal::inspect(&t, text)), false)
-            }
+            (Attribution::Terminal, Some(t)) if self.turn.is_some() => (
+                Some(inspected.unwrap_or_else(|| event::Terminal::inspect(&t, text))),
+                false,
+            ),
             (Attribution::Part, Some(t)) => (None, carries_no_output(&t)),
             _ => (None, false),
         }
@@ -774,7 +784,9 @@ impl Engine {
         }
         self.conn_turns += 1;
         if let Some(turn) = self.turn.take() {
-            crate::metrics::turn(&terminal.kind, self.ingress, turn.started.elapsed());
+            self.gw
+                .relay
+                .turn(&terminal.kind, self.ingress, turn.started.elapsed());
             debug!(
                 parent: &turn.span,
                 turn.seq = turn.seq,
@@ -842,7 +854,9 @@ impl Engine {
             }
         }
         if let Some(turn) = &self.turn {
-            crate::metrics::turn("upstream_failed", self.ingress, turn.started.elapsed());
+            self.gw
+                .relay
+                .turn("upstream_failed", self.ingress, turn.started.elapsed());
         }
         match close::upstream_ended(code, in_turn) {
             Disposition::EvictAndForward { code, reason } => {
