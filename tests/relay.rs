@@ -475,3 +475,53 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
     }
     c.close().await;
 }
+
+/// A client that stops reading while deltas arrive many per read: the runs taken while its
+/// socket is full go out frame by frame under back-pressure, and once it reads again every
+/// delta arrives, once, in order.
+#[tokio::test]
+async fn batched_deltas_to_a_stalled_client_arrive_whole_and_in_order() {
+    init();
+    let mock = MockUpstream::start(MockConfig {
+        speed: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "");
+    let gw = GatewayProcess::start(&yaml);
+    let conv = unique("raw-stalled");
+    let mut c = gw.connect(&conv).await;
+    const DELTAS: usize = 30_000;
+    c.send_json(&create_body(
+        Some(&conv),
+        &format!("[[mock: deltas={DELTAS}, size=300]]"),
+        None,
+    ))
+    .await
+    .unwrap();
+    // Stalled: the gateway's writes to this client block long before 9 MB are relayed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.set_timeout(Duration::from_secs(60));
+    let (mut deltas, mut last_seq) = (0usize, None::<u64>);
+    loop {
+        let ev = c.recv().await.unwrap();
+        let seq = ev["sequence_number"].as_u64().unwrap();
+        assert!(
+            last_seq.is_none_or(|l| seq == l + 1),
+            "{last_seq:?} then {seq}"
+        );
+        last_seq = Some(seq);
+        if ev["type"] == "response.output_text.delta" {
+            let text = ev["delta"].as_str().unwrap();
+            let n: usize = text.split(':').nth(1).unwrap()[..8].parse().unwrap();
+            assert_eq!(n, deltas, "delta {deltas} arrives in its place");
+            deltas += 1;
+        }
+        if ev["type"] == "response.completed" {
+            break;
+        }
+    }
+    assert_eq!(deltas, DELTAS);
+    c.close().await;
+}

@@ -628,13 +628,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Feeds the held no-output events, then `text`, to the client (flushed by the caller).
+    /// Feeds the held no-output events, then `texts`, to the client (flushed by the caller).
     async fn relay_down<D: Downstream>(
         &mut self,
         d: &mut D,
         counted: &mut BatchCount,
         sent: &mut usize,
-        text: Option<Utf8Bytes>,
+        texts: impl IntoIterator<Item = Utf8Bytes> + Send,
     ) -> Result<(), ClientGone> {
         let held = self
             .turn
@@ -644,7 +644,7 @@ impl Engine {
                 std::mem::take(&mut t.quiet)
             })
             .unwrap_or_default();
-        for text in held.into_iter().chain(text) {
+        for text in held.into_iter().chain(texts) {
             let len = text.len();
             if let Err(e) = d.feed(text).await {
                 debug!(error = %e, "client write failed");
@@ -693,17 +693,12 @@ impl Engine {
             }
             return Ok(());
         }
-        // The client's buffer is full: frame by frame, waiting as the per-event path does.
-        for p in payloads {
-            let len = p.len();
-            let text = Utf8Bytes::try_from(run.slice(p)).unwrap_or_default();
-            if let Err(e) = d.feed(text).await {
-                debug!(error = %e, "client write failed");
-                return Err(e);
-            }
-            self.relayed(counted, sent, len);
-        }
-        Ok(())
+        // The client's buffer is full: frame by frame, waiting as the per-event path does
+        // (each payload was checked to be UTF-8 when the run was taken).
+        let texts = payloads
+            .into_iter()
+            .map(|p| Utf8Bytes::try_from(run.slice(p)).unwrap_or_default());
+        self.relay_down(d, counted, sent, texts).await
     }
 
     /// Counts one frame of `len` payload bytes queued for the client.
