@@ -1,0 +1,273 @@
+//! The downstream relay (issue 14): a batch of ready upstream frames is attributed (ledger,
+//! terminal inspection, no-output holding), written to the client and flushed once; runs of
+//! deltas a socket read left buffered go to a WebSocket client as raw bytes.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tracing::{debug, info};
+
+use super::failover::carries_no_output;
+use super::{ClientGone, Downstream, Engine, Flow};
+use crate::event;
+use crate::gateway::Shared;
+use crate::pool::Pooled;
+use crate::pump::PumpEvent;
+use crate::turn::Attribution;
+use crate::upstream::UpstreamConn;
+
+impl Engine {
+    pub async fn upstream_event<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        ev: Option<PumpEvent>,
+    ) -> Flow {
+        let mut next = ev;
+        let mut sent = 0usize;
+        // Frames relayed per client flush at most (`relay.buffer_frames`).
+        let max_batch = self.gw.config().relay.buffer_frames;
+        self.last_upstream = Instant::now();
+        // Counted once per batch, whichever way the batch ends.
+        let mut counted = BatchCount {
+            gw: self.gw.clone(),
+            frames: 0,
+            bytes: 0,
+        };
+        // Relay a batch of ready frames, flushing once.
+        loop {
+            match next {
+                Some(PumpEvent::Frame(Message::Text(text))) => {
+                    let (terminal, quiet) = self.attribute(&text);
+                    let unseen = self.turn.as_ref().is_some_and(|t| t.frames == 0);
+                    if let Some(t) = terminal.as_ref().filter(|t| t.rate_limited && unseen) {
+                        // Nothing of this turn reached the client: it can move.
+                        let t = event::Terminal {
+                            kind: t.kind.clone(),
+                            code: t.code.clone(),
+                            retry_after: t.retry_after,
+                            rate_limited: true,
+                            ..Default::default()
+                        };
+                        if self.flush_client(d, sent).await.is_err() {
+                            return Flow::Stop;
+                        }
+                        return self.limited_before_output(d, t).await;
+                    }
+                    if !(quiet && unseen && self.hold_quiet(&text)) {
+                        if self
+                            .relay_down(d, &mut counted, &mut sent, Some(text))
+                            .await
+                            .is_err()
+                        {
+                            return Flow::Stop;
+                        }
+                        if let Some(terminal) = terminal {
+                            self.end_turn(terminal);
+                            break;
+                        }
+                    }
+                    if d.raw_frames()
+                        && self
+                            .relay_run(d, &mut counted, &mut sent, max_batch)
+                            .await
+                            .is_err()
+                    {
+                        return Flow::Stop;
+                    }
+                    if sent >= max_batch {
+                        break;
+                    }
+                    match self
+                        .upstream
+                        .as_mut()
+                        .and_then(Pooled::conn_mut)
+                        .map(UpstreamConn::try_recv)
+                    {
+                        Some(Some(ev)) => next = Some(ev),
+                        _ => break,
+                    }
+                }
+                Some(PumpEvent::Frame(_)) => {
+                    let _ = self.flush_client(d, sent).await;
+                    return self
+                        .upstream_ended(d, None, "upstream sent a binary frame")
+                        .await;
+                }
+                Some(PumpEvent::Closed(frame)) => {
+                    let _ = self.flush_client(d, sent).await;
+                    let code = frame.as_ref().map(|f| f.code);
+                    // Untrusted text: escaped once here for every log line and message.
+                    let reason = frame
+                        .map(|f| crate::telemetry::escape(&f.reason, 123))
+                        .unwrap_or_default();
+                    return self.upstream_ended(d, code, &reason).await;
+                }
+                Some(PumpEvent::Failed(e)) => {
+                    let _ = self.flush_client(d, sent).await;
+                    return self.upstream_ended(d, None, &e).await;
+                }
+                None => {
+                    let _ = self.flush_client(d, sent).await;
+                    return self
+                        .upstream_ended(d, None, "upstream connection ended")
+                        .await;
+                }
+            }
+        }
+        self.sync_reusable();
+        if sent > 0 && d.flush().await.is_err() {
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    async fn flush_client<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        sent: usize,
+    ) -> Result<(), ClientGone> {
+        if sent > 0 {
+            d.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Feeds the held no-output events, then `texts`, to the client (flushed by the caller).
+    async fn relay_down<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        texts: impl IntoIterator<Item = Utf8Bytes> + Send,
+    ) -> Result<(), ClientGone> {
+        let held = self
+            .turn
+            .as_mut()
+            .map(|t| {
+                t.quiet_bytes = 0;
+                std::mem::take(&mut t.quiet)
+            })
+            .unwrap_or_default();
+        for text in held.into_iter().chain(texts) {
+            let len = text.len();
+            if let Err(e) = d.feed(text).await {
+                debug!(error = %e, "client write failed");
+                return Err(e);
+            }
+            self.relayed(counted, sent, len);
+        }
+        Ok(())
+    }
+
+    /// Relays the run of deltas that the last socket read left buffered, as raw frames (one
+    /// copy into the client's write buffer instead of a decode and an encode per frame):
+    /// only while a turn is in flight, nothing is held back, and the ledger attributes any
+    /// delta to the turn, so each frame is handled exactly as the per-event path would
+    /// (relayed, counted, no side effects). The run stops at the first frame that is not a
+    /// plain delta (see [`event::is_relayable_delta`]); that frame is read the usual way.
+    async fn relay_run<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        max_batch: usize,
+    ) -> Result<(), ClientGone> {
+        let eligible = self.turn.as_ref().is_some_and(|t| t.quiet.is_empty())
+            && self.ledger.expects_parts()
+            && *sent < max_batch;
+        let Some(conn) = self
+            .upstream
+            .as_mut()
+            .and_then(Pooled::conn_mut)
+            .filter(|_| eligible)
+        else {
+            return Ok(());
+        };
+        let mut payloads = Vec::new();
+        let Some(run) = conn.take_text_run(
+            max_batch - *sent,
+            &mut event::is_relayable_delta,
+            &mut payloads,
+        ) else {
+            return Ok(());
+        };
+        if d.try_feed_raw(&run)? {
+            for p in &payloads {
+                self.relayed(counted, sent, p.len());
+            }
+            return Ok(());
+        }
+        // The client's buffer is full: frame by frame, waiting as the per-event path does
+        // (each payload was checked to be UTF-8 when the run was taken).
+        let texts = payloads
+            .into_iter()
+            .map(|p| Utf8Bytes::try_from(run.slice(p)).unwrap_or_default());
+        self.relay_down(d, counted, sent, texts).await
+    }
+
+    /// Counts one frame of `len` payload bytes queued for the client.
+    fn relayed(&mut self, counted: &mut BatchCount, sent: &mut usize, len: usize) {
+        counted.frames += 1;
+        counted.bytes += len as u64;
+        *sent += 1;
+        if let Some(t) = self.turn.as_mut() {
+            if t.frames == 0 {
+                self.gw.relay.first_event(t.started.elapsed());
+            }
+            t.frames += 1;
+        }
+    }
+
+    /// Attributes an upstream event (see [`Ledger`]); returns the turn's terminal event, if
+    /// this is it. Events nobody asked for are still relayed to this session's client (the
+    /// connection served no one else), but the connection is never pooled again.
+    fn attribute(&mut self, text: &str) -> (Option<event::Terminal>, bool) {
+        let was_tainted = self.ledger.is_tainted();
+        let ty = event::sniff_type(text);
+        // A response's terminal is parsed once, for the ledger and for the turn's end.
+        let inspected = ty
+            .as_deref()
+            .filter(|t| t.starts_with("response.") && event::is_terminal(t))
+            .map(|t| event::Terminal::inspect(t, text));
+        let verdict = match ty.as_deref() {
+            Some(t) => self.ledger.attribute_inspected(t, text, inspected.as_ref()),
+            None => {
+                self.ledger.taint();
+                Attribution::Unattributed
+            }
+        };
+        if !was_tainted && self.ledger.is_tainted() {
+            let id = self.upstream.as_ref().map(Pooled::id).unwrap_or_default();
+            info!(
+                upstream.id = id,
+                event = %crate::telemetry::escape(ty.as_deref().unwrap_or("-"), 64),
+                "upstream event not attributable with certainty; the connection will not be pooled"
+            );
+        }
+        match (verdict, ty) {
+            (Attribution::Terminal, Some(t)) if self.turn.is_some() => (
+                Some(inspected.unwrap_or_else(|| event::Terminal::inspect(&t, text))),
+                false,
+            ),
+            (Attribution::Part, Some(t)) => (None, carries_no_output(&t)),
+            _ => (None, false),
+        }
+    }
+}
+
+/// Adds a batch's frames and bytes to the upstream->client counters when dropped.
+struct BatchCount {
+    gw: Arc<Shared>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Drop for BatchCount {
+    fn drop(&mut self) {
+        if self.frames > 0 {
+            self.gw.relay.frames_down.increment(self.frames);
+            self.gw.relay.bytes_down.increment(self.bytes);
+        }
+    }
+}
