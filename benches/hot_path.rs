@@ -180,7 +180,7 @@ fn relay(c: &mut Criterion) {
             }
             to_client.write(msg).ok();
             let run = upstream_client
-                .take_text_run(BURST, &mut event::is_relayable_delta, &mut payloads)
+                .take_text_run(BURST, &mut event::is_relayable_part, &mut payloads)
                 .expect("a run");
             assert_eq!(payloads.len(), BURST - 1);
             to_client.write_raw_frames(&run).ok();

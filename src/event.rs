@@ -47,11 +47,27 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
         .and_then(|t| t.kind)
 }
 
-/// Whether a frame payload can be relayed as part of a raw run: a streamed delta
-/// (`response.output_text.delta`, `response.function_call_arguments.delta`, ...) written
-/// `type` first as the upstream writes them, and valid UTF-8. Anything else (another type,
-/// `type` not first, an escaped type) goes through the per-event path.
-pub fn is_relayable_delta(payload: &[u8]) -> bool {
+/// Whether an event of type `ty` is a plain part of the running response: the ledger
+/// attributes it to the turn (when parts are expected) without reading it or changing any
+/// state. Everything else is read: `response.created` (the response id), the terminals and
+/// `error` (the turn's end), the answers to side events (`response.steer.*`,
+/// `response.inject.*`). The tests of [`Ledger`](crate::turn::ledger::Ledger) check it
+/// against the ledger's own verdicts. (The no-output events a turn holds back before its
+/// first output are plain parts too; the raw relay takes runs only once a turn has shown
+/// output, see `Engine::relay_run`.)
+pub fn is_plain_part(ty: &str) -> bool {
+    !(is_terminal(ty)
+        || ty == "response.created"
+        || ty.starts_with("response.steer.")
+        || ty.starts_with("response.inject."))
+}
+
+/// Whether a frame payload can be relayed as part of a raw run: a plain part of the
+/// running response ([`is_plain_part`]: deltas, output items and content parts as they are
+/// added and done, ...) written `type` first as the upstream writes them, the type plain
+/// (no escapes), and the payload valid UTF-8. Anything else (a type somebody reads, `type`
+/// not first, an escaped type) goes through the per-event path.
+pub fn is_relayable_part(payload: &[u8]) -> bool {
     const PREFIX: &[u8] = b"{\"type\":\"";
     let Some(rest) = payload.strip_prefix(PREFIX) else {
         return false;
@@ -60,8 +76,10 @@ pub fn is_relayable_delta(payload: &[u8]) -> bool {
     let Some(end) = memchr::memchr(b'"', head) else {
         return false;
     };
-    let ty = &head[..end];
-    ty.ends_with(b".delta") && !ty.contains(&b'\\') && std::str::from_utf8(payload).is_ok()
+    let Ok(ty) = std::str::from_utf8(&head[..end]) else {
+        return false;
+    };
+    !ty.contains('\\') && is_plain_part(ty) && std::str::from_utf8(payload).is_ok()
 }
 
 /// Finds the value of the top-level `"type"` key of a JSON object without parsing values:

@@ -179,17 +179,6 @@ const TERMINALS: [&str; 8] = [
 
 const INGRESSES: [crate::turn::Ingress; 2] = [crate::turn::Ingress::Ws, crate::turn::Ingress::Http];
 
-/// Usage of a completed turn, labelled with the pool decision of its connection.
-pub fn usage(decision: Decision, input_tokens: u64, cached_tokens: u64) {
-    let d = decision.to_string();
-    counter!(INPUT_TOKENS, "decision" => d.clone()).increment(input_tokens);
-    counter!(CACHED_TOKENS, "decision" => d.clone()).increment(cached_tokens);
-    if input_tokens > 0 {
-        histogram!(CACHED_RATIO, "decision" => d)
-            .record(cached_tokens.min(input_tokens) as f64 / input_tokens as f64);
-    }
-}
-
 /// Pre-registered metrics of the relay path: per-frame counters and per-turn series
 /// (registering once keeps the hot path to atomic adds, no registry lookup by label).
 #[derive(Clone)]
@@ -201,6 +190,9 @@ pub struct Relay {
     first_event: Histogram,
     /// Turns and their durations by terminal label ([`TERMINALS`]) and ingress.
     turns: Vec<(Counter, Histogram)>,
+    /// Input tokens, cached tokens and the cached ratio of completed turns, by the pool
+    /// decision of their connection ([`Decision::slot`](crate::pool::Decision::slot)).
+    usage: Vec<(Counter, Counter, Histogram)>,
 }
 
 impl Relay {
@@ -224,6 +216,28 @@ impl Relay {
             bytes_down: counter!(BYTES, "direction" => "upstream_to_client"),
             first_event: histogram!(TURN_FIRST_EVENT),
             turns,
+            usage: ["reuse", "new", "bypass"]
+                .into_iter()
+                .map(|d| {
+                    (
+                        counter!(INPUT_TOKENS, "decision" => d),
+                        counter!(CACHED_TOKENS, "decision" => d),
+                        histogram!(CACHED_RATIO, "decision" => d),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Usage of a completed turn, labelled with the pool decision of its connection.
+    pub fn usage(&self, decision: crate::pool::Decision, input_tokens: u64, cached_tokens: u64) {
+        let Some((input, cached, ratio)) = self.usage.get(decision.slot()) else {
+            return;
+        };
+        input.increment(input_tokens);
+        cached.increment(cached_tokens);
+        if input_tokens > 0 {
+            ratio.record(cached_tokens.min(input_tokens) as f64 / input_tokens as f64);
         }
     }
 

@@ -284,7 +284,8 @@ impl UpstreamConn {
 
     /// True if `response_id` was completed on this connection (recently).
     pub fn produced(&self, response_id: &str) -> bool {
-        self.recent.iter().any(|r| r == response_id)
+        // Newest first: a continuation names the response just completed.
+        self.recent.iter().rev().any(|r| r == response_id)
     }
 
     /// The close code the pump sends when this handle is dropped.

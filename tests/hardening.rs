@@ -657,20 +657,27 @@ fn upstream_holding(
 
 /// The raw relay (vendored tungstenite, `take_text_run`) takes only what the per-event path
 /// would relay unchanged: complete, final, unmasked text frames without reserved bits, within
-/// the size limit, that are plain deltas in valid UTF-8. It stops at anything else, which the
-/// per-event read then handles (and rejects, where the protocol says so).
+/// the size limit, that are plain parts of the response (deltas, items done, ...: nothing the
+/// ledger reads) in valid UTF-8. It stops at anything else, which the per-event read then
+/// handles (and rejects, where the protocol says so).
 #[test]
-fn raw_runs_take_only_complete_plain_delta_frames() {
+fn raw_runs_take_only_complete_plain_part_frames() {
     use tokio_tungstenite::tungstenite::Message;
-    let accept = &mut wsgate::event::is_relayable_delta;
+    let accept = &mut wsgate::event::is_relayable_part;
     let mut payloads = Vec::new();
     let first = server_frame(0x81, &delta("first"));
+    let item_done = br#"{"type":"response.output_item.done","item":{"type":"message"}}"#;
     let (a, b) = (
         server_frame(0x81, &delta("a")),
-        server_frame(0x81, &delta("b")),
+        server_frame(0x81, item_done),
     );
-    // Stoppers, each after the same two good deltas.
+    // Stoppers, each after the same two good parts: the types the ledger reads, and frames
+    // the per-event read must check.
     let created = server_frame(0x81, br#"{"type":"response.created","response":{}}"#);
+    let completed = server_frame(0x81, br#"{"type":"response.completed","response":{}}"#);
+    let error = server_frame(0x81, br#"{"type":"error","status":500}"#);
+    let steer = server_frame(0x81, br#"{"type":"response.steer.accepted"}"#);
+    let escaped = server_frame(0x81, br#"{"type":"response.complete\u0064","response":{}}"#);
     let binary = server_frame(0x82, &delta("bin"));
     let mut masked = vec![0x81, 0x80 | 4, 0, 0, 0, 0];
     masked.extend_from_slice(b"abcd");
@@ -687,6 +694,10 @@ fn raw_runs_take_only_complete_plain_delta_frames() {
     );
     for (name, stopper) in [
         ("created", created),
+        ("completed", completed),
+        ("error", error),
+        ("steer answer", steer),
+        ("escaped type", escaped),
         ("binary", binary),
         ("masked", masked),
         ("fragment", fragment),
@@ -711,7 +722,11 @@ fn raw_runs_take_only_complete_plain_delta_frames() {
             "{name}: raw bytes"
         );
         let texts: Vec<&[u8]> = payloads.iter().map(|p| &run[p.clone()]).collect();
-        assert_eq!(texts, [delta("a"), delta("b")], "{name}: payload ranges");
+        assert_eq!(
+            texts,
+            [&delta("a")[..], item_done],
+            "{name}: payload ranges"
+        );
         assert!(
             ws.take_text_run(64, accept, &mut payloads).is_none(),
             "{name}: the run stops before it"

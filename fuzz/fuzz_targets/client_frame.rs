@@ -71,7 +71,7 @@ fn upstream_bytes(data: &[u8]) {
             Ok(())
         }
     }
-    let _ = event::is_relayable_delta(data);
+    let _ = event::is_relayable_part(data);
     let config = WebSocketConfig::default()
         .read_buffer_size(512)
         .max_frame_size(Some(4096))
@@ -79,7 +79,7 @@ fn upstream_bytes(data: &[u8]) {
     let mut ws = WebSocket::from_raw_socket(Bytes(data), Role::Client, Some(config));
     let mut payloads = Vec::new();
     for _ in 0..64 {
-        if let Some(run) = ws.take_text_run(8, &mut event::is_relayable_delta, &mut payloads) {
+        if let Some(run) = ws.take_text_run(8, &mut event::is_relayable_part, &mut payloads) {
             assert!(run.len() <= data.len());
             assert!(payloads.iter().all(|p| p.end <= run.len()));
         }

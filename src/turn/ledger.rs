@@ -307,6 +307,70 @@ mod tests {
         verdict
     }
 
+    /// The raw relay takes runs of events `event::is_plain_part` accepts, without asking
+    /// the ledger: in every state where parts are expected, such an event must be a part
+    /// that changes nothing, and every type the ledger reads must be refused.
+    #[test]
+    fn plain_parts_are_parts_that_change_nothing() {
+        use crate::event::is_plain_part;
+        let mut states = Vec::new();
+        let mut l = Ledger::default();
+        l.sent(Sent::Create);
+        states.push(l.clone()); // before response.created
+        feed(&mut l, "response.created", &created("r1"));
+        states.push(l.clone()); // running
+        l.sent(Sent::Steer);
+        states.push(l.clone()); // running, a steer unanswered
+        feed(&mut l, "response.steer.accepted", "{}");
+        feed(
+            &mut l,
+            "response.incomplete",
+            r#"{"type":"response.incomplete","response":{"id":"r1","incomplete_details":{"reason":"steered"}}}"#,
+        );
+        states.push(l.clone()); // awaiting the steered response's successor
+        let types = [
+            "response.output_text.delta",
+            "response.function_call_arguments.delta",
+            "response.reasoning_summary_text.delta",
+            "response.output_item.added",
+            "response.output_item.done",
+            "response.content_part.added",
+            "response.content_part.done",
+            "response.output_text.done",
+            "response.in_progress",
+            "codex.rate_limits",
+            "response.some_future_event",
+            "response.created",
+            "response.completed",
+            "response.failed",
+            "response.incomplete",
+            "error",
+            "response.steer.accepted",
+            "response.steer.pending",
+            "response.steer.failed",
+            "response.inject.created",
+            "response.inject.failed",
+        ];
+        for (i, state) in states.iter().enumerate() {
+            assert!(state.expects_parts(), "state {i}");
+            for ty in types {
+                let mut l = state.clone();
+                let text = format!(r#"{{"type":"{ty}","response":{{"id":"r1"}}}}"#);
+                let verdict = feed(&mut l, ty, &text);
+                let unchanged = format!("{l:?}") == format!("{state:?}");
+                if is_plain_part(ty) {
+                    assert_eq!(verdict, Part, "state {i}: {ty}");
+                    assert!(unchanged, "state {i}: {ty} changed the ledger");
+                } else {
+                    assert!(
+                        verdict != Part || !unchanged,
+                        "state {i}: {ty} is plain to the ledger; refused needlessly?"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_plain_turn() {
         let mut l = Ledger::default();

@@ -516,7 +516,7 @@ impl Engine {
     fn end_turn(&mut self, terminal: event::Terminal) {
         if let Some(up) = self.upstream.as_mut() {
             if let Some((input, cached)) = terminal.usage {
-                crate::metrics::usage(up.decision(), input, cached);
+                self.gw.relay.usage(up.decision(), input, cached);
                 self.gw.usage.add(up.decision(), input, cached);
             }
             if let Some(conn) = up.conn_mut() {

@@ -1,6 +1,6 @@
 //! The downstream relay (issue 14): a batch of ready upstream frames is attributed (ledger,
 //! terminal inspection, no-output holding), written to the client and flushed once; runs of
-//! deltas a socket read left buffered go to a WebSocket client as raw bytes.
+//! plain parts (deltas, ...) a socket read left buffered go to a WebSocket client as raw bytes.
 
 use std::sync::Arc;
 
@@ -160,12 +160,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Relays the run of deltas that the last socket read left buffered, as raw frames (one
-    /// copy into the client's write buffer instead of a decode and an encode per frame):
-    /// only while a turn is in flight, nothing is held back, and the ledger attributes any
-    /// delta to the turn, so each frame is handled exactly as the per-event path would
-    /// (relayed, counted, no side effects). The run stops at the first frame that is not a
-    /// plain delta (see [`event::is_relayable_delta`]); that frame is read the usual way.
+    /// Relays the run of plain parts (deltas, items and content parts added and done, ...)
+    /// that the last socket read left buffered, as raw frames (one copy into the client's
+    /// write buffer instead of a decode and an encode per frame): only while a turn is in
+    /// flight that has shown the client output and holds nothing back (so no no-output
+    /// event would be held), and the ledger attributes any part to the turn, so each frame
+    /// is handled exactly as the per-event path would (relayed, counted, no side effects).
+    /// The run stops at the first frame that is not a plain part (see
+    /// [`event::is_relayable_part`]); that frame is read the usual way.
     async fn relay_run<D: Downstream>(
         &mut self,
         d: &mut D,
@@ -173,7 +175,10 @@ impl Engine {
         sent: &mut usize,
         max_batch: usize,
     ) -> Result<(), ClientGone> {
-        let eligible = self.turn.as_ref().is_some_and(|t| t.quiet.is_empty())
+        let eligible = self
+            .turn
+            .as_ref()
+            .is_some_and(|t| t.frames > 0 && t.quiet.is_empty())
             && self.ledger.expects_parts()
             && *sent < max_batch;
         let Some(conn) = self
@@ -187,7 +192,7 @@ impl Engine {
         let mut payloads = Vec::new();
         let Some(run) = conn.take_text_run(
             max_batch - *sent,
-            &mut event::is_relayable_delta,
+            &mut event::is_relayable_part,
             &mut payloads,
         ) else {
             return Ok(());
