@@ -165,12 +165,15 @@ for r in $(seq "$REPEAT"); do
   for t in direct nginx haproxy wsgate; do
     cpu=(); [ "$t" != direct ] && cpu=(--cpu-pid "$(pid_of "$t")")
     want a && run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS" "${cpu[@]}"
-    want b && run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" "${cpu[@]}"
+    want b && run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0.5 "${cpu[@]}"
+    # The same with every pause exactly B_THINK: the sessions stay in lockstep and their turns
+    # arrive in bursts (shown beside (b), see the README's Performance section).
+    want b && [ "$t" != haproxy ] && run bl "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0 "${cpu[@]}"
   done
   # (e) the same two workloads through wsgate's HTTP ingress (POST + SSE, same pool, same mock).
   if want e; then
     run ea wsgate "$r" --http --sessions 1 --turns 1 --deltas "$A_DELTAS" --cpu-pid "$GW_PID"
-    run eb wsgate "$r" --http --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --cpu-pid "$GW_PID"
+    run eb wsgate "$r" --http --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0.5 --cpu-pid "$GW_PID"
   fi
 done
 fi

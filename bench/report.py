@@ -55,27 +55,40 @@ for t in ["direct", "nginx", "haproxy", "wsgate"]:
     v = med("a", t, "events_per_s")
     p(f"| {t} | {fmt(v, 0)} | {ratio(v, direct_a)} | {ratio(v, nginx_a)} | {errors('a', t)} |")
 
+def latency_table(w, targets):
+    """(b)-shaped rows for workload `w`; returns (direct p50, nginx's added p50)."""
+    p("| target | event latency p50 / p99 / p999 (us) | added p50 vs direct (us) | added p50 vs nginx's added | first event p50 (ms) | turns/s | errors |")
+    p("|---|---|---:|---:|---:|---:|---:|")
+    d50 = med(w, "direct", "event_latency_us", "p50")
+    n50 = med(w, "nginx", "event_latency_us", "p50")
+    nginx_added = None if n50 is None or d50 is None else n50 - d50
+    for t in targets:
+        p50 = med(w, t, "event_latency_us", "p50")
+        p99 = med(w, t, "event_latency_us", "p99")
+        p999 = med(w, t, "event_latency_us", "p999")
+        added = None if p50 is None or d50 is None else p50 - d50
+        if t in ("direct", "nginx"):
+            vs = "-"
+        elif nginx_added is None or nginx_added < 10:
+            vs = "n/a (nginx adds < 10 us)"
+        else:
+            vs = ratio(added, nginx_added)
+        p(f"| {t} | {fmt(p50, 0)} / {fmt(p99, 0)} / {fmt(p999, 0)} | {fmt(added, 0)} | {vs} | "
+          f"{fmt(med(w, t, 'ttfe_ms', 'p50'), 3)} | {fmt(med(w, t, 'turns_per_s'), 0)} | {errors(w, t)} |")
+    return d50, nginx_added
+
+
 p(f"\n### (b) Latency: 64 sessions x 200 turns, 5 deltas per turn, {think} think time between turns\n")
-p("(The think time keeps the 2-core box below saturation, so the numbers show what a hop adds,")
-p("not queueing behind the load generator.)\n")
-p("| target | event latency p50 / p99 / p999 (us) | added p50 vs direct (us) | added p50 vs nginx's added | first event p50 (ms) | turns/s | errors |")
-p("|---|---|---:|---:|---:|---:|---:|")
-d50 = med("b", "direct", "event_latency_us", "p50")
-n50 = med("b", "nginx", "event_latency_us", "p50")
-nginx_added = None if n50 is None or d50 is None else n50 - d50
-for t in ["direct", "nginx", "haproxy", "wsgate"]:
-    p50 = med("b", t, "event_latency_us", "p50")
-    p99 = med("b", t, "event_latency_us", "p99")
-    p999 = med("b", t, "event_latency_us", "p999")
-    added = None if p50 is None or d50 is None else p50 - d50
-    if t in ("direct", "nginx"):
-        vs = "-"
-    elif nginx_added is None or nginx_added < 10:
-        vs = "n/a (nginx adds < 10 us)"
-    else:
-        vs = ratio(added, nginx_added)
-    p(f"| {t} | {fmt(p50, 0)} / {fmt(p99, 0)} / {fmt(p999, 0)} | {fmt(added, 0)} | {vs} | "
-      f"{fmt(med('b', t, 'ttfe_ms', 'p50'), 3)} | {fmt(med('b', t, 'turns_per_s'), 0)} | {errors('b', t)} |")
+p(f"(Each pause is drawn uniformly from {think} x [0.5, 1.5], by a hash of session and turn: the same")
+p("schedule for every target. The think time keeps the 2-core box below saturation, so the numbers")
+p("show what a hop adds, not queueing behind the load generator.)\n")
+d50, nginx_added = latency_table("b", ["direct", "nginx", "haproxy", "wsgate"])
+if runs.get(("bl", "wsgate")):
+    p(f"\n#### (b) in lockstep: every pause exactly {think} (informative)\n")
+    p("(The 64 sessions start together and tokio's timer wheel rounds each pause to the millisecond,")
+    p("so with equal pauses they stay in step and their turns reach the middle process in bursts:")
+    p("this measures queueing behind a burst of turns, which grows with the middle's CPU per turn.)\n")
+    latency_table("bl", ["direct", "nginx", "wsgate"])
 
 p(f"\n### (c) Reconnect every turn: 64 conversations x 20 turns, fresh upstream connection costs {fresh_cost}\n")
 p("| target | total time (s) | turns/s | upstream connections opened | speedup vs wsgate without pooling | errors |")
@@ -144,6 +157,12 @@ if w50 is not None and d50 is not None and nginx_added is not None:
                    f"wsgate adds {w_added:.0f} us, nginx {nginx_added:.0f} us (vs direct)", w_added <= nginx_added + 25))
 if w99 is not None and n99 is not None:
     checks.append(("(b) latency p99 <= 1.3x nginx's", f"{w99:,.0f} vs {n99:,.0f} us ({w99 / n99:.2f}x)", w99 <= 1.3 * n99))
+l50, ld50, ln50 = (med("bl", t, "event_latency_us", "p50") for t in ("wsgate", "direct", "nginx"))
+l99, ln99 = (med("bl", t, "event_latency_us", "p99") for t in ("wsgate", "nginx"))
+lockstep = []
+if None not in (l50, ld50, ln50, l99, ln99):
+    lockstep.append(f"(b) in lockstep (informative, not a target): wsgate adds {l50 - ld50:.0f} us at p50, nginx "
+                    f"{ln50 - ld50:.0f} us; p99 {l99:,.0f} vs {ln99:,.0f} us ({l99 / ln99:.2f}x)")
 # (c): the speed-up in every repeat (same repeat number for both targets).
 per_rep = {}
 for t in ("wsgate", "nopool"):
@@ -152,7 +171,7 @@ for t in ("wsgate", "nopool"):
 speedups = sorted(v["nopool"] / v["wsgate"] for v in per_rep.values() if v.get("wsgate") and v.get("nopool"))
 if speedups:
     checks.append(("(c) reconnect-every-turn speed-up >= 5x in every repeat",
-                   ", ".join(f"{x:.1f}x" for x in speedups), speedups[0] >= 5))
+                   ", ".join(f"{x:.2f}x" for x in speedups), speedups[0] >= 5))
 rd = runs.get(("d", "wsgate"), [{}])[0]
 per = rd.get("rss_per_session_kib")
 if per is not None:
@@ -162,4 +181,6 @@ p("| target | measured | met |")
 p("|---|---|---|")
 for name, measured, ok in checks:
     p(f"| {name} | {measured} | {'yes' if ok else 'NO'} |")
+for line in lockstep:
+    p(f"\n{line}")
 print("\n".join(out))

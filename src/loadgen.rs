@@ -30,6 +30,11 @@ pub struct LoadgenConfig {
     pub deltas: usize,
     pub delta_size: usize,
     pub think: Duration,
+    /// Spread of the think time: each pause is drawn from `think * [1 - j, 1 + j]` (mean
+    /// `think`), by a hash of the session and turn, so every target sees the same schedule.
+    /// 0 makes every session pause exactly `think`: sessions started together then stay in
+    /// lockstep and their turns arrive in bursts.
+    pub think_jitter: f64,
     pub reconnect_every_turn: bool,
     /// Idle mode: after one turn, hold every session open this long.
     pub idle_hold: Option<Duration>,
@@ -155,6 +160,29 @@ fn percentiles(h: &Histogram<u64>, scale: f64) -> Percentiles {
         p999: h.value_at_quantile(0.999) as f64 / scale,
         max: h.max() as f64 / scale,
     }
+}
+
+/// `think` spread by `jitter` (see [`LoadgenConfig::think_jitter`]): a pure function of the
+/// session's name (without the run id) and the turn, uniform in `think * [1 - j, 1 + j]`.
+fn think_time(think: Duration, jitter: f64, session: &str, turn: usize) -> Duration {
+    let jitter = jitter.clamp(0.0, 1.0);
+    if jitter == 0.0 {
+        return think;
+    }
+    // The session's index (after the run id) and the turn, mixed by splitmix64.
+    let index: u64 = session
+        .rsplit('-')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(0);
+    let mut x = index
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(turn as u64);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    think.mul_f64(1.0 - jitter + 2.0 * jitter * unit)
 }
 
 fn now_ns() -> u128 {
@@ -386,7 +414,7 @@ impl Ctx {
         let mut prev: Option<String> = None;
         for t in 0..self.cfg.turns {
             if t > 0 && !self.cfg.think.is_zero() {
-                tokio::time::sleep(self.cfg.think).await;
+                tokio::time::sleep(self.think(conversation, t)).await;
             }
             if self.cfg.reconnect_every_turn {
                 sender = None;
@@ -420,6 +448,11 @@ impl Ctx {
         stats
     }
 
+    /// The pause before turn `turn` of `session` (see [`LoadgenConfig::think_jitter`]).
+    fn think(&self, session: &str, turn: usize) -> Duration {
+        think_time(self.cfg.think, self.cfg.think_jitter, session, turn)
+    }
+
     async fn session(&self, i: usize) -> (Stats, Option<Client>) {
         let conversation = format!("{}-{i}", self.cfg.run_id);
         if self.cfg.http {
@@ -435,7 +468,7 @@ impl Ctx {
         };
         for t in 0..turns {
             if t > 0 && !self.cfg.think.is_zero() {
-                tokio::time::sleep(self.cfg.think).await;
+                tokio::time::sleep(self.think(&conversation, t)).await;
             }
             if self.cfg.reconnect_every_turn
                 && let Some(c) = client.take()
@@ -637,6 +670,37 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn think_times_spread_around_their_mean_the_same_for_every_run() {
+        let think = Duration::from_millis(20);
+        assert_eq!(think_time(think, 0.0, "run1-3", 7), think);
+        let times: Vec<Duration> = (0..64)
+            .flat_map(|s| (1..50).map(move |t| (s, t)))
+            .map(|(s, t)| think_time(think, 0.5, &format!("run1-{s}"), t))
+            .collect();
+        assert!(times.iter().all(|d| *d >= think / 2 && *d <= think * 3 / 2));
+        let mean = times.iter().sum::<Duration>() / times.len() as u32;
+        assert!(
+            mean > Duration::from_millis(19) && mean < Duration::from_millis(21),
+            "{mean:?}"
+        );
+        // Spread: no 1 ms slot holds more than a few percent of the pauses.
+        let mut slots = [0usize; 21];
+        for d in &times {
+            slots[(d.as_millis() as usize).min(30) - 10] += 1;
+        }
+        assert!(slots.iter().all(|n| *n < times.len() / 10), "{slots:?}");
+        // The same schedule for another run (another run id), different across sessions.
+        assert_eq!(
+            think_time(think, 0.5, "run1-5", 3),
+            think_time(think, 0.5, "run2-5", 3)
+        );
+        assert_ne!(
+            think_time(think, 0.5, "run1-5", 3),
+            think_time(think, 0.5, "run1-6", 3)
+        );
+    }
 
     #[test]
     fn stamps_are_read_without_parsing() {

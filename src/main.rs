@@ -45,6 +45,10 @@ struct LoadgenArgs {
     /// Pause between turns.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     think: std::time::Duration,
+    /// Spread of the think time (0..=1): each pause is uniform in think * [1 - j, 1 + j],
+    /// the same schedule for every target; 0 keeps sessions in lockstep.
+    #[arg(long, default_value_t = 0.5)]
+    think_jitter: f64,
     /// Use the HTTP ingress: every turn a streamed POST on a kept-alive connection to the same
     /// path (`ws://` in --url is read as `http://`).
     #[arg(long)]
@@ -280,6 +284,7 @@ async fn loadgen(a: LoadgenArgs) -> ExitCode {
         deltas: a.deltas,
         delta_size: a.delta_size,
         think: a.think,
+        think_jitter: a.think_jitter,
         reconnect_every_turn: a.reconnect_every_turn,
         idle_hold: a.idle_hold,
         rss_pid: a.rss_pid,
