@@ -310,9 +310,11 @@ impl UpstreamConn {
         self.link.take_text_run(max_frames, accept, payloads)
     }
 
-    /// The next upstream frame if one is ready without waiting.
-    pub fn try_recv(&mut self) -> Option<PumpEvent> {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    /// The next upstream frame if one is ready without waiting. `waker` is the holder's own
+    /// (the one its reads already registered: registering it again costs nothing, where a
+    /// stand-in would replace it and the next read would register it again).
+    pub fn try_recv(&mut self, waker: &std::task::Waker) -> Option<PumpEvent> {
+        let mut cx = std::task::Context::from_waker(waker);
         match self.link.poll_read(&mut cx) {
             std::task::Poll::Ready(ev) => Some(ev),
             std::task::Poll::Pending => None,

@@ -161,7 +161,7 @@ impl Downstream for WsDown<'_> {
     }
 
     async fn closed(&mut self, code: u16, reason: &str) {
-        close_client(self.0, code, reason).await;
+        Box::pin(close_client(self.0, code, reason)).await;
     }
 }
 
@@ -290,7 +290,12 @@ impl Session {
                 "no request within {:?} (limits.first_frame_timeout)",
                 self.gw.config().limits.first_frame_timeout
             );
-            close_client(&mut self.client, close::client::POLICY, &reason).await;
+            Box::pin(close_client(
+                &mut self.client,
+                close::client::POLICY,
+                &reason,
+            ))
+            .await;
             return Flow::Stop;
         }
         match self.engine.idle_deadline() {
@@ -318,7 +323,12 @@ impl Session {
                 "a frame did not complete within {:?} (limits.frame_timeout)",
                 self.gw.config().limits.frame_timeout
             );
-            close_client(&mut self.client, close::client::POLICY, &reason).await;
+            Box::pin(close_client(
+                &mut self.client,
+                close::client::POLICY,
+                &reason,
+            ))
+            .await;
             return Flow::Stop;
         }
         self.partial = pending;
@@ -336,11 +346,11 @@ impl Session {
             }
             Some(Ok(Message::Binary(_))) => {
                 crate::metrics::error("client_binary_frame");
-                close_client(
+                Box::pin(close_client(
                     &mut self.client,
                     close::client::UNSUPPORTED_DATA,
                     "binary frames are not supported; send JSON text frames",
-                )
+                ))
                 .await;
                 Flow::Stop
             }
@@ -349,18 +359,33 @@ impl Session {
             Some(Err(tungstenite::Error::Capacity(e))) => {
                 crate::metrics::error("client_message_too_big");
                 let reason = format!("message too big: {e}");
-                close_client(&mut self.client, close::client::TOO_BIG, &reason).await;
+                Box::pin(close_client(
+                    &mut self.client,
+                    close::client::TOO_BIG,
+                    &reason,
+                ))
+                .await;
                 Flow::Stop
             }
             Some(Err(tungstenite::Error::Protocol(e))) => {
                 // RFC 6455 §7.4.1: 1002 for a protocol error, while a close frame can be sent.
                 crate::metrics::error("client_protocol_error");
                 let reason = format!("protocol error: {e}");
-                close_client(&mut self.client, close::client::PROTOCOL, &reason).await;
+                Box::pin(close_client(
+                    &mut self.client,
+                    close::client::PROTOCOL,
+                    &reason,
+                ))
+                .await;
                 Flow::Stop
             }
             Some(Err(tungstenite::Error::Utf8(_))) => {
-                close_client(&mut self.client, 1007, "text frame is not valid UTF-8").await;
+                Box::pin(close_client(
+                    &mut self.client,
+                    1007,
+                    "text frame is not valid UTF-8",
+                ))
+                .await;
                 Flow::Stop
             }
             Some(Err(e)) => {
@@ -387,7 +412,7 @@ impl Session {
                         "event type `{ty}` is not supported; send response.create (or response.steer, \
                          response.inject, response.processed)"
                     );
-                    return self.local_error(400, "unsupported_event_type", &msg).await;
+                    return Box::pin(self.local_error(400, "unsupported_event_type", &msg)).await;
                 }
             },
             Err(e) => {
@@ -400,7 +425,7 @@ impl Session {
                 } else {
                     "client_missing_type"
                 });
-                return self.local_error(400, code, &e.to_string()).await;
+                return Box::pin(self.local_error(400, code, &e.to_string())).await;
             }
         };
         let relay = self.gw.config().relay.clone();
@@ -412,21 +437,21 @@ impl Session {
                 || self.held_bytes + text.len() > relay.max_queued_bytes.as_u64() as usize
             {
                 crate::metrics::error("client_queue_full");
-                close_client(
+                Box::pin(close_client(
                     &mut self.client,
                     close::client::POLICY,
                     "too many frames or bytes queued behind the response in flight",
-                )
+                ))
                 .await;
                 return Flow::Stop;
             }
             let Some(lease) = self.gw.buffered.take(text.len()) else {
                 crate::metrics::error("buffer_budget_exhausted");
-                close_client(
+                Box::pin(close_client(
                     &mut self.client,
                     close::client::TRY_AGAIN,
                     "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again",
-                )
+                ))
                 .await;
                 return Flow::Stop;
             };
@@ -441,11 +466,11 @@ impl Session {
                 .await
         } else if self.engine.outstanding() >= max_queued {
             crate::metrics::error("client_queue_full");
-            close_client(
+            Box::pin(close_client(
                 &mut self.client,
                 close::client::POLICY,
                 "too many events awaiting an upstream answer",
-            )
+            ))
             .await;
             return Flow::Stop;
         } else {

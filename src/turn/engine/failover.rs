@@ -84,9 +84,7 @@ impl Engine {
                 "account `{from}` hit a rate limit; the previous response lives on its connection, \
                  so resend the full context without previous_response_id"
             );
-            return self
-                .send_error(d, 400, "previous_response_not_found", &msg)
-                .await;
+            return Box::pin(self.send_error(d, 400, "previous_response_not_found", &msg)).await;
         };
         match Box::pin(self.acquire(Some(NewReason::Failover))).await {
             Ok(p) if !failed_over.contains(p.account()) => {
@@ -107,7 +105,7 @@ impl Engine {
             }
             Err(e) => {
                 self.end_turn_failed("upstream_failed");
-                self.acquire_failed(d, e).await
+                Box::pin(self.acquire_failed(d, e)).await
             }
         }
     }

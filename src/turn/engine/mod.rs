@@ -208,7 +208,7 @@ impl Engine {
         let msg = format!(
             "no upstream event for {timeout:?} (limits.turn_idle_timeout); the upstream connection was discarded"
         );
-        self.send_error(d, 504, "upstream_timeout", &msg).await
+        Box::pin(self.send_error(d, 504, "upstream_timeout", &msg)).await
     }
 
     /// Ends the engine: the upstream goes back to the pool only if no turn was in flight and
@@ -236,20 +236,19 @@ impl Engine {
         text: Utf8Bytes,
     ) -> Flow {
         if self.upstream.as_ref().and_then(Pooled::conn).is_none() {
-            return self
-                .send_error(
-                    d,
-                    400,
-                    "no_active_connection",
-                    "send response.create before other events on this connection",
-                )
-                .await;
+            return Box::pin(self.send_error(
+                d,
+                400,
+                "no_active_connection",
+                "send response.create before other events on this connection",
+            ))
+            .await;
         }
         self.ledger.sent(kind);
         self.sync_reusable();
         if let Err(e) = self.send_upstream(text).await {
             debug!(error = %e, "upstream send failed");
-            return self.upstream_ended(d, None, &e.to_string()).await;
+            return Box::pin(self.upstream_ended(d, None, &e.to_string())).await;
         }
         Flow::Continue
     }
@@ -296,27 +295,26 @@ impl Engine {
                     }
                     Err(e) => {
                         self.keyed = false;
-                        return self
-                            .send_error(
-                                d,
-                                400,
-                                "invalid_prompt_cache_key",
-                                &format!("prompt_cache_key {e}"),
-                            )
-                            .await;
+                        return Box::pin(self.send_error(
+                            d,
+                            400,
+                            "invalid_prompt_cache_key",
+                            &format!("prompt_cache_key {e}"),
+                        ))
+                        .await;
                     }
                 }
             }
         }
         self.rotate_if_needed(previous.is_some());
         if previous.is_some() && self.ingress == Ingress::Http {
-            self.wait_for_owner().await;
+            Box::pin(self.wait_for_owner()).await;
         }
         if let Some(prev) = &previous
             && !self.route_to_owner(prev)
         {
-            self.log_owner(prev).await;
-            return self
+            Box::pin(self.log_owner(prev)).await;
+            return Box::pin(self
                 .send_error(d,
                     400,
                     "previous_response_not_found",
@@ -324,13 +322,13 @@ impl Engine {
                         "previous_response_id `{prev}` is not held by a live upstream connection of this conversation; \
                          resend the full context without previous_response_id"
                     ),
-                )
+                ))
                 .await;
         }
         if self.upstream.is_none() {
             match Box::pin(self.acquire(None)).await {
                 Ok(p) => self.set_upstream(p),
-                Err(e) => return self.acquire_failed(d, e).await,
+                Err(e) => return Box::pin(self.acquire_failed(d, e)).await,
             }
         }
         let Some(up) = self.upstream.as_mut() else {
@@ -607,7 +605,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.turn = None;
-                    return self.acquire_failed(d, e).await;
+                    return Box::pin(self.acquire_failed(d, e)).await;
                 }
             }
         }
@@ -634,7 +632,7 @@ impl Engine {
                     "upstream connection {id} failed before the response completed: {}",
                     fallback(detail)
                 );
-                self.send_error(d, status, code, &msg).await
+                Box::pin(self.send_error(d, status, code, &msg)).await
             }
             Disposition::Discard => {
                 debug!(upstream.id = id, detail, "upstream ended between turns");

@@ -15,7 +15,6 @@ use crate::gateway::Shared;
 use crate::pool::Pooled;
 use crate::pump::PumpEvent;
 use crate::turn::Attribution;
-use crate::upstream::UpstreamConn;
 
 impl Engine {
     pub async fn upstream_event<D: Downstream>(
@@ -34,6 +33,8 @@ impl Engine {
             frames: 0,
             bytes: 0,
         };
+        // The task's waker, for reads of frames that are already there.
+        let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
         // Relay a batch of ready frames, flushing once.
         loop {
             match next {
@@ -52,7 +53,7 @@ impl Engine {
                         if self.flush_client(d, sent).await.is_err() {
                             return Flow::Stop;
                         }
-                        return self.limited_before_output(d, t).await;
+                        return Box::pin(self.limited_before_output(d, t)).await;
                     }
                     if !(quiet && unseen && self.hold_quiet(&text)) {
                         if self
@@ -82,7 +83,7 @@ impl Engine {
                         .upstream
                         .as_mut()
                         .and_then(Pooled::conn_mut)
-                        .map(UpstreamConn::try_recv)
+                        .map(|c| c.try_recv(&waker))
                     {
                         Some(Some(ev)) => next = Some(ev),
                         _ => break,
@@ -90,8 +91,7 @@ impl Engine {
                 }
                 Some(PumpEvent::Frame(_)) => {
                     let _ = self.flush_client(d, sent).await;
-                    return self
-                        .upstream_ended(d, None, "upstream sent a binary frame")
+                    return Box::pin(self.upstream_ended(d, None, "upstream sent a binary frame"))
                         .await;
                 }
                 Some(PumpEvent::Closed(frame)) => {
@@ -101,16 +101,15 @@ impl Engine {
                     let reason = frame
                         .map(|f| crate::telemetry::escape(&f.reason, 123))
                         .unwrap_or_default();
-                    return self.upstream_ended(d, code, &reason).await;
+                    return Box::pin(self.upstream_ended(d, code, &reason)).await;
                 }
                 Some(PumpEvent::Failed(e)) => {
                     let _ = self.flush_client(d, sent).await;
-                    return self.upstream_ended(d, None, &e).await;
+                    return Box::pin(self.upstream_ended(d, None, &e)).await;
                 }
                 None => {
                     let _ = self.flush_client(d, sent).await;
-                    return self
-                        .upstream_ended(d, None, "upstream connection ended")
+                    return Box::pin(self.upstream_ended(d, None, "upstream connection ended"))
                         .await;
                 }
             }
@@ -208,7 +207,7 @@ impl Engine {
         let texts = payloads
             .into_iter()
             .map(|p| Utf8Bytes::try_from(run.slice(p)).unwrap_or_default());
-        self.relay_down(d, counted, sent, texts).await
+        Box::pin(self.relay_down(d, counted, sent, texts)).await
     }
 
     /// Counts one frame of `len` payload bytes queued for the client.
