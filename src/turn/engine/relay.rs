@@ -35,6 +35,8 @@ impl Engine {
         };
         // The task's waker, for reads of frames that are already there.
         let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
+        // The turn's terminal, once relayed: its bookkeeping waits until the batch is out.
+        let mut ended = None;
         // Relay a batch of ready frames, flushing once.
         loop {
             match next {
@@ -63,8 +65,8 @@ impl Engine {
                         {
                             return Flow::Stop;
                         }
-                        if let Some(terminal) = terminal {
-                            self.end_turn(terminal);
+                        if terminal.is_some() {
+                            ended = terminal;
                             break;
                         }
                     }
@@ -114,8 +116,15 @@ impl Engine {
                 }
             }
         }
+        // The client gets the batch first; the turn's end (ledger already updated by the
+        // attribution; usage, metrics, the connection's response record) follows, also when
+        // the client has gone meanwhile: the upstream turn did end cleanly.
+        let flushed = if sent > 0 { d.flush().await } else { Ok(()) };
+        if let Some(terminal) = ended {
+            self.end_turn(terminal);
+        }
         self.sync_reusable();
-        if sent > 0 && d.flush().await.is_err() {
+        if flushed.is_err() {
             return Flow::Stop;
         }
         Flow::Continue
