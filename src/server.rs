@@ -551,16 +551,17 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
         span.record("conversation", field::display(c));
     }
 
-    // With a conversation id the upstream is acquired before the client's 101. The acquire
-    // runs in its own task: if the client leaves mid-dial (hyper then drops this handler),
-    // the dial still completes and the clean connection waits in the pool for the client's
-    // reconnect instead of being thrown away half-open. The task holds the client's
-    // connection slot until it ends, so abandoned dials stay within
-    // `limits.max_client_connections`.
+    // With a conversation id the upstream is acquired before the client's 101. An acquire
+    // that must wait (a dial, a release) goes on in its own task: if the client leaves
+    // mid-dial (hyper then drops this handler), the dial still completes and the clean
+    // connection waits in the pool for the client's reconnect instead of being thrown away
+    // half-open. The task holds the client's connection slot until it ends, so abandoned
+    // dials stay within `limits.max_client_connections`. A pool hit completes at its first
+    // poll, here, without a task.
     let mut upstream = None;
     let mut slot = slot;
     if route.lane.is_some() {
-        let acquired = shared.sessions.spawn({
+        let mut acquiring = Box::pin({
             let (shared, route, forward) = (shared.clone(), route.clone(), forward.clone());
             async move {
                 let acquired = shared
@@ -570,7 +571,11 @@ async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
             }
             .instrument(span.clone())
         });
-        let Ok((held, acquired)) = acquired.await else {
+        let acquired = match futures::poll!(acquiring.as_mut()) {
+            std::task::Poll::Ready(done) => Ok(done),
+            std::task::Poll::Pending => shared.sessions.spawn(acquiring).await,
+        };
+        let Ok((held, acquired)) = acquired else {
             return json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",

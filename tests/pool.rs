@@ -337,3 +337,40 @@ async fn conversation_from_prompt_cache_key_and_no_key_bypass() {
     assert_eq!(mock.accepted(), 2);
     gw.stop().await;
 }
+
+/// A client that gives up while its upstream is being dialed (before the 101) does not waste
+/// the dial: it completes in its own task and the clean connection waits in the pool, where
+/// the client's reconnect finds it. (A pool hit completes inline, without that task.)
+#[tokio::test]
+async fn a_client_that_leaves_mid_dial_finds_the_dialed_connection_on_reconnect() {
+    use tokio::io::AsyncWriteExt;
+    let mock = MockUpstream::start(MockConfig {
+        handshake_delay: Duration::from_millis(400),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let conv = unique("mid-dial");
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/responses HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer test-client-key\r\nsession-id: {conv}\r\n\r\n",
+        gw.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gw.gateway.pool_stats().idle, 0, "still dialing");
+    drop(tcp); // gone before the 101
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.gateway.pool_stats().idle == 1).await,
+        "the dial completed and was pooled: {:?}",
+        gw.gateway.pool_stats()
+    );
+    assert_eq!(mock.accepted(), 1);
+    gw.warm(&conv).await;
+    assert_eq!(decisions(&conv), ["new miss", "reuse -"]);
+    assert_eq!(mock.accepted(), 1, "nothing dialed again");
+    gw.stop().await;
+}
