@@ -17,7 +17,13 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::client::{Client, ClientError, create_body};
+
+mod procfs;
+mod think;
+
 use crate::event;
+pub use procfs::{cpu_seconds, rss_kib};
+use think::think_time;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -162,29 +168,6 @@ fn percentiles(h: &Histogram<u64>, scale: f64) -> Percentiles {
     }
 }
 
-/// `think` spread by `jitter` (see [`LoadgenConfig::think_jitter`]): a pure function of the
-/// session's name (without the run id) and the turn, uniform in `think * [1 - j, 1 + j]`.
-fn think_time(think: Duration, jitter: f64, session: &str, turn: usize) -> Duration {
-    let jitter = jitter.clamp(0.0, 1.0);
-    if jitter == 0.0 {
-        return think;
-    }
-    // The session's index (after the run id) and the turn, mixed by splitmix64.
-    let index: u64 = session
-        .rsplit('-')
-        .next()
-        .and_then(|i| i.parse().ok())
-        .unwrap_or(0);
-    let mut x = index
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(turn as u64);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-    think.mul_f64(1.0 - jitter + 2.0 * jitter * unit)
-}
-
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -200,54 +183,6 @@ fn stamp(text: &str) -> Option<u128> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(digits.len());
     digits[..end].parse().ok()
-}
-
-/// User + system CPU seconds of `pid` and all its descendants (Linux; USER_HZ = 100).
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may contain spaces): state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
-    let mut total = (ticks(14)? + ticks(15)?) as f64 / 100.0;
-    for child in descendants(pid) {
-        total += cpu_seconds(child).unwrap_or(0.0);
-    }
-    Some(total)
-}
-
-/// The direct children of `pid` (every thread's).
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            out.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
-}
-
-/// Resident set size of `pid` and all its descendants (e.g. nginx's workers), KiB (Linux).
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let own: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let mut total = own;
-    for child in descendants(pid) {
-        total += rss_kib(child).unwrap_or(0);
-    }
-    Some(total)
 }
 
 type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
@@ -670,37 +605,6 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn think_times_spread_around_their_mean_the_same_for_every_run() {
-        let think = Duration::from_millis(20);
-        assert_eq!(think_time(think, 0.0, "run1-3", 7), think);
-        let times: Vec<Duration> = (0..64)
-            .flat_map(|s| (1..50).map(move |t| (s, t)))
-            .map(|(s, t)| think_time(think, 0.5, &format!("run1-{s}"), t))
-            .collect();
-        assert!(times.iter().all(|d| *d >= think / 2 && *d <= think * 3 / 2));
-        let mean = times.iter().sum::<Duration>() / times.len() as u32;
-        assert!(
-            mean > Duration::from_millis(19) && mean < Duration::from_millis(21),
-            "{mean:?}"
-        );
-        // Spread: no 1 ms slot holds more than a few percent of the pauses.
-        let mut slots = [0usize; 21];
-        for d in &times {
-            slots[(d.as_millis() as usize).min(30) - 10] += 1;
-        }
-        assert!(slots.iter().all(|n| *n < times.len() / 10), "{slots:?}");
-        // The same schedule for another run (another run id), different across sessions.
-        assert_eq!(
-            think_time(think, 0.5, "run1-5", 3),
-            think_time(think, 0.5, "run2-5", 3)
-        );
-        assert_ne!(
-            think_time(think, 0.5, "run1-5", 3),
-            think_time(think, 0.5, "run1-6", 3)
-        );
-    }
 
     #[test]
     fn stamps_are_read_without_parsing() {
