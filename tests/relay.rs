@@ -427,9 +427,10 @@ async fn idle_sessions_hold_no_socket_buffers() {
     w.close().await;
 }
 
-/// Deltas that arrive many per read are relayed as raw frame runs: what the client receives is
-/// exactly what the upstream sent, frame for frame and byte for byte, in order, with the events
-/// around them (created, done, completed) handled one by one as before.
+/// Deltas that arrive many per read are relayed as raw frame runs (with the items and parts
+/// around them): what the client receives is exactly what the upstream sent, frame for frame and
+/// byte for byte, in order, with the events the gateway reads (created, completed) handled one
+/// by one.
 #[tokio::test]
 async fn batched_deltas_reach_the_client_byte_for_byte() {
     init();
