@@ -1,0 +1,135 @@
+//! The pool's vocabulary for what it did: the three decisions with their reasons, and why a
+//! connection left the pool (the `pool decision` and `pool evict` log lines, metrics labels).
+
+use std::fmt;
+
+/// The three decisions (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Reuse,
+    New(NewReason),
+    Bypass(BypassReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewReason {
+    /// Nothing pooled for the key.
+    Miss,
+    /// The pooled connection reached `max_age`.
+    Expired,
+    /// The key's connection was evicted (1012/1013, account change).
+    Evicted,
+    /// The pooled connection died while idle.
+    Dead,
+    /// A reused connection failed before the turn produced anything; the turn is retried once.
+    RetryAfterStaleReuse,
+    /// The key's connection was discarded (a turn did not end cleanly, or an upstream event
+    /// could not be attributed).
+    Discarded,
+    /// The turn's account hit a rate or usage limit before anything reached the client; the
+    /// turn moved to another account.
+    Failover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BypassReason {
+    /// Another session holds the key's connection.
+    Busy,
+    /// `max_per_account` or `max_total` reached.
+    Cap,
+    /// `pool.enabled: false`.
+    Disabled,
+    /// No conversation id.
+    NoKey,
+}
+
+/// Why a pooled connection left the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictReason {
+    Close1012,
+    Close1013,
+    AccountChanged,
+    MaxAge,
+    IdleTimeout,
+    /// Closed, failed, or sent data while idle; or failed mid-turn.
+    Dead,
+    /// Poisoned: the turn did not end cleanly (e.g. the client left mid-turn).
+    Discarded,
+    Shutdown,
+    /// A cap was reached: the least recently used idle connection made room for a new key.
+    Lru,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Decision::Reuse => "reuse",
+            Decision::New(_) => "new",
+            Decision::Bypass(_) => "bypass",
+        })
+    }
+}
+
+impl Decision {
+    /// 0 for reuse, 1 for new, 2 for bypass (per-decision counters).
+    pub fn slot(&self) -> usize {
+        match self {
+            Decision::Reuse => 0,
+            Decision::New(_) => 1,
+            Decision::Bypass(_) => 2,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Decision::Reuse => "-",
+            Decision::New(r) => match r {
+                NewReason::Miss => "miss",
+                NewReason::Expired => "expired",
+                NewReason::Evicted => "evicted",
+                NewReason::Dead => "dead",
+                NewReason::RetryAfterStaleReuse => "retry_after_stale_reuse",
+                NewReason::Discarded => "discarded",
+                NewReason::Failover => "failover",
+            },
+            Decision::Bypass(r) => match r {
+                BypassReason::Busy => "busy",
+                BypassReason::Cap => "cap",
+                BypassReason::Disabled => "disabled",
+                BypassReason::NoKey => "no_key",
+            },
+        }
+    }
+}
+
+impl fmt::Display for EvictReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EvictReason::Close1012 => "close_1012",
+            EvictReason::Close1013 => "close_1013",
+            EvictReason::AccountChanged => "account_changed",
+            EvictReason::MaxAge => "max_age",
+            EvictReason::IdleTimeout => "idle_timeout",
+            EvictReason::Dead => "dead",
+            EvictReason::Discarded => "discarded",
+            EvictReason::Shutdown => "shutdown",
+            EvictReason::Lru => "lru",
+        })
+    }
+}
+
+impl EvictReason {
+    /// What the next `new` of the same key says about why nothing was reusable.
+    pub(super) fn next_new_reason(self) -> NewReason {
+        match self {
+            EvictReason::MaxAge => NewReason::Expired,
+            EvictReason::Close1012
+            | EvictReason::Close1013
+            | EvictReason::AccountChanged
+            | EvictReason::Lru => NewReason::Evicted,
+            EvictReason::Dead => NewReason::Dead,
+            EvictReason::Discarded => NewReason::Discarded,
+            EvictReason::IdleTimeout | EvictReason::Shutdown => NewReason::Miss,
+        }
+    }
+}
