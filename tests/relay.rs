@@ -427,12 +427,9 @@ async fn idle_sessions_hold_no_socket_buffers() {
     w.close().await;
 }
 
-/// Deltas that arrive many per read are relayed as raw frame runs (with the items and parts
-/// around them): what the client receives is exactly what the upstream sent, frame for frame and
-/// byte for byte, in order, with the events the gateway reads (created, completed) handled one
-/// by one.
-#[tokio::test]
-async fn batched_deltas_reach_the_client_byte_for_byte() {
+/// A gateway process in front of a mock that writes its events in batches (many frames per
+/// read, so the relay takes raw runs), and a client of a fresh conversation named `name-...`.
+async fn batching_gateway(name: &str) -> (MockUpstream, GatewayProcess, String, Client) {
     init();
     let mock = MockUpstream::start(MockConfig {
         speed: true,
@@ -440,10 +437,19 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
     })
     .await
     .unwrap();
-    let yaml = test_yaml(&mock.url(), &["acct-a"], "");
-    let gw = GatewayProcess::start(&yaml);
-    let conv = unique("raw-run");
-    let mut c = gw.connect(&conv).await;
+    let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
+    let conv = unique(name);
+    let c = gw.connect(&conv).await;
+    (mock, gw, conv, c)
+}
+
+/// Deltas that arrive many per read are relayed as raw frame runs (with the items and parts
+/// around them): what the client receives is exactly what the upstream sent, frame for frame and
+/// byte for byte, in order, with the events the gateway reads (created, completed) handled one
+/// by one.
+#[tokio::test]
+async fn batched_deltas_reach_the_client_byte_for_byte() {
+    let (mock, _gw, conv, mut c) = batching_gateway("raw-run").await;
     for turn in 0..2 {
         let before = mock
             .connections()
@@ -482,17 +488,7 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
 /// delta arrives, once, in order.
 #[tokio::test]
 async fn batched_deltas_to_a_stalled_client_arrive_whole_and_in_order() {
-    init();
-    let mock = MockUpstream::start(MockConfig {
-        speed: true,
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
-    let yaml = test_yaml(&mock.url(), &["acct-a"], "");
-    let gw = GatewayProcess::start(&yaml);
-    let conv = unique("raw-stalled");
-    let mut c = gw.connect(&conv).await;
+    let (_mock, _gw, conv, mut c) = batching_gateway("raw-stalled").await;
     const DELTAS: usize = 30_000;
     c.send_json(&create_body(
         Some(&conv),
