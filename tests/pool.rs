@@ -353,13 +353,7 @@ async fn a_client_that_leaves_mid_dial_finds_the_dialed_connection_on_reconnect(
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
     let conv = unique("mid-dial");
     let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let request = format!(
-        "GET /v1/responses HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer test-client-key\r\nsession-id: {conv}\r\n\r\n",
-        gw.addr
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp.write_all(raw_upgrade(&conv).as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(gw.gateway.pool_stats().idle, 0, "still dialing");
     drop(tcp); // gone before the 101
