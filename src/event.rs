@@ -39,7 +39,7 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
     }
     #[derive(Deserialize)]
     struct TypeOnly<'a> {
-        #[serde(rename = "type", borrow, default)]
+        #[serde(rename = "type", borrow, default, deserialize_with = "borrowed")]
         kind: Option<Cow<'a, str>>,
     }
     serde_json::from_str::<TypeOnly<'_>>(text)
@@ -157,12 +157,20 @@ fn scan_type(b: &[u8]) -> Option<&[u8]> {
 /// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.
 #[derive(Debug, Deserialize)]
 pub struct ClientEvent<'a> {
-    #[serde(rename = "type", borrow, default)]
+    #[serde(rename = "type", borrow, default, deserialize_with = "borrowed")]
     pub kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub prompt_cache_key: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub previous_response_id: Option<Cow<'a, str>>,
+}
+
+/// An optional string borrowed from the frame when it has no escapes (serde borrows a bare
+/// `Cow<str>` field but copies one inside an `Option`: three allocations per request).
+fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
 }
 
 /// Why a client frame was refused.
@@ -446,6 +454,15 @@ mod tests {
         .unwrap();
         assert!(ev.is_create() && ev.is_continuation());
         assert_eq!(ev.prompt_cache_key.as_deref(), Some("conv-1"));
+        // Borrowed from the frame, not copied; an escaped string is decoded into its own.
+        assert!(matches!(ev.kind, Some(Cow::Borrowed("response.create"))));
+        assert!(matches!(
+            ev.previous_response_id,
+            Some(Cow::Borrowed("resp_1"))
+        ));
+        let ev =
+            ClientEvent::parse(r#"{"type":"response.create","prompt_cache_key":"a\"b"}"#).unwrap();
+        assert!(matches!(ev.prompt_cache_key, Some(Cow::Owned(ref k)) if k == "a\"b"));
         let ev = ClientEvent::parse(r#"{"type":"response.create","previous_response_id":null}"#)
             .unwrap();
         assert!(!ev.is_continuation());
