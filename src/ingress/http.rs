@@ -36,7 +36,8 @@ use crate::event;
 use crate::gateway::{Gateway, Shared};
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ids::{ConversationId, Ingress};
-use crate::server::{Admitted, admit, json_error};
+use crate::ingress::admit::{Admitted, admit};
+use crate::server::json_error;
 use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 
 /// SSE chunks buffered between the turn task and the response body.
@@ -281,7 +282,10 @@ struct Turn {
     keepalive: Duration,
     gone: CancellationToken,
     /// Held for the turn's life: it counts against the connection limits.
-    _permits: (tokio::sync::OwnedSemaphorePermit, crate::server::ClientSlot),
+    _permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        crate::ingress::admit::ClientSlot,
+    ),
     /// Suspends the HTTP connection's deadline for the turn's life.
     _conn_turn: Option<crate::listener::TurnGuard>,
     /// The request's bytes in the gateway-wide budget.

@@ -1,12 +1,16 @@
 //! How client requests enter: each ingress is an adapter that turns its transport into turns
 //! for the turn `Engine` (`turn::engine`) and encodes what the engine yields.
 //!
+//! - `admit`: the checks every client request passes first (key, Origin, limits).
+//! - `upgrade`: the WebSocket opening handshake, with the upstream acquired before the 101.
 //! - `ws`: a client WebSocket session (Responses API WebSocket mode).
 //! - `http`: `POST` on the same paths: one turn per request, as SSE or one JSON body.
 //! - `body`: HTTP request bodies: bounded reading and `Content-Encoding` decoding.
 //! - `passthrough`: `GET .../models` and `POST .../responses/compact`, relayed over HTTP.
 
+pub(crate) mod admit;
 pub(crate) mod body;
 pub(crate) mod http;
 pub(crate) mod passthrough;
+pub(crate) mod upgrade;
 pub(crate) mod ws;

@@ -17,7 +17,8 @@ use tracing::{debug, info, warn};
 use crate::accounts::Account;
 use crate::gateway::{Gateway, Shared};
 use crate::headers::{ForwardHeaders, HeaderIds};
-use crate::server::{Admitted, admit, json_error};
+use crate::ingress::admit::{Admitted, admit};
+use crate::server::json_error;
 
 /// Response headers relayed back to the client.
 const RELAYED: &[&str] = &[
