@@ -1,0 +1,160 @@
+//! `stream` false or absent: one JSON response built from the terminal event, its `output`
+//! filled from the `response.output_item.done` events when the terminal's is empty.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderName, HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::{HttpDown, Reply, copy_headers, error_response};
+use crate::event;
+use crate::server::json_error;
+use crate::turn::engine::{ClientGone, Downstream};
+
+/// `stream` false or absent: one JSON response built from the terminal event.
+pub(super) struct JsonDown {
+    reply: oneshot::Sender<Reply>,
+    /// `response.output_item.done` items by `output_index`.
+    items: Vec<(u64, Value)>,
+    collected: usize,
+    max: usize,
+    terminal: Option<Value>,
+    error: Option<Value>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl JsonDown {
+    pub(super) fn new(reply: oneshot::Sender<Reply>, max: usize) -> JsonDown {
+        JsonDown {
+            reply,
+            items: Vec::new(),
+            collected: 0,
+            max,
+            terminal: None,
+            error: None,
+            headers: Vec::new(),
+        }
+    }
+
+    fn build(&mut self) -> Response {
+        if let Some(e) = self.error.take() {
+            return error_response(&e);
+        }
+        let Some(t) = self.terminal.take() else {
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                "stream_incomplete",
+                "the upstream ended the turn without a terminal event",
+            );
+        };
+        match t["type"].as_str().unwrap_or_default() {
+            "response.completed" | "response.incomplete" => {
+                let mut response = t["response"].clone();
+                let empty = response["output"].as_array().is_none_or(Vec::is_empty);
+                if empty && !self.items.is_empty() {
+                    let mut items = std::mem::take(&mut self.items);
+                    items.sort_by_key(|(i, _)| *i);
+                    response["output"] =
+                        Value::Array(items.into_iter().map(|(_, item)| item).collect());
+                }
+                let mut r = (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    response.to_string(),
+                )
+                    .into_response();
+                for (name, value) in std::mem::take(&mut self.headers) {
+                    r.headers_mut().insert(name, value);
+                }
+                r
+            }
+            "response.failed" => {
+                let error = t["response"]["error"].clone();
+                let code = error["code"].as_str().unwrap_or_default();
+                let status = match code {
+                    c if c.contains("rate_limit")
+                        || c.contains("usage_limit")
+                        || c.contains("quota") =>
+                    {
+                        429
+                    }
+                    "invalid_api_key" | "token_expired" | "token_invalidated" => 401,
+                    "invalid_request_error" | "context_length_exceeded" | "invalid_prompt" => 400,
+                    _ => 502,
+                };
+                error_response(&json!({"status": status, "error": error}))
+            }
+            // An upstream `error` frame.
+            _ => error_response(&t),
+        }
+    }
+}
+
+impl Downstream for JsonDown {
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
+        let ty = event::sniff_type(&text).unwrap_or_default();
+        let keep = ty == "response.output_item.done" || event::is_terminal(&ty);
+        if !keep {
+            return Ok(());
+        }
+        self.collected += text.len();
+        if self.collected > self.max {
+            self.error = Some(event::error_value(
+                502,
+                "response_too_large",
+                "the response is larger than http.max_response_size; use stream: true",
+            ));
+            return Err(ClientGone);
+        }
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        if ty == "response.output_item.done" {
+            let index = v["output_index"]
+                .as_u64()
+                .unwrap_or(self.items.len() as u64);
+            self.items.push((index, v["item"].clone()));
+        } else {
+            self.terminal = Some(v);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientGone> {
+        Ok(())
+    }
+
+    async fn error(&mut self, ev: Value) -> Result<(), ClientGone> {
+        self.error = Some(ev);
+        Ok(())
+    }
+
+    async fn closed(&mut self, code: u16, reason: &str) {
+        self.error = Some(event::error_value(
+            502,
+            "upstream_closed",
+            &format!("upstream closed with {code}: {reason}"),
+        ));
+    }
+
+    fn connected(&mut self, headers: &[(HeaderName, HeaderValue)], reused: bool) {
+        self.headers = copy_headers(headers, reused);
+    }
+}
+
+impl HttpDown for JsonDown {
+    fn keepalive_due(&self, _every: Duration) -> Option<Instant> {
+        None
+    }
+
+    async fn keepalive(&mut self) -> Result<(), ClientGone> {
+        Ok(())
+    }
+
+    async fn finish(mut self) {
+        let response = self.build();
+        let _ = self.reply.send(Reply::Full(response));
+    }
+}

@@ -1,0 +1,210 @@
+//! `stream: true`: each upstream frame as a server-sent event (`event: <type>` + `data:` with
+//! the frame's bytes verbatim), keepalives while silent, and the HTTP status or the one
+//! synthetic `response.failed` a failure becomes (before or after the first byte).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::{BODY_CHUNKS, HttpDown, Reply, copy_headers, error_response};
+use crate::event;
+use crate::server::json_error;
+use crate::turn::engine::{ClientGone, Downstream};
+
+/// `stream: true`: upstream frames as server-sent events.
+pub(super) struct SseDown {
+    /// Until the head is sent (`Some`), an `error` may still become an HTTP status.
+    reply: Option<oneshot::Sender<Reply>>,
+    tx: mpsc::Sender<Bytes>,
+    rx: Option<mpsc::Receiver<Bytes>>,
+    buf: BytesMut,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// An error seen before the first byte: a gateway `error` value, or an upstream `error`
+    /// frame with its text.
+    pending_error: Option<(Value, Option<Utf8Bytes>)>,
+    /// `response.id` of the response streaming, for a synthetic `response.failed`.
+    response_id: Option<String>,
+    /// Keepalives as `codex.keepalive` events (Codex) rather than comments.
+    codex: bool,
+    last_write: Instant,
+    write_timeout: Duration,
+    failed: bool,
+}
+
+impl SseDown {
+    pub(super) fn new(
+        reply: oneshot::Sender<Reply>,
+        codex: bool,
+        write_timeout: Duration,
+    ) -> SseDown {
+        let (tx, rx) = mpsc::channel(BODY_CHUNKS);
+        SseDown {
+            reply: Some(reply),
+            tx,
+            rx: Some(rx),
+            buf: BytesMut::new(),
+            headers: Vec::new(),
+            pending_error: None,
+            response_id: None,
+            codex,
+            last_write: Instant::now(),
+            write_timeout,
+            failed: false,
+        }
+    }
+
+    /// Commits to a 200 event stream.
+    fn start(&mut self) -> Result<(), ClientGone> {
+        if let (Some(reply), Some(body)) = (self.reply.take(), self.rx.take()) {
+            let headers = std::mem::take(&mut self.headers);
+            reply
+                .send(Reply::Stream { headers, body })
+                .map_err(|_| ClientGone)?;
+            // An upstream error frame held before the start goes out first, verbatim.
+            if let Some((_, Some(raw))) = self.pending_error.take() {
+                self.push_event(&raw);
+            }
+        }
+        Ok(())
+    }
+
+    fn push_event(&mut self, text: &str) {
+        if let Some(ty) = event::sniff_type(text) {
+            self.buf.extend_from_slice(b"event: ");
+            self.buf.extend_from_slice(ty.as_bytes());
+            self.buf.extend_from_slice(b"\n");
+        }
+        // A frame is one JSON text; should it hold raw line breaks, each line is a data line.
+        for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
+            self.buf.extend_from_slice(b"data: ");
+            self.buf.extend_from_slice(line.as_bytes());
+            self.buf.extend_from_slice(b"\n");
+        }
+        self.buf.extend_from_slice(b"\n");
+    }
+
+    async fn send_buf(&mut self) -> Result<(), ClientGone> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        match tokio::time::timeout(self.write_timeout, self.tx.send(chunk)).await {
+            Ok(Ok(())) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            // The client is gone, or it stopped reading for `relay.client_write_timeout`.
+            _ => Err(ClientGone),
+        }
+    }
+
+    /// After the first byte a failure is one `response.failed` (`stream_disconnected`).
+    async fn fail_stream(&mut self, message: &str) -> Result<(), ClientGone> {
+        if self.failed {
+            return Ok(());
+        }
+        self.failed = true;
+        let failed = json!({
+            "type": "response.failed",
+            "response": {
+                "id": self.response_id.as_deref().unwrap_or("resp_gateway"),
+                "object": "response",
+                "status": "failed",
+                "output": [],
+                "error": {"code": "stream_disconnected", "message": message},
+            },
+        });
+        self.push_event(&failed.to_string());
+        self.send_buf().await
+    }
+}
+
+impl Downstream for SseDown {
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
+        let ty = event::sniff_type(&text);
+        if self.reply.is_some() && ty.as_deref() == Some("error") {
+            // Perhaps the turn's only event: an HTTP status then.
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            self.pending_error = Some((v, Some(text)));
+            return Ok(());
+        }
+        if ty.as_deref() == Some("response.created") {
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            self.response_id = v["response"]["id"].as_str().map(str::to_string);
+        }
+        self.start()?;
+        self.push_event(&text);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientGone> {
+        self.send_buf().await
+    }
+
+    async fn error(&mut self, ev: Value) -> Result<(), ClientGone> {
+        if self.reply.is_some() {
+            self.pending_error = Some((ev, None));
+            return Ok(());
+        }
+        let message = ev["error"]["message"]
+            .as_str()
+            .unwrap_or("the upstream failed")
+            .to_string();
+        self.fail_stream(&message).await
+    }
+
+    async fn closed(&mut self, code: u16, reason: &str) {
+        let message = format!("upstream closed with {code}: {reason}");
+        if self.reply.is_some() {
+            self.pending_error = Some((event::error_value(502, "upstream_closed", &message), None));
+        } else {
+            let _ = self.fail_stream(&message).await;
+        }
+    }
+
+    fn connected(&mut self, headers: &[(HeaderName, HeaderValue)], reused: bool) {
+        self.headers = copy_headers(headers, reused);
+    }
+}
+
+impl HttpDown for SseDown {
+    fn keepalive_due(&self, every: Duration) -> Option<Instant> {
+        Some(self.last_write + every)
+    }
+
+    async fn keepalive(&mut self) -> Result<(), ClientGone> {
+        self.start()?;
+        if self.codex {
+            // Codex's idle timer ignores comments: it needs an event.
+            self.buf.extend_from_slice(
+                b"event: codex.keepalive\ndata: {\"type\":\"codex.keepalive\"}\n\n",
+            );
+        } else {
+            self.buf.extend_from_slice(b": keepalive\n\n");
+        }
+        self.send_buf().await
+    }
+
+    async fn finish(mut self) {
+        if let Some(reply) = self.reply.take() {
+            let response = match self.pending_error.take() {
+                Some((v, _)) => error_response(&v),
+                // The turn ended with nothing to say (the client went away first).
+                None => json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "stream_incomplete",
+                    "the turn ended before any event",
+                ),
+            };
+            let _ = reply.send(Reply::Full(response));
+            return;
+        }
+        let _ = self.send_buf().await;
+        // Dropping the sender ends the body.
+    }
+}
