@@ -3,6 +3,8 @@
 #   direct   client -> mock upstream (the physical limit)
 #   nginx    a plain WebSocket reverse proxy (Debian nginx)
 #   haproxy  a plain WebSocket reverse proxy (Debian haproxy)
+#   tokiocopy  the smallest tokio TCP proxy (examples/byte_proxy.rs: copy_bidirectional), in (a)
+#            and (b) only: what the runtime and two sockets cost before any relay work
 #   wsgate   this gateway (pooling on)
 #   nopool   this gateway with pool.enabled: false (workload c's baseline)
 # Workloads: (a) one streaming turn, (b) latency under a steady load, (c) reconnect every turn,
@@ -46,7 +48,9 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 cargo build --release --quiet
+cargo build --release --quiet --example byte_proxy
 WSGATE=$ROOT/target/release/wsgate
+BYTE_PROXY=$ROOT/target/release/examples/byte_proxy
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
@@ -56,6 +60,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 MOCK_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); GW_PORT=$(free_port); NOPOOL_PORT=$(free_port)
+TOKIO_PORT=$(free_port)
 MOCK_URL=ws://127.0.0.1:$MOCK_PORT/v1/responses
 
 start_mock() { # args for mock-upstream
@@ -110,6 +115,8 @@ backend b
 EOF
   "$HAPROXY" -f "$TMP/haproxy.cfg" -db >"$TMP/haproxy.log" 2>&1 &
   HAPROXY_PID=$!; PROXY_PIDS+=("$HAPROXY_PID"); PIDS+=("$HAPROXY_PID")
+  "$BYTE_PROXY" "127.0.0.1:$TOKIO_PORT" "127.0.0.1:$MOCK_PORT" >"$TMP/byte_proxy.log" 2>&1 &
+  TOKIO_PID=$!; PROXY_PIDS+=("$TOKIO_PID"); PIDS+=("$TOKIO_PID")
   for name in wsgate nopool; do
     port=$GW_PORT; pool=true
     [ "$name" = nopool ] && { port=$NOPOOL_PORT; pool=false; }
@@ -134,7 +141,7 @@ EOF
     pid=$!; PROXY_PIDS+=("$pid"); PIDS+=("$pid")
     [ "$name" = wsgate ] && GW_PID=$pid || NOPOOL_PID=$pid
   done
-  for p in "$NGINX_PORT" "$HAPROXY_PORT" "$GW_PORT" "$NOPOOL_PORT"; do wait_port "$p"; done
+  for p in "$NGINX_PORT" "$HAPROXY_PORT" "$TOKIO_PORT" "$GW_PORT" "$NOPOOL_PORT"; do wait_port "$p"; done
 }
 
 url_of() {
@@ -142,12 +149,13 @@ url_of() {
     direct) echo "$MOCK_URL" ;;
     nginx) echo "ws://127.0.0.1:$NGINX_PORT/v1/responses" ;;
     haproxy) echo "ws://127.0.0.1:$HAPROXY_PORT/v1/responses" ;;
+    tokiocopy) echo "ws://127.0.0.1:$TOKIO_PORT/v1/responses" ;;
     wsgate) echo "ws://127.0.0.1:$GW_PORT/v1/responses" ;;
     nopool) echo "ws://127.0.0.1:$NOPOOL_PORT/v1/responses" ;;
   esac
 }
 pid_of() {
-  case $1 in nginx) echo "$NGINX_PID" ;; haproxy) echo "$HAPROXY_PID" ;; wsgate) echo "$GW_PID" ;; nopool) echo "$NOPOOL_PID" ;; direct) echo "$MOCK_PID" ;; esac
+  case $1 in nginx) echo "$NGINX_PID" ;; haproxy) echo "$HAPROXY_PID" ;; tokiocopy) echo "$TOKIO_PID" ;; wsgate) echo "$GW_PID" ;; nopool) echo "$NOPOOL_PID" ;; direct) echo "$MOCK_PID" ;; esac
 }
 
 run() { # workload target rep args...
@@ -162,13 +170,13 @@ if want a || want b || want e; then
 start_mock --speed
 start_proxies
 for r in $(seq "$REPEAT"); do
-  for t in direct nginx haproxy wsgate; do
+  for t in direct nginx haproxy tokiocopy wsgate; do
     cpu=(); [ "$t" != direct ] && cpu=(--cpu-pid "$(pid_of "$t")")
     want a && run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS" "${cpu[@]}"
     want b && run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0.5 "${cpu[@]}"
     # The same with every pause exactly B_THINK: the sessions stay in lockstep and their turns
     # arrive in bursts (shown beside (b), see the README's Performance section).
-    want b && [ "$t" != haproxy ] && run bl "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0 "${cpu[@]}"
+    want b && [ "$t" != haproxy ] && [ "$t" != tokiocopy ] && run bl "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0 "${cpu[@]}"
   done
   # (e) the same two workloads through wsgate's HTTP ingress (POST + SSE, same pool, same mock).
   if want e; then

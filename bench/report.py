@@ -44,14 +44,16 @@ out = []
 p = out.append
 p("## Benchmark results\n")
 p("One run of `bench/compare.sh` on this machine (2 cores); every target is measured with the same")
-p("load generator (`wsgate loadgen`) against the same mock upstream, back to back. Medians of the repeats.\n")
+p("load generator (`wsgate loadgen`) against the same mock upstream, back to back. Medians of the repeats.")
+p("`tokiocopy` is the smallest tokio TCP proxy (examples/byte_proxy.rs, `copy_bidirectional`): not a")
+p("WebSocket proxy, a reference for what the runtime and two sockets cost before any relay work.\n")
 
 p("### (a) Streaming throughput: 1 session, one turn of many small deltas\n")
 p("| target | events/s | vs direct | vs nginx | errors |")
 p("|---|---:|---:|---:|---:|")
 direct_a = med("a", "direct", "events_per_s")
 nginx_a = med("a", "nginx", "events_per_s")
-for t in ["direct", "nginx", "haproxy", "wsgate"]:
+for t in ["direct", "nginx", "haproxy", "tokiocopy", "wsgate"]:
     v = med("a", t, "events_per_s")
     p(f"| {t} | {fmt(v, 0)} | {ratio(v, direct_a)} | {ratio(v, nginx_a)} | {errors('a', t)} |")
 
@@ -82,7 +84,7 @@ p(f"\n### (b) Latency: 64 sessions x 200 turns, 5 deltas per turn, {think} think
 p(f"(Each pause is drawn uniformly from {think} x [0.5, 1.5], by a hash of session and turn: the same")
 p("schedule for every target. The think time keeps the 2-core box below saturation, so the numbers")
 p("show what a hop adds, not queueing behind the load generator.)\n")
-d50, nginx_added = latency_table("b", ["direct", "nginx", "haproxy", "wsgate"])
+d50, nginx_added = latency_table("b", ["direct", "nginx", "haproxy", "tokiocopy", "wsgate"])
 if runs.get(("bl", "wsgate")):
     p(f"\n#### (b) in lockstep: every pause exactly {think} (informative)\n")
     p("(The 64 sessions start together and tokio's timer wheel rounds each pause to the millisecond,")
@@ -126,7 +128,7 @@ p("\n### CPU cost: the middle process's CPU seconds (user + system) per million 
 p("(From /proc utime + stime of the process and its children, before and after each run; medians.)\n")
 p("| target | (a) streaming | (b) latency workload | (f) scale |")
 p("|---|---:|---:|---:|")
-for t in ["nginx", "haproxy", "wsgate"]:
+for t in ["nginx", "haproxy", "tokiocopy", "wsgate"]:
     p(f"| {t} | {fmt(med('a', t, 'cpu_s_per_million_events'), 2)} | {fmt(med('b', t, 'cpu_s_per_million_events'), 2)} | "
       f"{fmt(med('f', t, 'cpu_s_per_million_events'), 2)} |")
 
