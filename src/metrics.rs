@@ -66,6 +66,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            spawn_upkeep(handle.clone());
             Some(handle)
         })
         .clone()
@@ -124,6 +125,28 @@ fn describe() {
         CACHED_TOKENS,
         "usage.input_tokens_details.cached_tokens of completed turns, by pool decision"
     );
+}
+
+/// How often histogram samples are folded into their buckets ([`spawn_upkeep`]).
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The exporter keeps every histogram sample in a growing list until a scrape or an upkeep
+/// folds it into the fixed buckets: without one, a gateway nobody scrapes would grow by a few
+/// bytes per turn for as long as it runs. One thread per process (the recorder is
+/// process-wide, and a thread needs no runtime and outlives none) runs the upkeep every
+/// [`UPKEEP_INTERVAL`], so at most one interval's samples are ever held.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("wsgate-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms are folded at each scrape only");
+    }
 }
 
 /// The process-wide handle, if [`install`] ran.
