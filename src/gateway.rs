@@ -77,7 +77,7 @@ pub(crate) struct Shared {
 }
 
 /// A gateway-wide budget of buffered bytes (`limits.max_buffered_bytes`): client frames held
-/// behind a turn and decoded HTTP request bodies take leases; past the budget new work is
+/// behind a turn and HTTP bodies (as they arrive, and each decoded layer) take leases; past the budget new work is
 /// refused (WebSocket close 1013, HTTP 503) instead of the process growing.
 pub struct Budget {
     limit: usize,
@@ -111,9 +111,44 @@ impl Budget {
         })
     }
 
+    /// An empty lease, to [`BudgetLease::grow_to`] as bytes arrive.
+    pub fn lease(self: &Arc<Self>) -> BudgetLease {
+        BudgetLease {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
     /// Bytes leased now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
+    }
+}
+
+impl BudgetLease {
+    /// Grows the lease to `bytes` in all (no change if it holds that much already); `false`
+    /// if that would pass the budget (the lease is unchanged).
+    pub fn grow_to(&mut self, bytes: usize) -> bool {
+        let Some(more) = bytes.checked_sub(self.bytes).filter(|m| *m > 0) else {
+            return true;
+        };
+        let limit = self.budget.limit;
+        let taken = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(more).filter(|n| *n <= limit)
+            })
+            .is_ok();
+        if taken {
+            self.bytes = bytes;
+        }
+        taken
+    }
+
+    /// Bytes this lease holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 

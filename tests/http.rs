@@ -567,3 +567,56 @@ async fn a_large_relayed_answer_arrives_whole() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_body_still_arriving_holds_its_bytes_in_the_gateway_wide_budget() {
+    use tokio::io::AsyncWriteExt;
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.max_buffered_bytes = bytesize::ByteSize::mib(6);
+        c.http.max_body_size = bytesize::ByteSize::mib(8);
+    })
+    .await;
+    // A client declares 4 MiB, sends 1 MiB of it and stalls: the 4 MiB are taken at once.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST {SSE} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         content-type: application/json\r\nsession-id: slow\r\ncontent-length: {}\r\n\r\n",
+        4 << 20
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&vec![b' '; 1 << 20]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || gw
+            .gateway
+            .resources()
+            .buffered_bytes
+            >= 4 << 20)
+        .await,
+        "the arriving body holds budget: {:?}",
+        gw.gateway.resources()
+    );
+    // Another 4 MiB body does not fit beside it: 503, OpenAI-shaped, nothing dialed.
+    let thread = unique("budget-second");
+    let mut big = http_body("x", true, json!({}));
+    big.resize(4 << 20, b' ');
+    let r = http_request(gw.addr, "POST", SSE, &codex(&thread), big).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "buffer_budget_exhausted");
+    // A small one still does.
+    let thread = unique("budget-small");
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex(&thread),
+        http_body("small", true, json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The stalled client leaves: its bytes go back.
+    drop(slow);
+    gw.assert_quiescent("budgeted bodies").await;
+    assert_eq!(gw.gateway.resources().buffered_bytes, 0);
+    gw.stop().await;
+}

@@ -1,14 +1,26 @@
-//! HTTP request bodies: read within a deadline and a byte bound, then `Content-Encoding`
-//! decoded (zstd, gzip, deflate, identity; stacked codings are undone in reverse order) with
-//! the same bound on the decoded bytes, so a decompression bomb allocates no more than
-//! `http.max_body_size`.
+//! HTTP bodies in memory: read within a deadline and a byte bound, every byte taken from the
+//! gateway-wide budget (`limits.max_buffered_bytes`) as it arrives; request bodies are then
+//! `Content-Encoding` decoded (zstd, gzip, deflate, identity; stacked codings, at most
+//! [`MAX_CODINGS`], are undone in reverse order) with the same bound and the same budget on
+//! each decoded layer, so neither a decompression bomb nor many slow bodies at once hold more
+//! than the config allows.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::BodyExt;
+
+use crate::gateway::{Budget, BudgetLease};
+
+/// Stacked codings decoded at most: each layer may cost up to the size bound in CPU and
+/// memory, and real clients send one.
+pub const MAX_CODINGS: usize = 4;
+
+/// Decoded bytes are produced in steps of this size.
+const DECODE_STEP: usize = 64 * 1024;
 
 /// Why a body was refused; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +39,9 @@ pub enum BodyError {
     Timeout(Duration),
     #[error("reading the request body failed: {0}")]
     Read(String),
+    /// Holding the body would pass `limits.max_buffered_bytes` (503).
+    #[error("the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again")]
+    BudgetExhausted,
 }
 
 impl BodyError {
@@ -36,6 +51,7 @@ impl BodyError {
             BodyError::UnsupportedEncoding(_) => 415,
             BodyError::Corrupt(_) | BodyError::Read(_) => 400,
             BodyError::Timeout(_) => 408,
+            BodyError::BudgetExhausted => 503,
         }
     }
 
@@ -46,7 +62,50 @@ impl BodyError {
             BodyError::Corrupt(_) => "invalid_body_encoding",
             BodyError::Timeout(_) => "request_timeout",
             BodyError::Read(_) => "invalid_body",
+            BodyError::BudgetExhausted => "buffer_budget_exhausted",
         }
+    }
+}
+
+/// A body in memory and the budget it holds (released when dropped).
+pub struct Held {
+    pub bytes: Bytes,
+    pub lease: BudgetLease,
+}
+
+impl Held {
+    /// The bytes as a response body that keeps the budget until it has been written out.
+    pub fn into_body(self) -> axum::body::Body {
+        axum::body::Body::new(Leased {
+            inner: http_body_util::Full::new(self.bytes),
+            _lease: self.lease,
+        })
+    }
+}
+
+/// A body whose bytes stay counted in the budget while the connection writes them.
+struct Leased {
+    inner: http_body_util::Full<Bytes>,
+    _lease: BudgetLease,
+}
+
+impl http_body::Body for Leased {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -60,7 +119,12 @@ fn codings(headers: &HeaderMap) -> Result<Vec<String>, BodyError> {
         for c in v.split(',').map(|c| c.trim().to_ascii_lowercase()) {
             match c.as_str() {
                 "" | "identity" => {}
-                "zstd" | "gzip" | "x-gzip" | "deflate" => out.push(c),
+                "zstd" | "gzip" | "x-gzip" | "deflate" if out.len() < MAX_CODINGS => out.push(c),
+                "zstd" | "gzip" | "x-gzip" | "deflate" => {
+                    return Err(BodyError::UnsupportedEncoding(format!(
+                        "more than {MAX_CODINGS} stacked codings"
+                    )));
+                }
                 other => {
                     return Err(BodyError::UnsupportedEncoding(
                         other.chars().take(32).collect(),
@@ -72,41 +136,103 @@ fn codings(headers: &HeaderMap) -> Result<Vec<String>, BodyError> {
     Ok(out)
 }
 
+/// Makes room in `buf` for `extra` more bytes (at most `max` in all), the lease growing to
+/// the buffer's capacity before the buffer does.
+fn room(
+    buf: &mut Vec<u8>,
+    lease: &mut BudgetLease,
+    extra: usize,
+    max: usize,
+) -> Result<(), BodyError> {
+    let need = buf.len() + extra;
+    if need > max {
+        return Err(BodyError::TooLarge(max));
+    }
+    if need > buf.capacity() {
+        let cap = need.max(buf.capacity().saturating_mul(2)).min(max);
+        if !lease.grow_to(cap) {
+            return Err(BodyError::BudgetExhausted);
+        }
+        buf.reserve_exact(cap - buf.len());
+    }
+    Ok(())
+}
+
+/// Reads `body` into memory: at most `max` bytes, within `timeout`, taking `budget` as the
+/// bytes arrive (a declared `Content-Length` is taken up front).
+pub async fn collect<B>(
+    body: B,
+    max: usize,
+    timeout: Duration,
+    budget: &Arc<Budget>,
+) -> Result<Held, BodyError>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = std::pin::pin!(body);
+    let mut lease = budget.lease();
+    let mut buf = Vec::new();
+    if let Some(declared) = body.size_hint().exact() {
+        let declared = usize::try_from(declared).unwrap_or(usize::MAX);
+        room(&mut buf, &mut lease, declared, max)?;
+    }
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout(timeout)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Trailers carry nothing for us.
+        if let Ok(data) = frame.into_data() {
+            room(&mut buf, &mut lease, data.len(), max)?;
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Held {
+        bytes: Bytes::from(buf),
+        lease,
+    })
+}
+
 /// Reads and decodes a request body: at most `max` bytes on the wire and after decoding,
-/// within `timeout`.
+/// within `timeout`, every buffer taken from `budget`.
 pub async fn read<B>(
     body: B,
     headers: &HeaderMap,
     max: usize,
     timeout: Duration,
-) -> Result<Bytes, BodyError>
+    budget: &Arc<Budget>,
+) -> Result<Held, BodyError>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: std::fmt::Display,
 {
     let codings = codings(headers)?;
-    let limited = http_body_util::Limited::new(body, max);
-    let wire = match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => return Err(BodyError::Timeout(timeout)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(BodyError::TooLarge(max));
-        }
-        Ok(Err(e)) => return Err(BodyError::Read(e.to_string())),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let wire = collect(body, max, timeout, budget).await?;
     if codings.is_empty() {
         return Ok(wire);
     }
     // Decoding is CPU work: off the async workers.
-    tokio::task::spawn_blocking(move || decode(wire, &codings, max))
+    let budget = budget.clone();
+    tokio::task::spawn_blocking(move || decode(wire, &codings, max, &budget))
         .await
         .map_err(|e| BodyError::Read(e.to_string()))?
 }
 
-/// Undoes `codings` (applied in order) with at most `max` bytes out of each layer.
-pub fn decode(mut data: Bytes, codings: &[String], max: usize) -> Result<Bytes, BodyError> {
+/// Undoes `codings` (applied in order) with at most `max` bytes out of each layer, each
+/// layer's buffer taken from `budget` (the layer it came from is released once decoded).
+pub fn decode(
+    mut held: Held,
+    codings: &[String],
+    max: usize,
+    budget: &Arc<Budget>,
+) -> Result<Held, BodyError> {
     for coding in codings.iter().rev() {
-        let reader: Box<dyn Read> = match coding.as_str() {
+        let data = held.bytes.clone();
+        let mut reader: Box<dyn Read> = match coding.as_str() {
             "zstd" => Box::new(
                 zstd::stream::read::Decoder::new(&data[..])
                     .map_err(|e| BodyError::Corrupt(e.to_string()))?,
@@ -115,18 +241,35 @@ pub fn decode(mut data: Bytes, codings: &[String], max: usize) -> Result<Bytes, 
             // HTTP's "deflate" is the zlib format (RFC 9110 §8.4.1.2).
             _ => Box::new(flate2::read::ZlibDecoder::new(&data[..])),
         };
+        let mut lease = budget.lease();
         let mut out = Vec::new();
-        // One byte past the bound tells "too large" from "exactly the bound".
-        reader
-            .take(max as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| BodyError::Corrupt(e.to_string()))?;
+        loop {
+            // One byte past the bound tells "too large" from "exactly the bound".
+            let step = DECODE_STEP.min(max + 1 - out.len());
+            if step == 0 {
+                return Err(BodyError::TooLarge(max));
+            }
+            room(&mut out, &mut lease, step, max + 1)?;
+            let len = out.len();
+            out.resize(len + step, 0);
+            let n = reader
+                .read(&mut out[len..])
+                .map_err(|e| BodyError::Corrupt(e.to_string()))?;
+            out.truncate(len + n);
+            if n == 0 {
+                break;
+            }
+        }
         if out.len() > max {
             return Err(BodyError::TooLarge(max));
         }
-        data = Bytes::from(out);
+        drop(reader);
+        held = Held {
+            bytes: Bytes::from(out),
+            lease,
+        };
     }
-    Ok(data)
+    Ok(held)
 }
 
 #[cfg(test)]
@@ -149,48 +292,159 @@ mod tests {
         e.finish().unwrap()
     }
 
+    fn full(data: impl Into<Bytes>) -> http_body_util::Full<Bytes> {
+        http_body_util::Full::new(data.into())
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
     #[tokio::test]
     async fn codings_decode_in_reverse_order_within_the_bound() {
+        let budget = Budget::new(1 << 20);
         let json = br#"{"model":"m","input":"hi"}"#;
         let z = zstd::encode_all(&json[..], 3).unwrap();
-        let body = http_body_util::Full::new(Bytes::from(z.clone()));
-        let got = read(body, &headers("zstd"), 1024, Duration::from_secs(1))
+        let got = read(full(z), &headers("zstd"), 1024, SECOND, &budget)
             .await
             .unwrap();
-        assert_eq!(&got[..], json);
+        assert_eq!(&got.bytes[..], json);
+        assert!(
+            got.lease.bytes() >= json.len(),
+            "the decoded body holds budget"
+        );
+        assert_eq!(
+            budget.used(),
+            got.lease.bytes(),
+            "the wire bytes were released"
+        );
+        drop(got);
+        assert_eq!(budget.used(), 0);
         // gzip applied first, then zstd: undone zstd first.
         let stacked = zstd::encode_all(&gzip(json)[..], 3).unwrap();
-        let body = http_body_util::Full::new(Bytes::from(stacked));
-        let got = read(body, &headers("gzip, zstd"), 1024, Duration::from_secs(1))
+        let got = read(full(stacked), &headers("gzip, zstd"), 1024, SECOND, &budget)
             .await
             .unwrap();
-        assert_eq!(&got[..], json);
-        let body = http_body_util::Full::new(Bytes::from_static(b"x"));
-        assert_eq!(
-            read(body, &headers("br"), 1024, Duration::from_secs(1))
-                .await
-                .unwrap_err()
-                .status(),
-            415
-        );
+        assert_eq!(&got.bytes[..], json);
+        let err = read(full("x"), &headers("br"), 1024, SECOND, &budget).await;
+        assert_eq!(err.err().map(|e| e.status()), Some(415));
+    }
+
+    #[test]
+    fn stacked_codings_are_bounded() {
+        let ok = ["gzip"; MAX_CODINGS].join(", ");
+        assert_eq!(codings(&headers(&ok)).unwrap().len(), MAX_CODINGS);
+        let too_many = ["gzip"; MAX_CODINGS + 1].join(", ");
+        let err = codings(&headers(&too_many)).unwrap_err();
+        assert_eq!(err.status(), 415);
+        assert!(err.to_string().contains("stacked"), "{err}");
     }
 
     #[test]
     fn a_bomb_stops_at_the_bound() {
+        let budget = Budget::new(64 << 20);
         // 64 MiB of zeros compress to a few KiB.
         let bomb = zstd::encode_all(std::io::repeat(0).take(64 << 20), 3).unwrap();
         assert!(bomb.len() < 64 * 1024);
-        let err = decode(Bytes::from(bomb), &["zstd".into()], 1 << 20).unwrap_err();
-        assert_eq!(err, BodyError::TooLarge(1 << 20));
-        assert!(decode(Bytes::from_static(b"nope"), &["gzip".into()], 10).is_err());
+        let held = Held {
+            bytes: Bytes::from(bomb),
+            lease: budget.lease(),
+        };
+        let err = decode(held, &["zstd".into()], 1 << 20, &budget).err();
+        assert_eq!(err, Some(BodyError::TooLarge(1 << 20)));
+        assert_eq!(budget.used(), 0, "every layer's lease is released");
+        let held = Held {
+            bytes: Bytes::from_static(b"nope"),
+            lease: budget.lease(),
+        };
+        assert!(decode(held, &["gzip".into()], 10, &budget).is_err());
+    }
+
+    #[test]
+    fn a_decoded_layer_takes_its_bytes_from_the_budget() {
+        // 4 MiB decoded from a few KiB: within the size bound, past a 1 MiB budget.
+        let budget = Budget::new(1 << 20);
+        let packed = zstd::encode_all(std::io::repeat(b'a').take(4 << 20), 3).unwrap();
+        let held = Held {
+            lease: budget.lease(),
+            bytes: Bytes::from(packed),
+        };
+        let err = decode(held, &["zstd".into()], 8 << 20, &budget).err();
+        assert_eq!(err, Some(BodyError::BudgetExhausted));
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]
     async fn the_wire_bound_applies_before_decoding() {
-        let body = http_body_util::Full::new(Bytes::from(vec![b'a'; 2048]));
-        let err = read(body, &HeaderMap::new(), 1024, Duration::from_secs(1))
+        let budget = Budget::new(1 << 20);
+        let err = read(
+            full(vec![b'a'; 2048]),
+            &HeaderMap::new(),
+            1024,
+            SECOND,
+            &budget,
+        )
+        .await;
+        assert_eq!(err.err().map(|e| e.status()), Some(413));
+        assert_eq!(budget.used(), 0);
+    }
+
+    type Chunk = Result<http_body::Frame<Bytes>, std::io::Error>;
+
+    /// A body that arrives in chunks through a channel (no declared length).
+    fn streamed() -> (
+        futures::channel::mpsc::Sender<Chunk>,
+        http_body_util::StreamBody<futures::channel::mpsc::Receiver<Chunk>>,
+    ) {
+        let (tx, rx) = futures::channel::mpsc::channel(4);
+        (tx, http_body_util::StreamBody::new(rx))
+    }
+
+    #[tokio::test]
+    async fn bytes_count_against_the_budget_while_they_arrive() {
+        let budget = Budget::new(1 << 20);
+        let (mut tx, body) = streamed();
+        let reading = tokio::spawn({
+            let budget = budget.clone();
+            async move { collect(body, 4 << 20, SECOND * 10, &budget).await }
+        });
+        use futures::SinkExt;
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![
+            b'a';
+            600 << 10
+        ]))))
+        .await
+        .unwrap();
+        // The first chunk is held before the body is complete...
+        let deadline = tokio::time::Instant::now() + SECOND * 5;
+        while budget.used() < 600 << 10 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(budget.used() >= 600 << 10, "held: {}", budget.used());
+        // ... so a second body cannot take what the first one holds.
+        let second = collect(full(vec![b'b'; 600 << 10]), 4 << 20, SECOND, &budget).await;
+        assert_eq!(second.err(), Some(BodyError::BudgetExhausted));
+        // The first one passes the budget with its next chunk: refused, everything released.
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![
+            b'a';
+            600 << 10
+        ]))))
+        .await
+        .unwrap();
+        let first = reading.await.unwrap();
+        assert_eq!(first.err(), Some(BodyError::BudgetExhausted));
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out_and_releases_its_bytes() {
+        let budget = Budget::new(1 << 20);
+        let (mut tx, body) = streamed();
+        use futures::SinkExt;
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"{\"in"))))
             .await
-            .unwrap_err();
-        assert_eq!(err.status(), 413);
+            .unwrap();
+        let err = collect(body, 1024, SECOND, &budget).await.err();
+        assert_eq!(err, Some(BodyError::Timeout(SECOND)));
+        assert_eq!(budget.used(), 0);
+        drop(tx);
     }
 }

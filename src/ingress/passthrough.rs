@@ -10,7 +10,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
@@ -18,6 +18,7 @@ use crate::accounts::Account;
 use crate::gateway::{Gateway, Shared};
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ingress::admit::{Admitted, admit};
+use crate::ingress::body::{BodyError, Held};
 use crate::server::json_error;
 
 /// Response headers relayed back to the client.
@@ -84,6 +85,7 @@ async fn relay(
             &parts.headers,
             config.http.max_body_size.as_u64() as usize,
             config.http.body_timeout,
+            &shared.buffered,
         )
         .await
         {
@@ -122,9 +124,19 @@ async fn relay(
     let max = config.http.max_response_size.as_u64() as usize;
     let sent = tokio::time::timeout(
         deadline,
-        request(shared, &url, method, &account, &forward, body, max),
+        request(
+            shared,
+            &url,
+            method,
+            &account,
+            &forward,
+            body.as_ref().map(|b| b.bytes.clone()),
+            max,
+            deadline,
+        ),
     )
     .await;
+    drop(body);
     drop(permits);
     match sent {
         Err(_) => json_error(
@@ -139,7 +151,7 @@ async fn relay(
         }
         Ok(Ok((status, headers, body))) => {
             info!(account = %account.id, status = status.as_u16(), path = suffix, "HTTP relay");
-            let mut r = (status, body).into_response();
+            let mut r = (status, body.into_body()).into_response();
             for name in RELAYED {
                 if let Some(v) = headers.get(*name) {
                     r.headers_mut()
@@ -153,7 +165,8 @@ async fn relay(
 
 /// One HTTP/1.1 request to the upstream: TCP (+ TLS for https) within
 /// `upstream.connect_timeout`, the account's credential, the forwarded headers; the response
-/// body at most `max` bytes.
+/// body at most `max` bytes, taken from the gateway-wide budget as it arrives.
+#[allow(clippy::too_many_arguments)]
 async fn request(
     shared: &Shared,
     url: &str,
@@ -162,7 +175,8 @@ async fn request(
     forward: &ForwardHeaders,
     body: Option<Bytes>,
     max: usize,
-) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    timeout: std::time::Duration,
+) -> Result<(StatusCode, HeaderMap, Held), String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad upstream URL: {e}"))?;
     let host = uri.host().ok_or("upstream URL has no host")?.to_string();
     let io = crate::net::connect(&uri, &shared.dialer.tls(), shared.dialer.connect_timeout())
@@ -199,11 +213,15 @@ async fn request(
     // The connection task drives the body too: it lives until the body is read.
     let (response, _conn) = response;
     let (parts, body) = response.into_parts();
-    let body = http_body_util::Limited::new(body, max)
-        .collect()
+    let body = crate::ingress::body::collect(body, max, timeout, &shared.buffered)
         .await
-        .map_err(|e| format!("reading the upstream response failed: {e}"))?
-        .to_bytes();
+        .map_err(|e| match e {
+            BodyError::TooLarge(max) => {
+                format!("the upstream response is larger than {max} bytes (http.max_response_size)")
+            }
+            BodyError::Timeout(t) => format!("the upstream response did not arrive within {t:?}"),
+            e => format!("reading the upstream response failed: {e}"),
+        })?;
     Ok((parts.status, parts.headers, body))
 }
 

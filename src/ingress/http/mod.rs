@@ -150,11 +150,17 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
         .map(|a| a.turn());
     let config = shared.config();
     let max_frame = config.relay.max_message_size.as_u64() as usize;
-    let bytes = match crate::ingress::body::read(
+    // The body takes its bytes from the gateway-wide budget as they arrive and keeps them for
+    // the turn's life (the request is kept for a replay).
+    let crate::ingress::body::Held {
+        bytes,
+        lease: body_lease,
+    } = match crate::ingress::body::read(
         body,
         &parts.headers,
         config.http.max_body_size.as_u64() as usize,
         config.http.body_timeout,
+        &shared.buffered,
     )
     .await
     {
@@ -164,16 +170,6 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
             return json_error(status, e.code(), &e.to_string());
         }
-    };
-    // The decoded body is buffered for the turn's life (kept for a replay): it takes its
-    // bytes from the gateway-wide budget.
-    let Some(body_lease) = shared.buffered.take(bytes.len()) else {
-        crate::metrics::error("buffer_budget_exhausted");
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "buffer_budget_exhausted",
-            "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again",
-        );
     };
     let create = match parse_create(&bytes, max_frame) {
         Ok(c) => c,
