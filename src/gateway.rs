@@ -146,6 +146,14 @@ impl BudgetLease {
         taken
     }
 
+    /// Gives back what the lease holds past `bytes`.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        if let Some(less) = self.bytes.checked_sub(bytes).filter(|l| *l > 0) {
+            self.budget.used.fetch_sub(less, Ordering::AcqRel);
+            self.bytes = bytes;
+        }
+    }
+
     /// Bytes this lease holds.
     pub fn bytes(&self) -> usize {
         self.bytes

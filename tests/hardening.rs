@@ -557,6 +557,66 @@ async fn the_gateway_wide_byte_budget_refuses_new_work_instead_of_growing() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_message_still_arriving_holds_its_bytes_in_the_gateway_wide_budget() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.max_buffered_bytes = bytesize::ByteSize::mib(6);
+    })
+    .await;
+    // A client declares an 8 MiB frame, sends 5 MiB of it and stalls.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(raw_upgrade(&unique("slow")).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = slow.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    slow.write_all(&frame_header_declaring(8 << 20))
+        .await
+        .unwrap();
+    slow.write_all(&vec![b' ' ^ 1; 5 << 20]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || gw
+            .gateway
+            .resources()
+            .buffered_bytes
+            >= 5 << 20)
+        .await,
+        "the arriving message holds budget: {:?}",
+        gw.gateway.resources()
+    );
+    // Another client's 2 MiB message does not fit beside it: 1013, nothing sent upstream.
+    let c = unique("budget-ws");
+    let mut other = gw.connect(&c).await;
+    let _ = other
+        .send_text(&wsgate::client::create_body(Some(&c), &"x".repeat(2 << 20), None).to_string())
+        .await;
+    let code = loop {
+        match other.recv().await {
+            Ok(_) => continue,
+            Err(e) => break e.close_code(),
+        }
+    };
+    assert_eq!(code, Some(1013));
+    // Small messages still pass.
+    let d = unique("budget-ws-small");
+    let mut small = gw.connect(&d).await;
+    assert!(
+        small
+            .turn(&wsgate::client::create_body(Some(&d), "hi", None))
+            .await
+            .unwrap()
+            .is_completed()
+    );
+    small.close().await;
+    // The stalled client leaves: its bytes go back.
+    drop(slow);
+    gw.assert_quiescent("budgeted messages").await;
+    assert_eq!(gw.gateway.resources().buffered_bytes, 0);
+    gw.stop().await;
+}
+
 /// A socket that hands out queued bytes and records how much room each read offered.
 struct RecordingSocket {
     incoming: std::collections::VecDeque<Vec<u8>>,

@@ -253,7 +253,8 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
             let _permits = (slot, client_slot);
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let (io, read) = crate::ingress::ws::Counted::new(TokioIo::new(upgraded));
+                    let (io, read) =
+                        crate::ingress::ws::Counted::new(TokioIo::new(upgraded), &shared.buffered);
                     let ws =
                         WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
                     Session::new(shared, ws, read, start).run().await;

@@ -32,22 +32,45 @@ use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 pub(crate) type ClientWs = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// The client socket, counting the bytes it delivers: a session compares the count at each
-/// complete message with the count now to see a frame that started and never finished.
+/// complete message with the count now to see a frame that started and never finished. The
+/// bytes read since the last complete message (a message still arriving, buffered by the
+/// WebSocket layer) are held in the gateway-wide budget (`limits.max_buffered_bytes`); a read
+/// that would pass it fails with [`OverBudget`] and the session closes with 1013.
 pub(crate) struct Counted<S> {
     inner: S,
     read: Arc<std::sync::atomic::AtomicU64>,
+    /// The count at the last complete message ([`Counted::settle`]).
+    settled: u64,
+    lease: crate::gateway::BudgetLease,
 }
 
+/// A client's message still arriving would pass the gateway's byte budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again")]
+pub(crate) struct OverBudget;
+
 impl<S> Counted<S> {
-    pub fn new(inner: S) -> (Counted<S>, Arc<std::sync::atomic::AtomicU64>) {
+    pub fn new(
+        inner: S,
+        budget: &Arc<crate::gateway::Budget>,
+    ) -> (Counted<S>, Arc<std::sync::atomic::AtomicU64>) {
         let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
         (
             Counted {
                 inner,
                 read: read.clone(),
+                settled: 0,
+                lease: budget.lease(),
             },
             read,
         )
+    }
+
+    /// A message completed: the bytes read so far are no longer a message in progress (those
+    /// of the next message already read, at most one socket read, count from the next read).
+    pub fn settle(&mut self) {
+        self.settled = self.read.load(Ordering::Relaxed);
+        self.lease.shrink_to(0);
     }
 }
 
@@ -61,7 +84,14 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            let total = self.read.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            let pending = usize::try_from(total - self.settled).unwrap_or(usize::MAX);
+            if !self.lease.grow_to(pending) {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::OutOfMemory,
+                    OverBudget,
+                )));
+            }
         }
         poll
     }
@@ -339,6 +369,7 @@ impl Session {
         // A complete message (or the end): what was read so far is accounted for.
         self.read_at_message = self.read.load(Ordering::Relaxed);
         self.partial = false;
+        self.client.get_mut().settle();
         match msg {
             Some(Ok(Message::Text(text))) => {
                 self.got_frame = true;
@@ -384,6 +415,18 @@ impl Session {
                     &mut self.client,
                     1007,
                     "text frame is not valid UTF-8",
+                ))
+                .await;
+                Flow::Stop
+            }
+            Some(Err(tungstenite::Error::Io(e)))
+                if e.get_ref().is_some_and(|e| e.is::<OverBudget>()) =>
+            {
+                crate::metrics::error("buffer_budget_exhausted");
+                Box::pin(close_client(
+                    &mut self.client,
+                    close::client::TRY_AGAIN,
+                    &OverBudget.to_string(),
                 ))
                 .await;
                 Flow::Stop
