@@ -620,3 +620,34 @@ async fn a_body_still_arriving_holds_its_bytes_in_the_gateway_wide_budget() {
     assert_eq!(gw.gateway.resources().buffered_bytes, 0);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_collected_json_response_is_bounded_by_its_size_and_by_the_gateway_wide_budget() {
+    let mock = mock().await;
+    // 4 deltas of 16,000 bytes: the item and the terminal each carry the 64 KB text.
+    let big = || http_body("[[mock: deltas=4, size=16000]]", false, json!({}));
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.max_buffered_bytes = bytesize::ByteSize::kib(100);
+    })
+    .await;
+    let r = http_request(gw.addr, "POST", SSE, &codex(&unique("json-budget")), big()).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "buffer_budget_exhausted");
+    // A small answer still fits.
+    let small = http_body("[[mock: deltas=3]]", false, json!({}));
+    let r = http_request(gw.addr, "POST", SSE, &codex(&unique("json-small")), small).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    gw.assert_quiescent("json budget").await;
+    assert_eq!(gw.gateway.resources().buffered_bytes, 0);
+    gw.stop().await;
+    // Within the budget but past http.max_response_size: 502, with what to do instead.
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.http.max_response_size = bytesize::ByteSize::kib(96);
+    })
+    .await;
+    let r = http_request(gw.addr, "POST", SSE, &codex(&unique("json-size")), big()).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "response_too_large");
+    gw.assert_quiescent("json size").await;
+    gw.stop().await;
+}

@@ -22,18 +22,25 @@ pub(super) struct JsonDown {
     items: Vec<(u64, Value)>,
     collected: usize,
     max: usize,
+    /// The collected bytes, held in the gateway-wide budget until the reply is built.
+    lease: crate::gateway::BudgetLease,
     terminal: Option<Value>,
     error: Option<Value>,
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl JsonDown {
-    pub(super) fn new(reply: oneshot::Sender<Reply>, max: usize) -> JsonDown {
+    pub(super) fn new(
+        reply: oneshot::Sender<Reply>,
+        max: usize,
+        lease: crate::gateway::BudgetLease,
+    ) -> JsonDown {
         JsonDown {
             reply,
             items: Vec::new(),
             collected: 0,
             max,
+            lease,
             terminal: None,
             error: None,
             headers: Vec::new(),
@@ -107,6 +114,15 @@ impl Downstream for JsonDown {
                 502,
                 "response_too_large",
                 "the response is larger than http.max_response_size; use stream: true",
+            ));
+            return Err(ClientGone);
+        }
+        if !self.lease.grow_to(self.collected) {
+            crate::metrics::error("buffer_budget_exhausted");
+            self.error = Some(event::error_value(
+                503,
+                "buffer_budget_exhausted",
+                "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again",
             ));
             return Err(ClientGone);
         }

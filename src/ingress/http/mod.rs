@@ -240,7 +240,7 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
             .spawn(drive(shared.clone(), engine, down, turn).instrument(span));
     } else {
         let max = config.http.max_response_size.as_u64() as usize;
-        let down = JsonDown::new(reply, max);
+        let down = JsonDown::new(reply, max, shared.buffered.lease());
         shared
             .sessions
             .spawn(drive(shared.clone(), engine, down, turn).instrument(span));
