@@ -76,9 +76,10 @@ pub(crate) struct Shared {
     _reaper: tokio_util::task::AbortOnDropHandle<()>,
 }
 
-/// A gateway-wide budget of buffered bytes (`limits.max_buffered_bytes`): client frames held
-/// behind a turn and HTTP bodies (as they arrive, and each decoded layer) take leases; past the budget new work is
-/// refused (WebSocket close 1013, HTTP 503) instead of the process growing.
+/// A gateway-wide budget of buffered bytes (`limits.max_buffered_bytes`): client messages
+/// still arriving, client frames held behind a turn, HTTP bodies (as they arrive, and each
+/// decoded layer) and collected HTTP answers take leases; past the budget new work is refused
+/// (WebSocket close 1013, HTTP 503) instead of the process growing.
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
