@@ -64,7 +64,8 @@ async fn metrics_count_a_scripted_run_exactly() {
             .unwrap()
             .is_completed()
     );
-    s6.close().await;
+    // It leaves as Codex does: the TCP connection dropped, no close handshake.
+    s6.abort();
     gw.assert_quiescent("scripted run").await;
 
     let (status, text) = http_get(gw.addr, "/metrics", None).await;
@@ -112,6 +113,15 @@ async fn metrics_count_a_scripted_run_exactly() {
     assert_eq!(
         v("wsgate_errors_total", &[("kind", "handshake_timeout")]),
         1.0
+    );
+    assert!(
+        prom_value(
+            &text,
+            "wsgate_errors_total",
+            &[("kind", "client_protocol_error")]
+        )
+        .is_none(),
+        "a client that drops its connection is gone, not a protocol error:\n{text}"
     );
     assert_eq!(v("wsgate_client_connections_opened_total", &[]), 6.0);
     assert_eq!(v("wsgate_client_connections_closed_total", &[]), 6.0);

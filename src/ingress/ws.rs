@@ -398,6 +398,14 @@ impl Session {
                 .await;
                 Flow::Stop
             }
+            Some(Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ))) => {
+                // How Codex leaves (it exits or reconnects without a close handshake): the
+                // client is gone, not wrong; there is no one to send a close frame to.
+                debug!("client left without a close handshake");
+                Flow::Stop
+            }
             Some(Err(tungstenite::Error::Protocol(e))) => {
                 // RFC 6455 §7.4.1: 1002 for a protocol error, while a close frame can be sent.
                 crate::metrics::error("client_protocol_error");
