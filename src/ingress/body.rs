@@ -170,7 +170,11 @@ where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::fmt::Display,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // A timeout too large to add (a config of centuries) waits as long as it can.
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
     let mut body = std::pin::pin!(body);
     let mut lease = budget.lease();
     let mut buf = Vec::new();
@@ -432,6 +436,13 @@ mod tests {
         let first = reading.await.unwrap();
         assert_eq!(first.err(), Some(BodyError::BudgetExhausted));
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_too_large_to_add_is_no_panic() {
+        let budget = Budget::new(1024);
+        let got = collect(full("{}"), 1024, Duration::MAX, &budget).await;
+        assert_eq!(got.map(|h| h.bytes).ok(), Some(Bytes::from_static(b"{}")));
     }
 
     #[tokio::test(start_paused = true)]
