@@ -577,15 +577,15 @@ async fn a_body_still_arriving_holds_its_bytes_in_the_gateway_wide_budget() {
         c.http.max_body_size = bytesize::ByteSize::mib(8);
     })
     .await;
-    // A client declares 4 MiB, sends 1 MiB of it and stalls: the 4 MiB are taken at once.
+    // A client declares 8 MiB, sends 4 MiB of it and stalls: what arrived holds budget.
     let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(
         "POST {SSE} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
          content-type: application/json\r\nsession-id: slow\r\ncontent-length: {}\r\n\r\n",
-        4 << 20
+        8 << 20
     );
     slow.write_all(head.as_bytes()).await.unwrap();
-    slow.write_all(&vec![b' '; 1 << 20]).await.unwrap();
+    slow.write_all(&vec![b' '; 4 << 20]).await.unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || gw
             .gateway
@@ -596,10 +596,22 @@ async fn a_body_still_arriving_holds_its_bytes_in_the_gateway_wide_budget() {
         "the arriving body holds budget: {:?}",
         gw.gateway.resources()
     );
-    // Another 4 MiB body does not fit beside it: 503, OpenAI-shaped, nothing dialed.
+    // It holds what arrived, not what it declared (8 MiB would not fit in the 6 MiB budget):
+    // no answer yet, it is still being read.
+    let mut answer = [0u8; 64];
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::io::AsyncReadExt::read(&mut slow, &mut answer)
+        )
+        .await
+        .is_err(),
+        "the declared length was not taken up front"
+    );
+    // Another 3 MiB body does not fit beside it: 503, OpenAI-shaped, nothing dialed.
     let thread = unique("budget-second");
     let mut big = http_body("x", true, json!({}));
-    big.resize(4 << 20, b' ');
+    big.resize(3 << 20, b' ');
     let r = http_request(gw.addr, "POST", SSE, &codex(&thread), big).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "buffer_budget_exhausted");

@@ -137,7 +137,7 @@ fn codings(headers: &HeaderMap) -> Result<Vec<String>, BodyError> {
 }
 
 /// Makes room in `buf` for `extra` more bytes (at most `max` in all), the lease growing to
-/// the buffer's capacity before the buffer does.
+/// the bytes held before the buffer does (its spare capacity, under twice that, aside).
 fn room(
     buf: &mut Vec<u8>,
     lease: &mut BudgetLease,
@@ -148,18 +148,19 @@ fn room(
     if need > max {
         return Err(BodyError::TooLarge(max));
     }
+    if !lease.grow_to(need) {
+        return Err(BodyError::BudgetExhausted);
+    }
     if need > buf.capacity() {
         let cap = need.max(buf.capacity().saturating_mul(2)).min(max);
-        if !lease.grow_to(cap) {
-            return Err(BodyError::BudgetExhausted);
-        }
         buf.reserve_exact(cap - buf.len());
     }
     Ok(())
 }
 
 /// Reads `body` into memory: at most `max` bytes, within `timeout`, taking `budget` as the
-/// bytes arrive (a declared `Content-Length` is taken up front).
+/// bytes arrive (a declared `Content-Length` takes nothing before its bytes come: a client
+/// that declares much and sends little holds only what it sent).
 pub async fn collect<B>(
     body: B,
     max: usize,
@@ -178,9 +179,8 @@ where
     let mut body = std::pin::pin!(body);
     let mut lease = budget.lease();
     let mut buf = Vec::new();
-    if let Some(declared) = body.size_hint().exact() {
-        let declared = usize::try_from(declared).unwrap_or(usize::MAX);
-        room(&mut buf, &mut lease, declared, max)?;
+    if body.size_hint().lower() > max as u64 {
+        return Err(BodyError::TooLarge(max));
     }
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
