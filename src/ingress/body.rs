@@ -201,6 +201,35 @@ where
     })
 }
 
+/// Reads and decodes an admitted HTTP request's body with the config's bounds
+/// (`http.max_body_size`, `http.body_timeout`) and the gateway-wide budget; a refusal is the
+/// OpenAI-shaped error reply (counted by its code).
+pub(crate) async fn read_request<B>(
+    shared: &crate::gateway::Shared,
+    headers: &HeaderMap,
+    body: B,
+) -> Result<Held, axum::response::Response>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: std::fmt::Display,
+{
+    let config = shared.config();
+    read(
+        body,
+        headers,
+        config.http.max_body_size.as_u64() as usize,
+        config.http.body_timeout,
+        &shared.buffered,
+    )
+    .await
+    .map_err(|e| {
+        crate::metrics::error(e.code());
+        let status =
+            http::StatusCode::from_u16(e.status()).unwrap_or(http::StatusCode::BAD_REQUEST);
+        crate::server::json_error(status, e.code(), &e.to_string())
+    })
+}
+
 /// Reads and decodes a request body: at most `max` bytes on the wire and after decoding,
 /// within `timeout`, every buffer taken from `budget`.
 pub async fn read<B>(

@@ -80,20 +80,9 @@ async fn relay(
         .map(|a| a.turn());
     let config = shared.config();
     let body = if method == Method::POST {
-        match crate::ingress::body::read(
-            body,
-            &parts.headers,
-            config.http.max_body_size.as_u64() as usize,
-            config.http.body_timeout,
-            &shared.buffered,
-        )
-        .await
-        {
+        match crate::ingress::body::read_request(shared, &parts.headers, body).await {
             Ok(b) => Some(b),
-            Err(e) => {
-                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                return json_error(status, e.code(), &e.to_string());
-            }
+            Err(r) => return r,
         }
     } else {
         None
@@ -132,7 +121,6 @@ async fn relay(
             &forward,
             body.as_ref().map(|b| b.bytes.clone()),
             max,
-            deadline,
         ),
     )
     .await;
@@ -166,7 +154,6 @@ async fn relay(
 /// One HTTP/1.1 request to the upstream: TCP (+ TLS for https) within
 /// `upstream.connect_timeout`, the account's credential, the forwarded headers; the response
 /// body at most `max` bytes, taken from the gateway-wide budget as it arrives.
-#[allow(clippy::too_many_arguments)]
 async fn request(
     shared: &Shared,
     url: &str,
@@ -175,7 +162,6 @@ async fn request(
     forward: &ForwardHeaders,
     body: Option<Bytes>,
     max: usize,
-    timeout: std::time::Duration,
 ) -> Result<(StatusCode, HeaderMap, Held), String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad upstream URL: {e}"))?;
     let host = uri.host().ok_or("upstream URL has no host")?.to_string();
@@ -213,6 +199,8 @@ async fn request(
     // The connection task drives the body too: it lives until the body is read.
     let (response, _conn) = response;
     let (parts, body) = response.into_parts();
+    // The whole exchange runs under the turn-idle timeout too (the caller's).
+    let timeout = shared.config().limits.turn_idle_timeout;
     let body = crate::ingress::body::collect(body, max, timeout, &shared.buffered)
         .await
         .map_err(|e| match e {

@@ -155,21 +155,9 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
     let crate::ingress::body::Held {
         bytes,
         lease: body_lease,
-    } = match crate::ingress::body::read(
-        body,
-        &parts.headers,
-        config.http.max_body_size.as_u64() as usize,
-        config.http.body_timeout,
-        &shared.buffered,
-    )
-    .await
-    {
+    } = match crate::ingress::body::read_request(&shared, &parts.headers, body).await {
         Ok(b) => b,
-        Err(e) => {
-            crate::metrics::error(e.code());
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            return json_error(status, e.code(), &e.to_string());
-        }
+        Err(r) => return r,
     };
     let create = match parse_create(&bytes, max_frame) {
         Ok(c) => c,
