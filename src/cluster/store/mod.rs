@@ -288,11 +288,16 @@ impl Inner {
         let Some(conn) = self.connection().filter(|_| self.is_up()) else {
             return;
         };
-        let (key, field) = (self.keys.instances(), self.instance.clone());
+        self.unregister(conn, vec![self.instance.clone()]).await;
+    }
+
+    /// Removes instances (this one leaving, or expired entries) from the instance registry.
+    async fn unregister(&self, conn: ConnectionManager, ids: Vec<String>) {
+        let key = self.keys.instances();
         self.exec("registry", conn, move |mut c| async move {
             redis::cmd("HDEL")
                 .arg(&key)
-                .arg(&field)
+                .arg(&ids)
                 .query_async::<()>(&mut c)
                 .await
         })
@@ -310,10 +315,9 @@ impl Inner {
             return status;
         };
         let key = self.keys.instances();
-        let k = key.clone();
         let all: HashMap<String, String> = self
             .exec("status", conn.clone(), move |mut c| async move {
-                redis::cmd("HGETALL").arg(&k).query_async(&mut c).await
+                redis::cmd("HGETALL").arg(&key).query_async(&mut c).await
             })
             .await
             .unwrap_or_default();
@@ -334,14 +338,7 @@ impl Inner {
         }
         status.instances.sort_by(|a, b| a.id.cmp(&b.id));
         if !expired.is_empty() {
-            self.exec("registry", conn.clone(), move |mut c| async move {
-                redis::cmd("HDEL")
-                    .arg(&key)
-                    .arg(&expired)
-                    .query_async::<()>(&mut c)
-                    .await
-            })
-            .await;
+            self.unregister(conn.clone(), expired).await;
         }
         status.accounts = self
             .read_account_states(&conn)
