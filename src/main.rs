@@ -9,7 +9,7 @@ use wsgate::mock::{MockConfig, MockUpstream};
 
 /// jemalloc instead of glibc's malloc: about 5% less gateway CPU per relayed turn and ~1 KiB
 /// less RSS per idle session pair (README "Performance"; DESIGN-NOTES "Allocator").
-#[cfg(all(unix, not(target_env = "musl")))]
+#[cfg(all(feature = "jemalloc", unix, not(target_env = "musl")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
