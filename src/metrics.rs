@@ -155,7 +155,8 @@ pub fn handle() -> Option<PrometheusHandle> {
 }
 
 pub fn decision(d: Decision) {
-    counter!(POOL_DECISIONS, "decision" => d.to_string(), "reason" => d.reason()).increment(1);
+    // Static labels: the key is built without allocating.
+    counter!(POOL_DECISIONS, "decision" => d.as_str(), "reason" => d.reason()).increment(1);
 }
 
 pub fn eviction(r: EvictReason) {

@@ -227,6 +227,10 @@ pub(crate) struct Session {
     write_timeout: std::time::Duration,
     /// The first-frame and turn-idle deadline; armed only when one of them applies.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The gateway's shutdown, watched between turns. One future for the session's life: a
+    /// fresh `cancelled()` per loop would join and leave the token's waiter list (one lock
+    /// shared by every session) on each pass between turns.
+    shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     /// True once the client sent a frame.
     got_frame: bool,
     /// Bytes the client socket delivered so far, and at the end of the last message.
@@ -254,6 +258,7 @@ impl Session {
             frame_check,
             partial: false,
             timer: Box::pin(tokio::time::sleep(gw.config().limits.first_frame_timeout)),
+            shutdown: Box::pin(gw.shutdown.clone().cancelled_owned()),
             engine: Engine::new(gw.clone(), start),
             client,
             held: VecDeque::new(),
@@ -288,7 +293,7 @@ impl Session {
             // costs less than the ~0.8 KiB its inline state adds to every idle session.
             let flow = tokio::select! {
                 biased;
-                _ = self.gw.shutdown.cancelled(), if idle => {
+                _ = &mut self.shutdown, if idle => {
                     Box::pin(close_client(&mut self.client, close::client::RESTART, "gateway shutting down")).await;
                     Flow::Stop
                 }

@@ -62,15 +62,20 @@ pub enum EvictReason {
 
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Decision::Reuse => "reuse",
-            Decision::New(_) => "new",
-            Decision::Bypass(_) => "bypass",
-        })
+        f.write_str(self.as_str())
     }
 }
 
 impl Decision {
+    /// `reuse`, `new` or `bypass` (log field, metrics label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Reuse => "reuse",
+            Decision::New(_) => "new",
+            Decision::Bypass(_) => "bypass",
+        }
+    }
+
     /// 0 for reuse, 1 for new, 2 for bypass (per-decision counters).
     pub fn slot(&self) -> usize {
         match self {
