@@ -126,11 +126,14 @@ for label, wa_, wb_ in [("WebSocket", "a", "b"), ("HTTP (SSE)", "ea", "eb")]:
 
 p("\n### CPU cost: the middle process's CPU seconds (user + system) per million relayed events\n")
 p("(From /proc utime + stime of the process and its children, before and after each run; medians.)\n")
-p("| target | (a) streaming | (b) latency workload | (f) scale |")
-p("|---|---:|---:|---:|")
+p("| target | (a) streaming | (b) latency workload | (b) of which user / system | (f) scale |")
+p("|---|---:|---:|---|---:|")
 for t in ["nginx", "haproxy", "tokiocopy", "wsgate"]:
+    split = f"{fmt(med('b', t, 'cpu_user_s_per_million_events'), 2)} / {fmt(med('b', t, 'cpu_system_s_per_million_events'), 2)}"
     p(f"| {t} | {fmt(med('a', t, 'cpu_s_per_million_events'), 2)} | {fmt(med('b', t, 'cpu_s_per_million_events'), 2)} | "
-      f"{fmt(med('f', t, 'cpu_s_per_million_events'), 2)} |")
+      f"{split} | {fmt(med('f', t, 'cpu_s_per_million_events'), 2)} |")
+p("\n(User is the process's own code: its runtime, parsing, framing. System is the kernel's work on its")
+p("behalf: socket reads and writes, loopback delivery, epoll, wake-ups. Ticks of 10 ms, so small shares are coarse.)")
 
 p(f"\n### (f) Scale: {scale}\n")
 p("| target | sessions | turns ok | errors | events/s | event latency p50 / p99 (us) | RSS before / peak (MiB) |")

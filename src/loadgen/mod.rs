@@ -22,7 +22,7 @@ mod procfs;
 mod think;
 
 use crate::event;
-pub use procfs::{cpu_seconds, rss_kib};
+pub use procfs::{CpuTimes, cpu_times, rss_kib};
 use think::think_time;
 
 /// What to run.
@@ -96,6 +96,9 @@ pub struct Report {
     pub cpu_s: Option<f64>,
     /// `cpu_s` per million events received.
     pub cpu_s_per_million_events: Option<f64>,
+    /// The user-space and kernel shares of `cpu_s`, per million events received.
+    pub cpu_user_s_per_million_events: Option<f64>,
+    pub cpu_system_s_per_million_events: Option<f64>,
     /// The mock upstream's counters after the run.
     pub mock: Option<Value>,
     /// Upstream connections the mock accepted during this run.
@@ -470,7 +473,7 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         Some(url) => mock_stats(url).await,
         None => None,
     };
-    let cpu_before = cfg.cpu_pid.and_then(cpu_seconds);
+    let cpu_before = cfg.cpu_pid.and_then(cpu_times);
     // Streaming runs with `rss_pid`: sample the target's memory while the load runs.
     let rss_peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = match (cfg.rss_pid, cfg.idle_hold) {
@@ -516,11 +519,14 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         report.rss_before_kib = rss_before;
         report.rss_peak_kib = Some(rss_peak.load(std::sync::atomic::Ordering::Relaxed));
     }
-    if let (Some(before), Some(after)) = (cpu_before, cfg.cpu_pid.and_then(cpu_seconds)) {
-        let cpu = (after - before).max(0.0);
-        report.cpu_s = Some(cpu);
+    if let (Some(before), Some(after)) = (cpu_before, cfg.cpu_pid.and_then(cpu_times)) {
+        let cpu = after.since(before);
+        report.cpu_s = Some(cpu.total());
         if stats.events > 0 {
-            report.cpu_s_per_million_events = Some(cpu * 1e6 / stats.events as f64);
+            let per_million = |s: f64| Some(s * 1e6 / stats.events as f64);
+            report.cpu_s_per_million_events = per_million(cpu.total());
+            report.cpu_user_s_per_million_events = per_million(cpu.user);
+            report.cpu_system_s_per_million_events = per_million(cpu.system);
         }
     }
     if let Some(hold) = cfg.idle_hold {
@@ -593,8 +599,15 @@ pub fn table(r: &Report) -> String {
     }
     if let (Some(c), Some(m)) = (r.cpu_s, r.cpu_s_per_million_events) {
         s.push_str(&format!(
-            "target CPU          {c:.2} s ({m:.2} s per million events)\n"
+            "target CPU          {c:.2} s ({m:.2} s per million events"
         ));
+        if let (Some(u), Some(k)) = (
+            r.cpu_user_s_per_million_events,
+            r.cpu_system_s_per_million_events,
+        ) {
+            s.push_str(&format!(": {u:.2} user, {k:.2} system"));
+        }
+        s.push_str(")\n");
     }
     if let Some(n) = r.upstream_connections_opened {
         s.push_str(&format!("upstream conns      {n} opened during the run\n"));
@@ -613,5 +626,51 @@ mod tests {
             Some(1234567)
         );
         assert_eq!(stamp(r#"{"type":"response.completed"}"#), None);
+    }
+
+    /// The CPU a run cost the target, split into user space and kernel, per million events:
+    /// here the target is this process (the mock and the load generator both run in it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_the_targets_cpu_split() {
+        let mock = crate::mock::MockUpstream::start(crate::mock::MockConfig {
+            speed: true,
+            ..Default::default()
+        })
+        .await
+        .expect("mock starts");
+        let report = run(LoadgenConfig {
+            url: mock.url(),
+            key: None,
+            sessions: 2,
+            turns: 20,
+            deltas: 1000,
+            delta_size: 16,
+            think: Duration::ZERO,
+            think_jitter: 0.0,
+            reconnect_every_turn: false,
+            idle_hold: None,
+            rss_pid: None,
+            cpu_pid: Some(std::process::id()),
+            mock_url: None,
+            connect_concurrency: 2,
+            label: "cpu".into(),
+            run_id: "cpu-split".into(),
+            http: false,
+        })
+        .await;
+        assert_eq!(report.errors, 0, "{:?}", report.first_error);
+        assert_eq!(report.turns_ok, 40);
+        let total = report.cpu_s_per_million_events.expect("cpu measured");
+        let user = report.cpu_user_s_per_million_events.expect("user share");
+        let system = report
+            .cpu_system_s_per_million_events
+            .expect("system share");
+        // 40,000 events relayed in this process: well over one 10 ms tick.
+        assert!(total > 0.0, "the run cost this process no CPU?");
+        assert!(user >= 0.0 && system >= 0.0);
+        assert!(
+            (user + system - total).abs() < 1e-6,
+            "user {user} + system {system} != total {total}"
+        );
     }
 }

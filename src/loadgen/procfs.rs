@@ -1,18 +1,51 @@
 //! What the load generator reads of another process from /proc (Linux): its CPU time and
 //! resident memory, its descendants' included (nginx's workers, for one).
 
-/// User + system CPU seconds of `pid` and all its descendants (Linux; USER_HZ = 100).
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU seconds a process spent in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+
+    /// The time spent since `before` (never negative).
+    pub fn since(&self, before: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: (self.user - before.user).max(0.0),
+            system: (self.system - before.system).max(0.0),
+        }
+    }
+}
+
+/// User and system CPU seconds of `pid` and all its descendants (Linux; USER_HZ = 100).
+pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may contain spaces): state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut times = parse_stat_times(&stat)?;
+    for child in descendants(pid) {
+        if let Some(c) = cpu_times(child) {
+            times.user += c.user;
+            times.system += c.system;
+        }
+    }
+    Some(times)
+}
+
+/// utime and stime of one `/proc/<pid>/stat` line. The fields after the command (which may
+/// contain spaces and parentheses) start after its last `)`: state is field 3, utime 14,
+/// stime 15.
+fn parse_stat_times(stat: &str) -> Option<CpuTimes> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
-    let mut total = (ticks(14)? + ticks(15)?) as f64 / 100.0;
-    for child in descendants(pid) {
-        total += cpu_seconds(child).unwrap_or(0.0);
-    }
-    Some(total)
+    Some(CpuTimes {
+        user: ticks(14)? as f64 / 100.0,
+        system: ticks(15)? as f64 / 100.0,
+    })
 }
 
 /// The direct children of `pid` (every thread's).
@@ -47,4 +80,43 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         total += rss_kib(child).unwrap_or(0);
     }
     Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_times_split_user_and_system() {
+        // A command with spaces and a parenthesis, as /proc shows it.
+        let stat =
+            "4242 (nginx: worker) x) S 1 4242 4242 0 -1 4194560 120 0 0 0 731 268 0 0 20 0 1 0";
+        let t = parse_stat_times(stat).unwrap();
+        assert_eq!(
+            t,
+            CpuTimes {
+                user: 7.31,
+                system: 2.68
+            }
+        );
+        assert!((t.total() - 9.99).abs() < 1e-9);
+        let later = CpuTimes {
+            user: 8.0,
+            system: 2.5,
+        };
+        let d = later.since(t);
+        assert!((d.user - 0.69).abs() < 1e-9);
+        assert_eq!(
+            d.system, 0.0,
+            "a counter never goes back; the difference is clamped"
+        );
+        assert_eq!(parse_stat_times("4242 (x) S 1"), None);
+        assert_eq!(parse_stat_times("no parenthesis"), None);
+    }
+
+    #[test]
+    fn own_process_has_cpu_times() {
+        let t = cpu_times(std::process::id()).expect("/proc/self is readable");
+        assert!(t.user >= 0.0 && t.system >= 0.0);
+    }
 }
