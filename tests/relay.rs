@@ -369,6 +369,55 @@ async fn healthz_and_non_websocket_requests() {
     gw.stop().await;
 }
 
+/// The worker-thread knob README "Performance" offers (`TOKIO_WORKER_THREADS`, read by tokio
+/// at start) takes effect, and one worker serves concurrent sessions and their turns.
+#[tokio::test]
+async fn one_runtime_worker_serves_concurrent_sessions() {
+    init();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "");
+    let gw = GatewayProcess::start_with_env(
+        &yaml,
+        &[("RUST_LOG", "info"), ("TOKIO_WORKER_THREADS", "1")],
+    );
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "tokio-rt-worker")
+            })
+            .count()
+    };
+    let turns = (0..8).map(|i| {
+        let conv = unique(&format!("one-worker-{i}"));
+        let gw = &gw;
+        async move {
+            let mut c = gw.connect(&conv).await;
+            let mut prev = None;
+            for t in 0..3 {
+                let out = c
+                    .turn(&create_body(
+                        Some(&conv),
+                        &format!("turn {t}"),
+                        prev.as_deref(),
+                    ))
+                    .await
+                    .unwrap();
+                assert!(out.is_completed(), "{:?}", out.terminal());
+                prev = out.response_id().map(str::to_string);
+            }
+        }
+    });
+    futures::future::join_all(turns).await;
+    assert_eq!(
+        workers(gw.child.id()),
+        1,
+        "TOKIO_WORKER_THREADS=1 gives one worker"
+    );
+}
+
 /// Idle sessions hold no read or write buffers: with a 64 KiB read size, 300 sessions that each
 /// ran a turn and then idle (client socket and pooled upstream socket both waiting for bytes)
 /// would hold 2 x 64 KiB each if a waiting read allocated its buffer (37 MiB); they hold the
