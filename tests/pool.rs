@@ -20,21 +20,7 @@ async fn five_turns_in_one_session_use_one_upstream_with_continuations() {
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
     let conv = unique("five");
     let mut c = gw.connect(&conv).await;
-    let mut prev: Option<String> = None;
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        let t = c
-            .turn(&create_body(
-                Some(&conv),
-                &format!("turn {i}"),
-                prev.as_deref(),
-            ))
-            .await
-            .unwrap();
-        assert!(t.is_completed(), "turn {i}: {:?}", t.terminal());
-        prev = t.response_id().map(str::to_string);
-        ids.push(prev.clone().unwrap());
-    }
+    let ids = run_chain(&mut c, &conv, 5).await;
     // Every continuation was accepted by the one upstream connection that owns the chain.
     assert_eq!(mock.accepted(), 1);
     assert!(ids.iter().all(|id| id.starts_with("resp_1_")), "{ids:?}");

@@ -395,19 +395,7 @@ async fn one_runtime_worker_serves_concurrent_sessions() {
         let gw = &gw;
         async move {
             let mut c = gw.connect(&conv).await;
-            let mut prev = None;
-            for t in 0..3 {
-                let out = c
-                    .turn(&create_body(
-                        Some(&conv),
-                        &format!("turn {t}"),
-                        prev.as_deref(),
-                    ))
-                    .await
-                    .unwrap();
-                assert!(out.is_completed(), "{:?}", out.terminal());
-                prev = out.response_id().map(str::to_string);
-            }
+            assert_eq!(run_chain(&mut c, &conv, 3).await.len(), 3);
         }
     });
     futures::future::join_all(turns).await;

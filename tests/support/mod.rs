@@ -348,6 +348,24 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     cond()
 }
 
+/// Runs `turns` turns on `client`, each continuing the one before (`previous_response_id`),
+/// asserting that every one completes; returns their response ids.
+pub async fn run_chain(client: &mut Client, conversation: &str, turns: usize) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for i in 0..turns {
+        let previous = ids.last().map(String::as_str);
+        let body = wsgate::client::create_body(Some(conversation), &format!("turn {i}"), previous);
+        let t = client.turn(&body).await.unwrap();
+        assert!(t.is_completed(), "turn {i}: {:?}", t.terminal());
+        ids.push(
+            t.response_id()
+                .expect("a completed turn has an id")
+                .to_string(),
+        );
+    }
+    ids
+}
+
 /// The gateway binary running as its own process (so its memory can be measured).
 pub struct GatewayProcess {
     pub child: std::process::Child,
