@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# A/B of two gateway builds on workload (b) of bench/compare.sh, in one run: the same mock,
+# the same load generator, the two gateways running side by side and measured in alternating
+# rounds, so a noisy host hits both alike. Per round and build: event latency p50 / p99 and
+# the gateway's CPU per turn, user and system (from /proc, `wsgate loadgen --cpu-pid`); then
+# the medians and B's ratio to A. This is how a change to the hot path is judged before the
+# full compare.sh runs (one full run's spread is wider than most single changes). The order
+# flips every round (A B, B A, ...), so neither build always runs right after the other.
+# CPU is counted in 10 ms ticks: the default 12,800 turns make one tick ~0.8 us per turn.
+#
+# Usage: bench/ab.sh BIN_A BIN_B              two wsgate binaries (B may be A: the noise floor)
+#        ROUNDS=5 bench/ab.sh ...             rounds (default 5)
+#        ENV_B="TOKIO_WORKER_THREADS=1" ...   environment for B only (a knob instead of a build)
+#        SESSIONS=64 TURNS=200 THINK=20ms ... the workload (defaults: compare.sh's full (b))
+# The load generator and mock are BIN_A's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -ne 2 ]; then
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+A=$(realpath "$1"); B=$(realpath "$2")
+ROUNDS=${ROUNDS:-5}; SESSIONS=${SESSIONS:-64}; TURNS=${TURNS:-200}; THINK=${THINK:-20ms}
+ENV_B=${ENV_B:-}
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+MOCK_PORT=$(free_port)
+"$A" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
+PIDS+=($!); wait_port "$MOCK_PORT"
+
+declare -A PORT PID
+for t in A B; do
+  PORT[$t]=$(free_port)
+  cat >"$TMP/$t.yaml" <<EOF
+listen: 127.0.0.1:${PORT[$t]}
+clients: []
+upstream:
+  url: ws://127.0.0.1:$MOCK_PORT/v1/responses
+accounts:
+  - id: bench
+    api_key_env: HOME
+pool:
+  enabled: true
+  max_per_account: 100000
+  max_total: 100000
+limits:
+  max_connections_per_client: 0
+log:
+  level: warn
+EOF
+done
+"$A" --config "$TMP/A.yaml" run >"$TMP/A.log" 2>&1 &
+PID[A]=$!; PIDS+=("${PID[A]}")
+# shellcheck disable=SC2086 # ENV_B is a list of NAME=value words
+env $ENV_B "$B" --config "$TMP/B.yaml" run >"$TMP/B.log" 2>&1 &
+PID[B]=$!; PIDS+=("${PID[B]}")
+wait_port "${PORT[A]}"; wait_port "${PORT[B]}"
+
+echo "A: $A"
+echo "B: $B${ENV_B:+ (with $ENV_B)}"
+echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas, think $THINK (x[0.5, 1.5]), $ROUNDS rounds"
+for r in $(seq "$ROUNDS"); do
+  order="A B"; [ $((r % 2)) = 0 ] && order="B A"
+  for t in $order; do
+    "$A" loadgen --url "ws://127.0.0.1:${PORT[$t]}/v1/responses" --label "$t" \
+      --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --json "$TMP/$t-$r.json" \
+      --sessions "$SESSIONS" --turns "$TURNS" --deltas 5 --think "$THINK" --think-jitter 0.5 \
+      --cpu-pid "${PID[$t]}" >"$TMP/loadgen.log" 2>&1 || { cat "$TMP/loadgen.log" >&2; exit 1; }
+  done
+done
+
+python3 - "$TMP" "$ROUNDS" <<'EOF'
+import json, statistics, sys
+tmp, rounds = sys.argv[1], int(sys.argv[2])
+def row(t, r):
+    d = json.load(open(f"{tmp}/{t}-{r}.json"))
+    # (CPU seconds per million events) x (events per turn) = CPU microseconds per turn
+    events_per_turn = d["events"] / max(d["turns_ok"], 1)
+    user = (d.get("cpu_user_s_per_million_events") or 0) * events_per_turn
+    system = (d.get("cpu_system_s_per_million_events") or 0) * events_per_turn
+    lat = d["event_latency_us"]
+    return dict(p50=lat["p50"], p99=lat["p99"], user=user, system=system, cpu=user + system, errors=d["errors"])
+rows = {t: [row(t, r) for r in range(1, rounds + 1)] for t in "AB"}
+print()
+print("| round | A p50 / p99 (us) | A CPU per turn, user / system (us) | B p50 / p99 (us) | B CPU per turn, user / system (us) |")
+print("|---:|---|---|---|---|")
+for r in range(rounds):
+    a, b = rows["A"][r], rows["B"][r]
+    print(f"| {r + 1} | {a['p50']:.0f} / {a['p99']:.0f} | {a['user']:.1f} / {a['system']:.1f} "
+          f"| {b['p50']:.0f} / {b['p99']:.0f} | {b['user']:.1f} / {b['system']:.1f} |")
+med = {t: {k: statistics.median(x[k] for x in rows[t]) for k in ("p50", "p99", "user", "system", "cpu")} for t in "AB"}
+print()
+for k, name in (("cpu", "CPU per turn"), ("user", "user CPU per turn"), ("p50", "event latency p50"), ("p99", "event latency p99")):
+    a, b = med["A"][k], med["B"][k]
+    print(f"median {name}: A {a:.1f}, B {b:.1f}, B/A {b / a:.3f}" if a else f"median {name}: A {a}, B {b}")
+cheaper = sum(rows["B"][r]["cpu"] < rows["A"][r]["cpu"] for r in range(rounds))
+print(f"B spent less CPU per turn than A in {cheaper} of {rounds} rounds")
+errors = sum(x["errors"] for t in "AB" for x in rows[t])
+if errors:
+    print(f"ERRORS: {errors} failed turns (see the runs)")
+    sys.exit(1)
+EOF
