@@ -22,13 +22,8 @@ fi
 A=$(realpath "$1"); B=$(realpath "$2")
 ROUNDS=${ROUNDS:-5}; SESSIONS=${SESSIONS:-64}; TURNS=${TURNS:-200}; THINK=${THINK:-20ms}
 ENV_B=${ENV_B:-}
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 MOCK_PORT=$(free_port)
 "$A" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &

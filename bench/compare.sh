@@ -51,13 +51,8 @@ cargo build --release --quiet
 cargo build --release --quiet --example byte_proxy
 WSGATE=$ROOT/target/release/wsgate
 BYTE_PROXY=$ROOT/target/release/examples/byte_proxy
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 MOCK_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); GW_PORT=$(free_port); NOPOOL_PORT=$(free_port)
 TOKIO_PORT=$(free_port)
