@@ -77,8 +77,13 @@ def row(t, r):
     d = json.load(open(f"{tmp}/{t}-{r}.json"))
     # (CPU seconds per million events) x (events per turn) = CPU microseconds per turn
     events_per_turn = d["events"] / max(d["turns_ok"], 1)
-    user = (d.get("cpu_user_s_per_million_events") or 0) * events_per_turn
-    system = (d.get("cpu_system_s_per_million_events") or 0) * events_per_turn
+    split = (d.get("cpu_user_s_per_million_events"), d.get("cpu_system_s_per_million_events"))
+    if None in split:
+        # A load generator without the split (BIN_A older than it) or no events: say so
+        # rather than compare zeros.
+        sys.exit(f"{t} round {r}: no user / system CPU in the report (BIN_A's load generator "
+                 f"must report them; {d['events']} events, first error {d.get('first_error')})")
+    user, system = (x * events_per_turn for x in split)
     lat = d["event_latency_us"]
     return dict(p50=lat["p50"], p99=lat["p99"], user=user, system=system, cpu=user + system, errors=d["errors"])
 rows = {t: [row(t, r) for r in range(1, rounds + 1)] for t in "AB"}
