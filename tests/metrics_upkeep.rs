@@ -14,6 +14,7 @@ fn rss() -> u64 {
 
 #[test]
 fn histogram_samples_are_folded_without_a_scrape() {
+    let installed = Instant::now();
     let handle = wsgate::metrics::install().expect("the recorder installs");
     let turns = metrics::histogram!(wsgate::metrics::TURN_DURATION, "terminal" => "completed", "ingress" => "ws");
     // Warm up: the first blocks and the allocator's arenas.
@@ -42,7 +43,14 @@ fn histogram_samples_are_folded_without_a_scrape() {
         "3M histogram samples left {} MiB resident",
         grown >> 20
     );
-    // And nothing was lost: every sample is in the rendered histogram.
+    // And the upkeep folds samples, never drops them: every sample is in the rendered
+    // histogram, but for the few the exporter's bucket (metrics-util `AtomicBucket`) can lose
+    // when a record races a fold. A fold swaps the bucket's tail out and reads what it held; a
+    // record that loaded the tail just before, and reserves its slot just after the read, lands
+    // in a block nobody reads again (and a record that was linking a fresh block takes the full
+    // one with it: at most one block, 64 samples, plus its own). So with this one recording
+    // thread each fold (one per upkeep, one for the render) loses at most 65. CI saw 1 of 3.2M
+    // once (stop 24); an upkeep that cleared instead of folding would lose millions.
     let text = handle.render();
     let count = text
         .lines()
@@ -51,6 +59,12 @@ fn histogram_samples_are_folded_without_a_scrape() {
                 && l.contains("terminal=\"completed\"")
         })
         .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
-    assert_eq!(count, Some(3_200_000), "{text}");
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no completed-turn count in\n{text}"));
+    let folds = installed.elapsed().as_secs() / wsgate::metrics::UPKEEP_INTERVAL.as_secs() + 2;
+    let recorded = 3_200_000;
+    assert!(
+        count <= recorded && recorded - count <= 65 * folds,
+        "{count} of {recorded} samples in the histogram after {folds} folds at most\n{text}"
+    );
 }
