@@ -63,6 +63,7 @@ fn histogram_samples_are_folded_without_a_scrape() {
         .unwrap_or_else(|| panic!("no completed-turn count in\n{text}"));
     let folds = installed.elapsed().as_secs() / wsgate::metrics::UPKEEP_INTERVAL.as_secs() + 2;
     let recorded = 3_200_000;
+    eprintln!("{count} of {recorded} samples in the histogram, {folds} folds at most");
     assert!(
         count <= recorded && recorded - count <= 65 * folds,
         "{count} of {recorded} samples in the histogram after {folds} folds at most\n{text}"
