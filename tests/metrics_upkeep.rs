@@ -61,7 +61,8 @@ fn histogram_samples_are_folded_without_a_scrape() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no completed-turn count in\n{text}"));
-    let folds = installed.elapsed().as_secs() / wsgate::metrics::UPKEEP_INTERVAL.as_secs() + 2;
+    let interval = wsgate::metrics::UPKEEP_INTERVAL.as_millis().max(1);
+    let folds = (installed.elapsed().as_millis() / interval) as u64 + 2;
     let recorded = 3_200_000;
     eprintln!("{count} of {recorded} samples in the histogram, {folds} folds at most");
     assert!(
