@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-frame hot path: event-type sniffing (vs a full JSON parse),
-//! terminal inspection, client-frame parsing, the pump -> session handoff, and relaying one
+//! terminal inspection and the created event's id (structural scan vs the serde parse it
+//! replaced, small and Codex-sized events), UTF-8 checks, client-frame parsing, the pump -> session handoff, and relaying one
 //! frame through tungstenite (decode as the upstream's client, encode as the client's server),
 //! and relaying a burst of deltas per event or as a raw run.
 //! Run: `cargo bench --bench hot_path`.
@@ -94,11 +95,76 @@ fn sniffing(c: &mut Criterion) {
         b.iter(|| Terminal::inspect("response.completed", black_box(COMPLETED)))
     });
     g.finish();
+    upstream_fields(c);
     let body = create_body();
     let mut g = c.benchmark_group("client frame");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("ClientEvent::parse (20 KB create)", |b| {
         b.iter(|| ClientEvent::parse(black_box(&body)).map(|e| e.is_create()))
+    });
+    g.finish();
+}
+
+/// A `response.completed` and a `response.created` as the real upstream writes them for a
+/// Codex turn: the whole request echoed (~14 KB of instructions full of `\n` and quotes, the
+/// tools), then the output and the usage.
+fn codex_sized_events() -> (String, String) {
+    let instructions = "You are Codex, a coding agent.\n\n## Rules\n- Use \"apply_patch\" to edit files; never `cat >`.\n- Keep answers short.\n".repeat(120);
+    let tools = serde_json::json!([
+        {"type": "function", "name": "shell", "description": "Runs a shell command and returns its output.",
+         "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}},
+         "workdir": {"type": "string"}, "timeout_ms": {"type": "number"}}, "required": ["command"]}},
+        {"type": "function", "name": "apply_patch", "description": "Applies a patch.",
+         "parameters": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}
+    ]);
+    let mut response = serde_json::json!({
+        "id": "resp_abc", "object": "response", "created_at": 1764633600, "status": "completed",
+        "model": "gpt-5.5", "instructions": instructions, "tools": tools,
+        "output": [{"type": "reasoning", "id": "rs_1", "summary": []},
+                   {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "Done: the tests pass.", "annotations": []}]}],
+        "usage": {"input_tokens": 15342, "input_tokens_details": {"cached_tokens": 15104},
+                  "output_tokens": 212, "output_tokens_details": {"reasoning_tokens": 128}, "total_tokens": 15554}
+    });
+    let completed =
+        format!(r#"{{"type":"response.completed","sequence_number":40,"response":{response}}}"#);
+    response["status"] = "in_progress".into();
+    response["output"] = serde_json::json!([]);
+    response["usage"] = serde_json::Value::Null;
+    let created =
+        format!(r#"{{"type":"response.created","sequence_number":0,"response":{response}}}"#);
+    (completed, created)
+}
+
+/// The fields read from upstream events: the structural scan against the serde parse of the
+/// whole event it replaced (`event::reference`), on the small event above and Codex-sized
+/// ones; and the UTF-8 check of a relayed delta, SIMD against std.
+fn upstream_fields(c: &mut Criterion) {
+    let (completed, created) = codex_sized_events();
+    let mut g = c.benchmark_group("upstream event fields");
+    g.throughput(Throughput::Elements(1));
+    for (name, text) in [
+        ("small completed", COMPLETED),
+        ("Codex-sized completed", &completed),
+    ] {
+        g.bench_function(format!("{name}: scan (Terminal::inspect)"), |b| {
+            b.iter(|| Terminal::inspect("response.completed", black_box(text)))
+        });
+        g.bench_function(format!("{name}: serde parse (before)"), |b| {
+            b.iter(|| event::reference::inspect("response.completed", black_box(text)))
+        });
+    }
+    g.bench_function("Codex-sized created: scan (response_id)", |b| {
+        b.iter(|| event::response_id(black_box(&created)))
+    });
+    g.bench_function("Codex-sized created: serde parse (before)", |b| {
+        b.iter(|| event::reference::response_id(black_box(&created)))
+    });
+    g.bench_function("delta UTF-8: simdutf8", |b| {
+        b.iter(|| simdutf8::basic::from_utf8(black_box(DELTA.as_bytes())).is_ok())
+    });
+    g.bench_function("delta UTF-8: std (before)", |b| {
+        b.iter(|| std::str::from_utf8(black_box(DELTA.as_bytes())).is_ok())
     });
     g.finish();
 }

@@ -454,6 +454,75 @@ async fn protocol_violations_get_a_1002_close_frame() {
     gw.stop().await;
 }
 
+/// A text frame that is not UTF-8 gets the 1007 close RFC 6455 §7.4.1 names, wherever the
+/// bad byte sits (the vendored tungstenite checks with SIMD in 64-byte blocks: a bad byte
+/// after a long valid prefix, or a sequence cut at the end, must still be found).
+#[tokio::test]
+async fn text_that_is_not_utf8_gets_a_1007_close_frame() {
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let mut long_prefix = vec![b'a'; 100];
+    long_prefix.push(0xff);
+    let mut cut = "é".repeat(40).into_bytes();
+    cut.push(0xc3);
+    for bad in [long_prefix, cut, vec![b'{', 0xed, 0xa0, 0x80, b'}']] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = raw_upgrade("x").replace("session-id: x\r\n", "");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+        s.write_all(&masked_frame(&bad)).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n >= 4, "a close frame, not a bare TCP close");
+        assert_eq!(buf[0], 0x88, "close opcode: {:?}", &buf[..n]);
+        assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1007, "{bad:?}");
+    }
+    gw.assert_quiescent("invalid UTF-8").await;
+    gw.stop().await;
+}
+
+/// A masked client text frame of any payload under 64 KiB.
+fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [7u8, 1, 9, 3];
+    let mut f = vec![0x81];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Valid UTF-8 of every width, across the validator's block boundaries, is read as sent.
+#[test]
+fn multibyte_text_across_block_boundaries_is_read_as_sent() {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    let texts: Vec<String> = (0..70)
+        .map(|pad| format!("{}é€😀 ü{}", "x".repeat(pad), "😀".repeat(20)))
+        .collect();
+    let socket = RecordingSocket {
+        incoming: [texts
+            .iter()
+            .flat_map(|t| masked_frame(t.as_bytes()))
+            .collect()]
+        .into(),
+        offered: Vec::new(),
+    };
+    let config = WebSocketConfig::default().read_buffer_size(64 << 10);
+    let mut ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
+    for want in &texts {
+        let msg = ws.read().expect("a frame");
+        assert_eq!(msg.into_text().unwrap().as_str(), want);
+    }
+}
+
 #[tokio::test]
 async fn a_frame_that_never_completes_is_cut_at_its_deadline() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();

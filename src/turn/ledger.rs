@@ -21,7 +21,6 @@
 use std::collections::VecDeque;
 
 use crate::event::Terminal;
-use serde::Deserialize;
 
 /// A client event sent upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +120,10 @@ impl Ledger {
             "response.completed" | "response.failed" | "response.incomplete" => {
                 let (id, steered) = match inspected {
                     Some(t) => (t.response_id.clone(), t.steered),
-                    None => response_fields(text),
+                    None => {
+                        let t = Terminal::inspect(ty, text);
+                        (t.response_id, t.steered)
+                    }
                 };
                 self.response_end(ty, id, steered)
             }
@@ -177,7 +179,7 @@ impl Ledger {
     }
 
     fn created(&mut self, text: &str) -> Attribution {
-        let id = response_fields(text).0;
+        let id = crate::event::response_id(text);
         if self.active.is_none() && (self.awaiting_successor || self.take_create()) {
             self.awaiting_successor = false;
             self.steer_accepted = false;
@@ -251,36 +253,6 @@ impl Ledger {
         }
         true
     }
-}
-
-/// `response.id` and whether `response.incomplete_details.reason` is `steered`.
-fn response_fields(text: &str) -> (Option<String>, bool) {
-    #[derive(Deserialize, Default)]
-    struct Details {
-        #[serde(default)]
-        reason: Option<String>,
-    }
-    #[derive(Deserialize, Default)]
-    struct Response {
-        #[serde(default)]
-        id: Option<String>,
-        #[serde(default)]
-        incomplete_details: Option<Details>,
-    }
-    #[derive(Deserialize, Default)]
-    struct Event {
-        #[serde(default)]
-        response: Option<Response>,
-    }
-    let r = serde_json::from_str::<Event>(text)
-        .unwrap_or_default()
-        .response
-        .unwrap_or_default();
-    let steered = r
-        .incomplete_details
-        .and_then(|d| d.reason)
-        .is_some_and(|r| r == "steered");
-    (r.id, steered)
 }
 
 #[cfg(test)]

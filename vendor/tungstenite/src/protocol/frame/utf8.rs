@@ -125,7 +125,10 @@ impl TryFrom<Bytes> for Utf8Bytes {
 
     #[inline]
     fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
-        str::from_utf8(&bytes)?;
+        // wsgate patch: SIMD validation first; std's only for the error it reports.
+        if simdutf8::basic::from_utf8(&bytes).is_err() {
+            str::from_utf8(&bytes)?;
+        }
         Ok(Self(bytes))
     }
 }

@@ -7,6 +7,10 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+#[doc(hidden)]
+pub mod reference;
+mod scan;
+
 /// Client event types that start a turn.
 pub const RESPONSE_CREATE: &str = "response.create";
 
@@ -33,9 +37,8 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
             return Some(Cow::Borrowed(ty));
         }
     }
-    if let Some(ty) = scan_type(text.as_bytes()) {
-        // The scan returns byte offsets of an unescaped ASCII-delimited string.
-        return std::str::from_utf8(ty).ok().map(Cow::Borrowed);
+    if let Some(ty) = scan::type_value(text) {
+        return Some(Cow::Borrowed(ty));
     }
     #[derive(Deserialize)]
     struct TypeOnly<'a> {
@@ -76,82 +79,13 @@ pub fn is_relayable_part(payload: &[u8]) -> bool {
     let Some(end) = memchr::memchr(b'"', head) else {
         return false;
     };
-    let Ok(ty) = std::str::from_utf8(&head[..end]) else {
+    // The payload is checked once, and the type read from the checked text (it starts and
+    // ends at ASCII bytes, so the slice is on character boundaries).
+    let Ok(text) = simdutf8::basic::from_utf8(payload) else {
         return false;
     };
-    !ty.contains('\\') && is_plain_part(ty) && std::str::from_utf8(payload).is_ok()
-}
-
-/// Finds the value of the top-level `"type"` key of a JSON object without parsing values:
-/// tracks nesting depth and skips strings. `None` when the key is absent at the top level,
-/// its value is not a plain (unescaped) string, or the text is not an object.
-fn scan_type(b: &[u8]) -> Option<&[u8]> {
-    /// Index of the quote that closes the string whose body starts at `from`.
-    fn string_end(b: &[u8], mut from: usize) -> Option<usize> {
-        loop {
-            let at = from + memchr::memchr2(b'"', b'\\', b.get(from..)?)?;
-            if b[at] == b'"' {
-                return Some(at);
-            }
-            from = at + 2; // skip the escaped byte
-        }
-    }
-    fn skip_ws(b: &[u8], mut i: usize) -> usize {
-        while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            i += 1;
-        }
-        i
-    }
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i += 1;
-    let mut depth = 1usize;
-    let mut expect_key = true;
-    while i < b.len() {
-        match b[i] {
-            b'"' => {
-                let end = string_end(b, i + 1)?;
-                if depth == 1 && expect_key {
-                    let key = &b[i + 1..end];
-                    i = skip_ws(b, end + 1);
-                    if b.get(i) != Some(&b':') {
-                        return None;
-                    }
-                    i = skip_ws(b, i + 1);
-                    if key == b"type" {
-                        if b.get(i) != Some(&b'"') {
-                            return None;
-                        }
-                        let vend = string_end(b, i + 1)?;
-                        let value = &b[i + 1..vend];
-                        return (!value.contains(&b'\\')).then_some(value);
-                    }
-                    expect_key = false;
-                    continue;
-                }
-                i = end + 1;
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                i += 1;
-            }
-            b'}' | b']' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return None;
-                }
-                i += 1;
-            }
-            b',' => {
-                expect_key = depth == 1;
-                i += 1;
-            }
-            _ => i += 1,
-        }
-    }
-    None
+    text.get(PREFIX.len()..PREFIX.len() + end)
+        .is_some_and(|ty| !ty.contains('\\') && is_plain_part(ty))
 }
 
 /// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.
@@ -243,90 +177,109 @@ pub struct Terminal {
 }
 
 impl Terminal {
-    /// Inspects a terminal event of type `ty` (only the fields named above are parsed).
+    /// Inspects a terminal event of type `ty`: only the fields named above are read, found by
+    /// a structural scan (see [`scan`]); the rest of the event (the real upstream echoes the
+    /// whole response: instructions, tools, output) is skipped, never parsed. A field of the
+    /// wrong type is ignored on its own.
     pub fn inspect(ty: &str, text: &str) -> Terminal {
-        #[derive(Deserialize, Default)]
-        struct ErrorBody {
-            #[serde(default)]
-            code: Option<String>,
-            #[serde(rename = "type", default)]
-            kind: Option<String>,
-            #[serde(default)]
-            resets_in_seconds: Option<f64>,
-            #[serde(default)]
-            message: Option<String>,
-        }
-        #[derive(Deserialize, Default)]
-        struct Details {
-            #[serde(default)]
-            cached_tokens: u64,
-        }
-        #[derive(Deserialize, Default)]
-        struct Usage {
-            #[serde(default)]
-            input_tokens: u64,
-            #[serde(default)]
-            input_tokens_details: Option<Details>,
-        }
-        #[derive(Deserialize, Default)]
-        struct Incomplete {
-            #[serde(default)]
-            reason: Option<String>,
-        }
-        #[derive(Deserialize, Default)]
-        struct Response {
-            #[serde(default)]
-            id: Option<String>,
-            #[serde(default)]
-            usage: Option<Usage>,
-            #[serde(default)]
-            error: Option<ErrorBody>,
-            #[serde(default)]
-            incomplete_details: Option<Incomplete>,
-        }
-        #[derive(Deserialize, Default)]
-        struct Event {
-            #[serde(default)]
-            status: Option<u16>,
-            #[serde(default)]
-            error: Option<ErrorBody>,
-            #[serde(default)]
-            response: Option<Response>,
-        }
-        let ev: Event = serde_json::from_str(text).unwrap_or_default();
         let mut t = Terminal {
             kind: ty.to_string(),
             ..Terminal::default()
         };
-        let response = ev.response.unwrap_or_default();
-        t.response_id = response.id.clone();
-        t.steered = response
-            .incomplete_details
-            .and_then(|d| d.reason)
+        let (mut status, mut error) = (None, None);
+        let (mut id, mut usage, mut response_error, mut incomplete) = (None, None, None, None);
+        // One pass: the response object is walked where it stands, not skipped and rescanned.
+        let mut seen_response = false;
+        let mut top = scan::members(text);
+        while let Some((key, at)) = top.next_key() {
+            if key == b"response" && !seen_response && text.as_bytes().get(at) == Some(&b'{') {
+                seen_response = true;
+                let mut r = scan::members_at(text, at);
+                while let Some((key, at)) = r.next_key() {
+                    let Some(value) = r.value(at) else { break };
+                    match key {
+                        b"id" => _ = id.get_or_insert(value),
+                        b"usage" => _ = usage.get_or_insert(value),
+                        b"error" => _ = response_error.get_or_insert(value),
+                        b"incomplete_details" => _ = incomplete.get_or_insert(value),
+                        _ => {}
+                    }
+                }
+                match r.end() {
+                    Some(end) => top.resume(end),
+                    None => break,
+                }
+                continue;
+            }
+            let Some(value) = top.value(at) else { break };
+            match key {
+                b"status" => _ = status.get_or_insert(value),
+                b"error" => _ = error.get_or_insert(value),
+                b"response" => seen_response = true,
+                _ => {}
+            }
+        }
+        t.response_id = id.and_then(scan::string).map(Cow::into_owned);
+        t.steered = incomplete
+            .and_then(|d| scan::members(d).find("reason"))
+            .and_then(scan::string)
             .is_some_and(|r| r == "steered");
         if ty == "response.completed" {
-            t.completed_response_id = response.id;
-            t.usage = response.usage.map(|u| {
+            t.completed_response_id = t.response_id.clone();
+            t.usage = usage.filter(|u| u.starts_with('{')).map(|u| {
+                let input = scan::members(u).find("input_tokens");
+                let cached = scan::find(u, &["input_tokens_details", "cached_tokens"]);
                 (
-                    u.input_tokens,
-                    u.input_tokens_details.map(|d| d.cached_tokens).unwrap_or(0),
+                    input.and_then(scan::unsigned).unwrap_or(0),
+                    cached.and_then(scan::unsigned).unwrap_or(0),
                 )
             });
             return t;
         }
-        let err = ev.error.or(response.error).unwrap_or_default();
+        // Failures are rare and their error objects small: parsed whole.
+        let parse = |v: &str| serde_json::from_str::<Option<ErrorBody>>(v).ok().flatten();
+        let err = error
+            .and_then(parse)
+            .or_else(|| response_error.and_then(parse));
+        t.failure(status.and_then(scan::unsigned), err.unwrap_or_default());
+        t
+    }
+
+    /// What a failed turn's status and error say: the error code, a connection at its
+    /// lifetime limit, an account limit and when to retry.
+    fn failure(&mut self, status: Option<u64>, err: ErrorBody) {
         let is =
             |name: &str| err.code.as_deref() == Some(name) || err.kind.as_deref() == Some(name);
-        t.connection_limit = is("websocket_connection_limit_reached");
-        t.code = err.code.clone().or_else(|| err.kind.clone());
-        let limited = ev.status == Some(429) || RATE_LIMIT_CODES.iter().any(|c| is(c));
-        t.rate_limited = limited && !request_specific(&err.code, &err.message);
-        t.retry_after = err
+        self.connection_limit = is("websocket_connection_limit_reached");
+        self.code = err.code.clone().or_else(|| err.kind.clone());
+        let limited = status == Some(429) || RATE_LIMIT_CODES.iter().any(|c| is(c));
+        self.rate_limited = limited && !request_specific(&err.code, &err.message);
+        self.retry_after = err
             .resets_in_seconds
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(|s| std::time::Duration::from_secs_f64(s.min(7.0 * 86400.0)));
-        t
     }
+}
+
+/// The error object of a failed turn (`error`, or `response.error`).
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    resets_in_seconds: Option<f64>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// `response.id` of an event (`response.created`), reading no further than the id: the real
+/// upstream echoes the whole request (instructions, tools) after it.
+pub fn response_id(text: &str) -> Option<String> {
+    scan::find(text, &["response", "id"])
+        .and_then(scan::string)
+        .map(Cow::into_owned)
 }
 
 /// A limit refusal about this one request rather than the account: the real API answers a
@@ -528,6 +481,201 @@ mod tests {
                 ..Terminal::default()
             }
         );
+    }
+
+    /// Generated well-formed events: any key order, whitespace, escapes in strings and keys'
+    /// neighbours, fields present, null or absent, nested filler that looks like the wanted
+    /// keys. The scan and the parse agree on every one.
+    #[test]
+    fn structural_inspection_agrees_with_a_full_parse() {
+        struct Rng(std::cell::Cell<u64>);
+        impl Rng {
+            fn below(&self, n: usize) -> usize {
+                let mut x = self.0.get();
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.0.set(x);
+                (x % n as u64) as usize
+            }
+            fn pick<'a>(&self, xs: &[&'a str]) -> &'a str {
+                xs[self.below(xs.len())]
+            }
+        }
+        let rng = &Rng(std::cell::Cell::new(0x9e37_79b9_7f4a_7c15));
+        const STRINGS: &[&str] = &[
+            r#""resp_1""#,
+            r#""resp_\"q\"""#,
+            r#""r\u0041\n""#,
+            r#""é ü 😀""#,
+            r#""""#,
+            r#""}]{[,:""#,
+            r#""\\""#,
+        ];
+        const FILLER: &[&str] = &[
+            r#"[{"id":"nested","usage":{"input_tokens":7},"type":"message","content":[{"text":"a \"quoted\" }{ text\n"}]}]"#,
+            r#"{"error":{"code":"rate_limit_exceeded"},"status":429,"response":{"id":"inner"}}"#,
+            r#""You are Codex.\n\n## Rules\n- \"quote\" \\ back\tslash \u2603""#,
+            "-1.5e-3",
+            "true",
+            "null",
+            "[]",
+            "{}",
+            r#"[[[["deep"]]],{"a":[{"b":[]}]}]"#,
+        ];
+        fn ws(rng: &Rng) -> &'static str {
+            ["", " ", "\n  ", "\t"][rng.below(4)]
+        }
+        fn object(rng: &Rng, mut members: Vec<(String, String)>) -> String {
+            for i in (1..members.len()).rev() {
+                members.swap(i, rng.below(i + 1));
+            }
+            let body: Vec<String> = members
+                .iter()
+                .map(|(k, v)| format!("{}\"{k}\"{}:{}{v}{}", ws(rng), ws(rng), ws(rng), ws(rng)))
+                .collect();
+            format!("{{{}}}", body.join(","))
+        }
+        fn maybe(rng: &Rng, out: &mut Vec<(String, String)>, k: &str, v: String) {
+            match rng.below(4) {
+                0 => {}
+                1 => out.push((k.into(), "null".into())),
+                _ => out.push((k.into(), v)),
+            }
+        }
+        // The token counts were plain `u64`s in the parse (null was a type error there).
+        fn count(rng: &Rng, out: &mut Vec<(String, String)>, k: &str, v: &str) {
+            if rng.below(4) > 0 {
+                out.push((k.into(), v.into()));
+            }
+        }
+        let mut checked = 0;
+        for _ in 0..4000 {
+            let ty = rng.pick(&[
+                "response.completed",
+                "response.failed",
+                "response.incomplete",
+                "error",
+            ]);
+            let mut error = Vec::new();
+            maybe(
+                rng,
+                &mut error,
+                "code",
+                rng.pick(&[
+                    r#""rate_limit_exceeded""#,
+                    r#""server_error""#,
+                    r#""websocket_connection_limit_reached""#,
+                    r#""usage_limit_reached""#,
+                ])
+                .into(),
+            );
+            maybe(
+                rng,
+                &mut error,
+                "type",
+                rng.pick(&[
+                    r#""usage_limit_reached""#,
+                    r#""invalid_request_error""#,
+                    r#""rate_limit_error""#,
+                ])
+                .into(),
+            );
+            maybe(
+                rng,
+                &mut error,
+                "message",
+                rng.pick(&[
+                    r#""try again""#,
+                    r#""Request too large for gpt-5: Limit 30000, Requested 52000.""#,
+                    r#""a \"b\"""#,
+                ])
+                .into(),
+            );
+            maybe(
+                rng,
+                &mut error,
+                "resets_in_seconds",
+                rng.pick(&["90", "1.5", "0", "604801"]).into(),
+            );
+            if rng.below(2) == 0 {
+                error.push(("param".into(), rng.pick(FILLER).into()));
+            }
+            let error = object(rng, error);
+            let mut usage = Vec::new();
+            count(
+                rng,
+                &mut usage,
+                "input_tokens",
+                rng.pick(&["0", "27", "123456789"]),
+            );
+            let mut details = Vec::new();
+            count(
+                rng,
+                &mut details,
+                "cached_tokens",
+                rng.pick(&["0", "80", "4096"]),
+            );
+            details.push(("audio_tokens".into(), "0".into()));
+            maybe(
+                rng,
+                &mut usage,
+                "input_tokens_details",
+                object(rng, details),
+            );
+            usage.push(("total_tokens".into(), "49".into()));
+            let usage = object(rng, usage);
+            let mut incomplete = Vec::new();
+            maybe(
+                rng,
+                &mut incomplete,
+                "reason",
+                rng.pick(&[
+                    r#""steered""#,
+                    r#""max_output_tokens""#,
+                    r#""steer\u0065d""#,
+                ])
+                .into(),
+            );
+            let incomplete = object(rng, incomplete);
+            let mut response = Vec::new();
+            maybe(rng, &mut response, "id", rng.pick(STRINGS).into());
+            maybe(rng, &mut response, "usage", usage);
+            maybe(rng, &mut response, "error", error.clone());
+            maybe(rng, &mut response, "incomplete_details", incomplete);
+            for k in ["output", "instructions", "tools", "metadata"] {
+                if rng.below(2) == 0 {
+                    response.push((k.into(), rng.pick(FILLER).into()));
+                }
+            }
+            let response = object(rng, response);
+            let mut top = vec![("type".into(), format!("\"{ty}\""))];
+            maybe(rng, &mut top, "sequence_number", "12".into());
+            maybe(
+                rng,
+                &mut top,
+                "status",
+                rng.pick(&["429", "400", "500"]).into(),
+            );
+            maybe(rng, &mut top, "error", error);
+            maybe(rng, &mut top, "response", response);
+            if rng.below(2) == 0 {
+                top.push(("note".into(), rng.pick(FILLER).into()));
+            }
+            let text = object(rng, top);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+                "generated text is JSON: {text}"
+            );
+            assert_eq!(
+                Terminal::inspect(ty, &text),
+                reference::inspect(ty, &text),
+                "{text}"
+            );
+            assert_eq!(response_id(&text), reference::response_id(&text), "{text}");
+            checked += 1;
+        }
+        assert_eq!(checked, 4000);
     }
 
     #[test]

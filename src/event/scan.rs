@@ -1,0 +1,294 @@
+//! Structural scanning of upstream JSON events: the few values the gateway reads (the event
+//! type, a response's id, usage, error and incomplete details) are found by key without
+//! parsing anything else. Strings are skipped with `memchr` (SIMD), containers by depth;
+//! nothing is allocated unless a wanted string has escapes.
+//!
+//! The upstream's text is not validated here (it is relayed as it came, and was checked to
+//! be UTF-8); a scan of malformed text ends early and finds less, never panics, and is linear
+//! in the text's length. Keys are compared as written: an escaped key (`"\u0069d"`) is not the
+//! key it spells, which the real upstream never writes. Where a key repeats, the first wins.
+
+use std::borrow::Cow;
+
+/// Index after the JSON whitespace at `i`.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Index of the quote that closes the string whose body starts at `from`: the first quote
+/// not escaped, i.e. not preceded by an odd run of backslashes (escapes such as `\n`, which
+/// long texts are full of, cost nothing).
+fn string_end(b: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    loop {
+        at += memchr::memchr(b'"', b.get(at..)?)?;
+        let backslashes = b[from..at]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            return Some(at);
+        }
+        at += 1;
+    }
+}
+
+/// Index just past the value that starts at `i`: a string to its closing quote, an object or
+/// array to the bracket that closes it (strings inside skipped whole), anything else (numbers,
+/// `true`, `null`) to the next delimiter.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string_end(b, i + 1).map(|e| e + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match *b.get(j)? {
+                    b'"' => {
+                        j = string_end(b, j + 1)?;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let n = b[i..]
+                .iter()
+                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(b.len() - i);
+            (n > 0).then_some(i + n)
+        }
+    }
+}
+
+/// The members of a JSON object, in order: each key as written (between its quotes, escapes
+/// not decoded) and the text of its value. Ends at the object's end, or at the first thing
+/// that is not a member. Besides iterating, a caller can take keys one at a time
+/// ([`Members::next_key`]) and either skip each value ([`Members::value`]) or read it in
+/// place and [`Members::resume`] after it: a nested object is then scanned once, not skipped
+/// and scanned again.
+pub struct Members<'a> {
+    text: &'a str,
+    /// Where the next member (or the comma before it) is looked for; `None` once ended.
+    at: Option<usize>,
+    first: bool,
+    /// Just past the closing brace, once reached.
+    end: Option<usize>,
+}
+
+/// The members of the object `text` holds (leading whitespace allowed).
+pub fn members(text: &str) -> Members<'_> {
+    members_at(text, 0)
+}
+
+/// The members of the object that starts at `text[at..]` (leading whitespace allowed).
+pub fn members_at(text: &str, at: usize) -> Members<'_> {
+    let b = text.as_bytes();
+    let i = skip_ws(b, at);
+    Members {
+        text,
+        at: (b.get(i) == Some(&b'{')).then_some(i + 1),
+        first: true,
+        end: None,
+    }
+}
+
+impl<'a> Members<'a> {
+    /// The next member's key and where its value starts (an index into the whole text).
+    pub fn next_key(&mut self) -> Option<(&'a [u8], usize)> {
+        let b = self.text.as_bytes();
+        let mut i = skip_ws(b, self.at.take()?);
+        if b.get(i) == Some(&b'}') {
+            self.end = Some(i + 1);
+            return None;
+        }
+        if !self.first {
+            if b.get(i) != Some(&b',') {
+                return None;
+            }
+            i = skip_ws(b, i + 1);
+        }
+        self.first = false;
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = string_end(b, i + 1)?;
+        let colon = skip_ws(b, end + 1);
+        if b.get(colon) != Some(&b':') {
+            return None;
+        }
+        Some((&b[i + 1..end], skip_ws(b, colon + 1)))
+    }
+
+    /// The text of the value starting at `at` (from [`Members::next_key`]); the walk goes on
+    /// after it.
+    pub fn value(&mut self, at: usize) -> Option<&'a str> {
+        let end = value_end(self.text.as_bytes(), at)?;
+        self.at = Some(end);
+        self.text.get(at..end)
+    }
+
+    /// Goes on after a value the caller read itself, which ended just before `at`.
+    pub fn resume(&mut self, at: usize) {
+        self.at = Some(at);
+    }
+
+    /// Just past the object's closing brace, once the walk has reached it.
+    pub fn end(&self) -> Option<usize> {
+        self.end
+    }
+
+    /// The value of the first member named `key`, read no further than needed.
+    pub fn find(mut self, key: &str) -> Option<&'a str> {
+        loop {
+            let (k, at) = self.next_key()?;
+            let value = self.value(at)?;
+            if k == key.as_bytes() {
+                return Some(value);
+            }
+        }
+    }
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = (&'a [u8], &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (key, at) = self.next_key()?;
+        Some((key, self.value(at)?))
+    }
+}
+
+/// The value at `path` (keys of nested objects), reading nothing after it: the value of
+/// `path[0]` is entered in place rather than skipped.
+pub fn find<'a>(text: &'a str, path: &[&str]) -> Option<&'a str> {
+    let (last, outer) = path.split_last()?;
+    let mut m = members(text);
+    for key in outer {
+        m = loop {
+            let (k, at) = m.next_key()?;
+            if k == key.as_bytes() {
+                break members_at(text, at);
+            }
+            m.value(at)?;
+        };
+    }
+    m.find(last)
+}
+
+/// A string value's text: borrowed when it has no escapes, decoded when it has; `None` for
+/// any other value (`null` included).
+pub fn string(value: &str) -> Option<Cow<'_, str>> {
+    let inner = value.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(value).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(inner))
+    }
+}
+
+/// A non-negative integer value (digits only, as JSON writes one).
+pub fn unsigned(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// The value of the top-level `type` key when it is a plain (unescaped) string.
+pub fn type_value(text: &str) -> Option<&str> {
+    let v = members(text).find("type")?;
+    let inner = v.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_in_order_with_values_skipped_whole() {
+        let text =
+            r#" { "a" : 1 , "b":{"x":[1,"]}",{"y":"\"}"}]},"c":"s\"q","d":null,"e":[],"f":-2.5e3}"#;
+        let got: Vec<(String, &str)> = members(text)
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".into(), "1"),
+                ("b".into(), r#"{"x":[1,"]}",{"y":"\"}"}]}"#),
+                ("c".into(), r#""s\"q""#),
+                ("d".into(), "null"),
+                ("e".into(), "[]"),
+                ("f".into(), "-2.5e3"),
+            ]
+        );
+        assert_eq!(members("{}").count(), 0);
+        assert_eq!(members("[1]").count(), 0);
+        assert_eq!(members("").count(), 0);
+    }
+
+    #[test]
+    fn malformed_text_ends_the_scan_without_panicking() {
+        for text in [
+            r#"{"a":"#,
+            r#"{"a":1"#,
+            r#"{"a":"unterminated"#,
+            r#"{"a":{"b":[1,2}"#,
+            r#"{"a" 1}"#,
+            r#"{"a":1 "b":2}"#,
+            r#"{a:1}"#,
+            r#"{"a":"\"#,
+            "{\"a\":\"é\\",
+            "{\"é\":é}",
+            r#"{"a":}"#,
+            r#"{"a":1,}"#,
+        ] {
+            let n = members(text).count();
+            assert!(n <= 1, "{text}: {n}");
+            let _ = find(text, &["a", "b"]);
+            let _ = type_value(text);
+        }
+        // Closing brackets of the wrong kind still balance the depth (not validated).
+        assert_eq!(members(r#"{"a":[1},"b":2}"#).nth(1), Some((&b"b"[..], "2")));
+    }
+
+    #[test]
+    fn find_enters_the_path_and_stops_at_the_value() {
+        let text =
+            r#"{"type":"response.created","response":{"id":"resp_1","instructions":"unterminated"#;
+        assert_eq!(find(text, &["response", "id"]), Some(r#""resp_1""#));
+        assert_eq!(find(text, &["type"]), Some(r#""response.created""#));
+        assert_eq!(find(text, &["response", "status"]), None);
+        assert_eq!(find(r#"{"a":{"b":{"c":7}}}"#, &["a", "b", "c"]), Some("7"));
+        assert_eq!(find(r#"{"a":[{"b":1}]}"#, &["a", "b"]), None);
+        // The first of repeated keys.
+        assert_eq!(find(r#"{"a":1,"a":2}"#, &["a"]), Some("1"));
+    }
+
+    #[test]
+    fn strings_and_numbers() {
+        assert!(matches!(string(r#""plain""#), Some(Cow::Borrowed("plain"))));
+        assert_eq!(string(r#""a\"b\u0041""#).as_deref(), Some("a\"bA"));
+        assert_eq!(string("null"), None);
+        assert_eq!(string("12"), None);
+        assert_eq!(string(r#""bad \q""#), None);
+        assert_eq!(unsigned("12"), Some(12));
+        for bad in ["", "-1", "1.5", "1e3", "+1", "99999999999999999999999"] {
+            assert_eq!(unsigned(bad), None, "{bad}");
+        }
+    }
+}
