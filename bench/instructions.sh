@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Instructions per turn of gateway builds on workload (b)'s turn shape, counted by valgrind's
+# callgrind: the same count for the same binary and inputs whatever else the machine is doing,
+# so a change of a few percent in the per-turn work shows, where CPU time on a shared VM
+# (bench/ab.sh) moves by more than that between rounds. Each gateway runs under callgrind
+# (~50x slower) behind the same mock and load generator; instrumentation is on only while
+# the measured turns run (after a warm-up), and counts every thread of the gateway.
+# The count varies by ~1-2% between runs of the same binary (how frames fall into reads).
+# Instructions are not time (stalls are not counted), but on this VM a turn's user CPU tracked
+# them at about 1 ns per instruction for wsgate and the tokio byte proxy alike.
+#
+# Usage: bench/instructions.sh BIN [BIN ...]        wsgate binaries (the first's tools are used)
+#        SESSIONS=16 TURNS=50 bench/instructions.sh  the workload (defaults; 5 deltas, 20ms think)
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+command -v valgrind >/dev/null || { echo "valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
+BINS=()
+for b in "$@"; do BINS+=("$(realpath "$b")"); done
+cd "$(dirname "$0")/.."
+SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+TOOLS=${BINS[0]}
+
+MOCK_PORT=$(free_port)
+"$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
+PIDS+=($!); wait_port "$MOCK_PORT"
+
+echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas, think 20ms (after a warm-up of 5 turns each)"
+echo
+echo "| build | instructions per turn | turns | errors |"
+echo "|---|---:|---:|---:|"
+for i in "${!BINS[@]}"; do
+  bin=${BINS[$i]}
+  port=$(free_port)
+  cat >"$TMP/gw.yaml" <<EOF
+listen: 127.0.0.1:$port
+clients: []
+upstream:
+  url: ws://127.0.0.1:$MOCK_PORT/v1/responses
+accounts:
+  - id: bench
+    api_key_env: HOME
+pool:
+  enabled: true
+limits:
+  max_connections_per_client: 0
+log:
+  level: warn
+EOF
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/cg-$i.out" \
+    "$bin" --config "$TMP/gw.yaml" run >"$TMP/gw-$i.log" 2>&1 &
+  gw=$!; PIDS+=("$gw")
+  for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  load() {
+    "$TOOLS" loadgen --url "ws://127.0.0.1:$port/v1/responses" --label "x" \
+      --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --json "$TMP/run-$i.json" \
+      --sessions "$SESSIONS" --turns "$1" --deltas 5 --think 20ms >"$TMP/loadgen.log" 2>&1
+  }
+  load 5
+  callgrind_control -i on "$gw" >/dev/null 2>&1
+  load "$TURNS"
+  callgrind_control -i off "$gw" >/dev/null 2>&1
+  kill -INT "$gw"; wait "$gw" 2>/dev/null || true
+  python3 - "$TMP/cg-$i.out" "$TMP/run-$i.json" "$bin" <<'PY'
+import json, sys
+total = 0
+for line in open(sys.argv[1]):
+    if line.startswith(("summary:", "totals:")):
+        total = max(total, int(line.split()[1]))
+run = json.load(open(sys.argv[2]))
+turns = run["turns_ok"]
+print(f"| {sys.argv[3]} | {total / max(turns, 1):,.0f} | {turns} | {run['errors']} |")
+PY
+done
