@@ -33,23 +33,7 @@ PIDS+=($!); wait_port "$MOCK_PORT"
 declare -A PORT PID
 for t in A B; do
   PORT[$t]=$(free_port)
-  cat >"$TMP/$t.yaml" <<EOF
-listen: 127.0.0.1:${PORT[$t]}
-clients: []
-upstream:
-  url: ws://127.0.0.1:$MOCK_PORT/v1/responses
-accounts:
-  - id: bench
-    api_key_env: HOME
-pool:
-  enabled: true
-  max_per_account: 100000
-  max_total: 100000
-limits:
-  max_connections_per_client: 0
-log:
-  level: warn
-EOF
+  bench_gateway_yaml "${PORT[$t]}" "$MOCK_PORT" >"$TMP/$t.yaml"
 done
 "$A" --config "$TMP/A.yaml" run >"$TMP/A.log" 2>&1 &
 PID[A]=$!; PIDS+=("${PID[A]}")

@@ -115,23 +115,7 @@ EOF
   for name in wsgate nopool; do
     port=$GW_PORT; pool=true
     [ "$name" = nopool ] && { port=$NOPOOL_PORT; pool=false; }
-    cat >"$TMP/$name.yaml" <<EOF
-listen: 127.0.0.1:$port
-clients: []
-upstream:
-  url: $MOCK_URL
-accounts:
-  - id: bench
-    api_key_env: HOME
-pool:
-  enabled: $pool
-  max_per_account: 100000
-  max_total: 100000
-limits:
-  max_connections_per_client: 0   # one tenant opens all 9500 idle sessions of workload (d)
-log:
-  level: warn
-EOF
+    bench_gateway_yaml "$port" "$MOCK_PORT" "$pool" >"$TMP/$name.yaml"
     "$WSGATE" --config "$TMP/$name.yaml" run >"$TMP/$name.log" 2>&1 &
     pid=$!; PROXY_PIDS+=("$pid"); PIDS+=("$pid")
     [ "$name" = wsgate ] && GW_PID=$pid || NOPOOL_PID=$pid

@@ -36,21 +36,7 @@ echo "|---|---:|---:|---:|"
 for i in "${!BINS[@]}"; do
   bin=${BINS[$i]}
   port=$(free_port)
-  cat >"$TMP/gw.yaml" <<EOF
-listen: 127.0.0.1:$port
-clients: []
-upstream:
-  url: ws://127.0.0.1:$MOCK_PORT/v1/responses
-accounts:
-  - id: bench
-    api_key_env: HOME
-pool:
-  enabled: true
-limits:
-  max_connections_per_client: 0
-log:
-  level: warn
-EOF
+  bench_gateway_yaml "$port" "$MOCK_PORT" >"$TMP/gw.yaml"
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/cg-$i.out" \
     "$bin" --config "$TMP/gw.yaml" run >"$TMP/gw-$i.log" 2>&1 &
   gw=$!; PIDS+=("$gw")

@@ -435,23 +435,29 @@ async fn protocol_violations_get_a_1002_close_frame() {
         // An unmasked client frame.
         vec![0x81, 2, b'{', b'}'],
     ] {
-        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let head = raw_upgrade("x").replace("session-id: x\r\n", "");
-        s.write_all(head.as_bytes()).await.unwrap();
-        let mut buf = vec![0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
-        s.write_all(&bad).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n >= 4, "a close frame, not a bare TCP close");
-        assert_eq!(buf[0], 0x88, "close opcode: {:?}", &buf[..n]);
-        assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1002);
+        assert_eq!(close_code_after(gw.addr, &bad).await, 1002, "{bad:?}");
     }
     gw.assert_quiescent("protocol violations").await;
     gw.stop().await;
+}
+
+/// Upgrades a raw connection (no conversation id: nothing is dialed), writes `frame` and
+/// returns the code of the close frame the gateway answers with.
+async fn close_code_after(addr: std::net::SocketAddr, frame: &[u8]) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = raw_upgrade("x").replace("session-id: x\r\n", "");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    s.write_all(frame).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(n >= 4, "a close frame, not a bare TCP close");
+    assert_eq!(buf[0], 0x88, "close opcode: {:?}", &buf[..n]);
+    u16::from_be_bytes([buf[2], buf[3]])
 }
 
 /// A text frame that is not UTF-8 gets the 1007 close RFC 6455 §7.4.1 names, wherever the
@@ -466,20 +472,11 @@ async fn text_that_is_not_utf8_gets_a_1007_close_frame() {
     let mut cut = "é".repeat(40).into_bytes();
     cut.push(0xc3);
     for bad in [long_prefix, cut, vec![b'{', 0xed, 0xa0, 0x80, b'}']] {
-        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let head = raw_upgrade("x").replace("session-id: x\r\n", "");
-        s.write_all(head.as_bytes()).await.unwrap();
-        let mut buf = vec![0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
-        s.write_all(&masked_frame(&bad)).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n >= 4, "a close frame, not a bare TCP close");
-        assert_eq!(buf[0], 0x88, "close opcode: {:?}", &buf[..n]);
-        assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1007, "{bad:?}");
+        assert_eq!(
+            close_code_after(gw.addr, &masked_frame(&bad)).await,
+            1007,
+            "{bad:?}"
+        );
     }
     gw.assert_quiescent("invalid UTF-8").await;
     gw.stop().await;
