@@ -1,0 +1,361 @@
+//! Unit tests of frame inspection: sniffing, client frames, terminal events (the structural
+//! scan against the serde parse it replaced), error events.
+
+use super::*;
+
+#[test]
+fn sniff_fast_and_slow_paths() {
+    assert_eq!(
+        sniff_type(r#"{"type":"response.output_text.delta","delta":"x"}"#).unwrap(),
+        "response.output_text.delta"
+    );
+    assert_eq!(
+        sniff_type(r#"{ "sequence_number": 3, "type" : "error" }"#).unwrap(),
+        "error"
+    );
+    assert_eq!(sniff_type(r#"{"type":"a\"b"}"#).unwrap(), "a\"b");
+    assert!(sniff_type("not json").is_none());
+    // Any key order: the structural scan skips nested objects, arrays and strings that
+    // look like keys.
+    assert_eq!(
+        sniff_type(r#"{"response":{"type":"inner","x":[{"type":"no"}]},"note":"\"type\":\"no\"","type":"response.created"}"#)
+            .unwrap(),
+        "response.created"
+    );
+    assert_eq!(
+        sniff_type(r#"{"a":[1,{"b":"}"}],"type" : "error"}"#).unwrap(),
+        "error"
+    );
+    // No top-level type (only nested ones), or a non-string type.
+    assert!(sniff_type(r#"{"response":{"type":"inner"}}"#).is_none());
+    assert!(sniff_type(r#"{"type":5}"#).is_none());
+    assert!(sniff_type(r#"[{"type":"x"}]"#).is_none());
+    assert!(sniff_type(r#"{"x":1}"#).is_none());
+}
+
+#[test]
+fn terminal_events() {
+    for t in [
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+        "error",
+    ] {
+        assert!(is_terminal(t), "{t}");
+    }
+    for t in [
+        "response.created",
+        "response.output_text.delta",
+        "codex.rate_limits",
+        "response.done",
+    ] {
+        assert!(!is_terminal(t), "{t}");
+    }
+}
+
+#[test]
+fn client_event_parse() {
+    let ev = ClientEvent::parse(
+        r#"{"type":"response.create","input":[{"a":[1,2]}],"prompt_cache_key":"conv-1","previous_response_id":"resp_1","stream":true}"#,
+    )
+    .unwrap();
+    assert!(ev.is_create() && ev.is_continuation());
+    assert_eq!(ev.prompt_cache_key.as_deref(), Some("conv-1"));
+    // Borrowed from the frame, not copied; an escaped string is decoded into its own.
+    assert!(matches!(ev.kind, Some(Cow::Borrowed("response.create"))));
+    assert!(matches!(
+        ev.previous_response_id,
+        Some(Cow::Borrowed("resp_1"))
+    ));
+    let ev = ClientEvent::parse(r#"{"type":"response.create","prompt_cache_key":"a\"b"}"#).unwrap();
+    assert!(matches!(ev.prompt_cache_key, Some(Cow::Owned(ref k)) if k == "a\"b"));
+    let ev =
+        ClientEvent::parse(r#"{"type":"response.create","previous_response_id":null}"#).unwrap();
+    assert!(!ev.is_continuation());
+    assert!(matches!(
+        ClientEvent::parse("{nope"),
+        Err(ClientFrameError::InvalidJson(_))
+    ));
+    assert!(matches!(
+        ClientEvent::parse("[1,2]"),
+        Err(ClientFrameError::InvalidJson(_))
+    ));
+    assert_eq!(
+        ClientEvent::parse(r#"{"input":[]}"#).unwrap_err(),
+        ClientFrameError::MissingType
+    );
+    assert_eq!(
+        ClientEvent::parse(r#"{"type":""}"#).unwrap_err(),
+        ClientFrameError::MissingType
+    );
+}
+
+#[test]
+fn terminal_inspection() {
+    let t = Terminal::inspect(
+        "response.completed",
+        r#"{"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":80}}}}"#,
+    );
+    assert_eq!(t.completed_response_id.as_deref(), Some("resp_1"));
+    assert_eq!(t.usage, Some((100, 80)));
+    let t = Terminal::inspect(
+        "error",
+        r#"{"type":"error","status":429,"error":{"type":"usage_limit_reached","resets_in_seconds":90}}"#,
+    );
+    assert!(t.rate_limited);
+    assert_eq!(t.retry_after, Some(std::time::Duration::from_secs(90)));
+    let t = Terminal::inspect(
+        "response.failed",
+        r#"{"type":"response.failed","response":{"id":"r","error":{"code":"rate_limit_exceeded","message":"try again"}}}"#,
+    );
+    assert!(t.rate_limited && t.retry_after.is_none() && t.completed_response_id.is_none());
+    let t = Terminal::inspect(
+        "error",
+        r#"{"type":"error","status":429,"error":{"code":"rate_limit_exceeded","message":"Request too large for gpt-5 in organization org-x on tokens per min (TPM): Limit 30000, Requested 52000."}}"#,
+    );
+    assert!(
+        !t.rate_limited,
+        "one oversized request does not cool the account"
+    );
+    let t = Terminal::inspect(
+        "error",
+        r#"{"type":"error","status":400,"error":{"code":"websocket_connection_limit_reached"}}"#,
+    );
+    assert!(t.connection_limit && !t.rate_limited);
+    let t = Terminal::inspect(
+        "response.failed",
+        r#"{"type":"response.failed","response":{"error":{"code":"server_error"}}}"#,
+    );
+    assert_eq!(
+        t,
+        Terminal {
+            kind: "response.failed".into(),
+            code: Some("server_error".into()),
+            ..Terminal::default()
+        }
+    );
+}
+
+/// Generated well-formed events: any key order, whitespace, escapes in strings and keys'
+/// neighbours, fields present, null or absent, nested filler that looks like the wanted
+/// keys. The scan and the parse agree on every one.
+#[test]
+fn structural_inspection_agrees_with_a_full_parse() {
+    struct Rng(std::cell::Cell<u64>);
+    impl Rng {
+        fn below(&self, n: usize) -> usize {
+            let mut x = self.0.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0.set(x);
+            (x % n as u64) as usize
+        }
+        fn pick<'a>(&self, xs: &[&'a str]) -> &'a str {
+            xs[self.below(xs.len())]
+        }
+    }
+    let rng = &Rng(std::cell::Cell::new(0x9e37_79b9_7f4a_7c15));
+    const STRINGS: &[&str] = &[
+        r#""resp_1""#,
+        r#""resp_\"q\"""#,
+        r#""r\u0041\n""#,
+        r#""é ü 😀""#,
+        r#""""#,
+        r#""}]{[,:""#,
+        r#""\\""#,
+    ];
+    const FILLER: &[&str] = &[
+        r#"[{"id":"nested","usage":{"input_tokens":7},"type":"message","content":[{"text":"a \"quoted\" }{ text\n"}]}]"#,
+        r#"{"error":{"code":"rate_limit_exceeded"},"status":429,"response":{"id":"inner"}}"#,
+        r#""You are Codex.\n\n## Rules\n- \"quote\" \\ back\tslash \u2603""#,
+        "-1.5e-3",
+        "true",
+        "null",
+        "[]",
+        "{}",
+        r#"[[[["deep"]]],{"a":[{"b":[]}]}]"#,
+    ];
+    fn ws(rng: &Rng) -> &'static str {
+        ["", " ", "\n  ", "\t"][rng.below(4)]
+    }
+    fn object(rng: &Rng, mut members: Vec<(String, String)>) -> String {
+        for i in (1..members.len()).rev() {
+            members.swap(i, rng.below(i + 1));
+        }
+        let body: Vec<String> = members
+            .iter()
+            .map(|(k, v)| format!("{}\"{k}\"{}:{}{v}{}", ws(rng), ws(rng), ws(rng), ws(rng)))
+            .collect();
+        format!("{{{}}}", body.join(","))
+    }
+    fn maybe(rng: &Rng, out: &mut Vec<(String, String)>, k: &str, v: String) {
+        match rng.below(4) {
+            0 => {}
+            1 => out.push((k.into(), "null".into())),
+            _ => out.push((k.into(), v)),
+        }
+    }
+    // The token counts were plain `u64`s in the parse (null was a type error there).
+    fn count(rng: &Rng, out: &mut Vec<(String, String)>, k: &str, v: &str) {
+        if rng.below(4) > 0 {
+            out.push((k.into(), v.into()));
+        }
+    }
+    let mut checked = 0;
+    for _ in 0..4000 {
+        let ty = rng.pick(&[
+            "response.completed",
+            "response.failed",
+            "response.incomplete",
+            "error",
+        ]);
+        let mut error = Vec::new();
+        maybe(
+            rng,
+            &mut error,
+            "code",
+            rng.pick(&[
+                r#""rate_limit_exceeded""#,
+                r#""server_error""#,
+                r#""websocket_connection_limit_reached""#,
+                r#""usage_limit_reached""#,
+            ])
+            .into(),
+        );
+        maybe(
+            rng,
+            &mut error,
+            "type",
+            rng.pick(&[
+                r#""usage_limit_reached""#,
+                r#""invalid_request_error""#,
+                r#""rate_limit_error""#,
+            ])
+            .into(),
+        );
+        maybe(
+            rng,
+            &mut error,
+            "message",
+            rng.pick(&[
+                r#""try again""#,
+                r#""Request too large for gpt-5: Limit 30000, Requested 52000.""#,
+                r#""a \"b\"""#,
+            ])
+            .into(),
+        );
+        maybe(
+            rng,
+            &mut error,
+            "resets_in_seconds",
+            rng.pick(&["90", "1.5", "0", "604801"]).into(),
+        );
+        if rng.below(2) == 0 {
+            error.push(("param".into(), rng.pick(FILLER).into()));
+        }
+        let error = object(rng, error);
+        let mut usage = Vec::new();
+        count(
+            rng,
+            &mut usage,
+            "input_tokens",
+            rng.pick(&["0", "27", "123456789"]),
+        );
+        let mut details = Vec::new();
+        count(
+            rng,
+            &mut details,
+            "cached_tokens",
+            rng.pick(&["0", "80", "4096"]),
+        );
+        details.push(("audio_tokens".into(), "0".into()));
+        maybe(
+            rng,
+            &mut usage,
+            "input_tokens_details",
+            object(rng, details),
+        );
+        usage.push(("total_tokens".into(), "49".into()));
+        let usage = object(rng, usage);
+        let mut incomplete = Vec::new();
+        maybe(
+            rng,
+            &mut incomplete,
+            "reason",
+            rng.pick(&[
+                r#""steered""#,
+                r#""max_output_tokens""#,
+                r#""steer\u0065d""#,
+            ])
+            .into(),
+        );
+        let incomplete = object(rng, incomplete);
+        let mut response = Vec::new();
+        maybe(rng, &mut response, "id", rng.pick(STRINGS).into());
+        maybe(rng, &mut response, "usage", usage);
+        maybe(rng, &mut response, "error", error.clone());
+        maybe(rng, &mut response, "incomplete_details", incomplete);
+        for k in ["output", "instructions", "tools", "metadata"] {
+            if rng.below(2) == 0 {
+                response.push((k.into(), rng.pick(FILLER).into()));
+            }
+        }
+        let response = object(rng, response);
+        let mut top = vec![("type".into(), format!("\"{ty}\""))];
+        maybe(rng, &mut top, "sequence_number", "12".into());
+        maybe(
+            rng,
+            &mut top,
+            "status",
+            rng.pick(&["429", "400", "500"]).into(),
+        );
+        maybe(rng, &mut top, "error", error);
+        maybe(rng, &mut top, "response", response);
+        if rng.below(2) == 0 {
+            top.push(("note".into(), rng.pick(FILLER).into()));
+        }
+        let text = object(rng, top);
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "generated text is JSON: {text}"
+        );
+        assert_eq!(
+            Terminal::inspect(ty, &text),
+            reference::inspect(ty, &text),
+            "{text}"
+        );
+        assert_eq!(response_id(&text), reference::response_id(&text), "{text}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4000);
+}
+
+#[test]
+fn limit_errors_say_when_to_retry() {
+    let v = limit_error(
+        "usage_limit_reached",
+        Some(std::time::Duration::from_secs(90)),
+    );
+    assert_eq!(v["status"], 429);
+    assert_eq!(v["error"]["type"], "usage_limit_reached");
+    assert_eq!(v["error"]["resets_in_seconds"], 90);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let at = v["error"]["resets_at"].as_u64().unwrap();
+    assert!(at >= now + 89 && at <= now + 91, "{at} vs {now}");
+    let v = limit_error("all_accounts_unavailable", None);
+    assert!(v["error"].get("resets_at").is_none());
+}
+
+#[test]
+fn error_events() {
+    let ev: serde_json::Value =
+        serde_json::from_str(&error_event(502, "upstream_closed", "gone")).unwrap();
+    assert_eq!(ev["type"], "error");
+    assert_eq!(ev["status"], 502);
+    assert_eq!(ev["error"]["code"], "upstream_closed");
+    assert_eq!(ev["error"]["type"], "server_error");
+}
