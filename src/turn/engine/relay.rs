@@ -197,8 +197,7 @@ impl Engine {
         else {
             return Ok(());
         };
-        // One allocation for the run's frame ranges (growing from empty took three).
-        let mut payloads = Vec::with_capacity((max_batch - *sent).min(32));
+        let mut payloads = Vec::new();
         let Some(run) = conn.take_text_run(
             max_batch - *sent,
             &mut event::is_relayable_part,

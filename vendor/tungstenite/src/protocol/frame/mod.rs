@@ -322,6 +322,11 @@ impl FrameCodec {
             if end > buf.len() || !accept(&buf[start..end]) {
                 break;
             }
+            if payloads.capacity() == 0 {
+                // One allocation for the run's ranges, made only once a run exists (growing
+                // from empty took three; reserving up front cost one per read with no run).
+                payloads.reserve(max_frames.min(32));
+            }
             payloads.push(start..end);
             pos = end;
         }
