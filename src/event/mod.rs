@@ -16,9 +16,13 @@ pub const RESPONSE_CREATE: &str = "response.create";
 
 /// Upstream events that end a turn (DESIGN §1).
 pub fn is_terminal(event_type: &str) -> bool {
+    is_terminal_type(event_type.as_bytes())
+}
+
+fn is_terminal_type(ty: &[u8]) -> bool {
     matches!(
-        event_type,
-        "response.completed" | "response.failed" | "response.incomplete" | "error"
+        ty,
+        b"response.completed" | b"response.failed" | b"response.incomplete" | b"error"
     )
 }
 
@@ -59,10 +63,15 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
 /// first output are plain parts too; the raw relay takes runs only once a turn has shown
 /// output, see `Engine::relay_run`.)
 pub fn is_plain_part(ty: &str) -> bool {
-    !(is_terminal(ty)
-        || ty == "response.created"
-        || ty.starts_with("response.steer.")
-        || ty.starts_with("response.inject."))
+    is_plain_type(ty.as_bytes())
+}
+
+/// [`is_plain_part`] on the type's bytes (a raw frame's, before its payload is checked).
+fn is_plain_type(ty: &[u8]) -> bool {
+    !(is_terminal_type(ty)
+        || ty == b"response.created"
+        || ty.starts_with(b"response.steer.")
+        || ty.starts_with(b"response.inject."))
 }
 
 /// Whether a frame payload can be relayed as part of a raw run: a plain part of the
@@ -79,13 +88,10 @@ pub fn is_relayable_part(payload: &[u8]) -> bool {
     let Some(end) = memchr::memchr(b'"', head) else {
         return false;
     };
-    // The payload is checked once, and the type read from the checked text (it starts and
-    // ends at ASCII bytes, so the slice is on character boundaries).
-    let Ok(text) = simdutf8::basic::from_utf8(payload) else {
-        return false;
-    };
-    text.get(PREFIX.len()..PREFIX.len() + end)
-        .is_some_and(|ty| !ty.contains('\\') && is_plain_part(ty))
+    // The type is compared as bytes first: a frame that ends the run (a terminal, often the
+    // whole response echoed) is refused without a UTF-8 pass its own read will make again.
+    let ty = &head[..end];
+    !ty.contains(&b'\\') && is_plain_type(ty) && simdutf8::basic::from_utf8(payload).is_ok()
 }
 
 /// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.
