@@ -112,6 +112,33 @@ pub fn create_body(
     body
 }
 
+/// [`create_body`] already serialized, written without building a `Value` (the load
+/// generator sends one per turn; the same text `create_body(..).to_string()` gives).
+pub fn create_text(
+    conversation: Option<&str>,
+    text: &str,
+    previous_response_id: Option<&str>,
+) -> String {
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut body = format!(
+        concat!(
+            r#"{{"input":[{{"content":[{{"text":{},"type":"input_text"}}],"role":"user","type":"message"}}],"#,
+            r#""instructions":"You are a test client.","model":"gpt-5.5","parallel_tool_calls":false,"#
+        ),
+        quoted(text)
+    );
+    if let Some(p) = previous_response_id {
+        body.push_str(&format!(r#""previous_response_id":{},"#, quoted(p)));
+    }
+    if let Some(c) = conversation {
+        body.push_str(&format!(r#""prompt_cache_key":{},"#, quoted(c)));
+    }
+    body.push_str(
+        r#""store":false,"stream":true,"tool_choice":"auto","tools":[],"type":"response.create"}"#,
+    );
+    body
+}
+
 /// The client's socket settings: tungstenite's defaults except 16 KiB reads and write
 /// batches (its default 128 KiB read buffer is zero-filled before every read, and large
 /// per-write buffers churn the allocator: page faults per turn for a load generator holding
@@ -284,5 +311,31 @@ impl Client {
     /// Drops the TCP connection without a close handshake (what Codex does on exit).
     pub fn abort(self) {
         drop(self.ws);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The load generator's hand-written create is the text the `Value` serializes to, with
+    /// and without the optional keys, and with text that needs escaping.
+    #[test]
+    fn create_text_is_create_body_serialized() {
+        for (conv, text, prev) in [
+            (
+                Some("conv-1"),
+                "load [[mock: deltas=5, size=8]]",
+                Some("resp_1"),
+            ),
+            (None, "plain", None),
+            (Some("c\"2"), "line\nbreak \\ \"quoted\" \u{1}", None),
+            (None, "", Some("resp_\u{e9}")),
+        ] {
+            let written = create_text(conv, text, prev);
+            assert_eq!(written, create_body(conv, text, prev).to_string());
+            let parsed: Value = serde_json::from_str(&written).expect("valid JSON");
+            assert_eq!(parsed, create_body(conv, text, prev));
+        }
     }
 }
