@@ -528,6 +528,71 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
     c.close().await;
 }
 
+/// A short answer arrives in one read, so its terminal comes in the same batch as the run of
+/// deltas before it: it still ends the turn, is attributed to the conversation (a client
+/// that reconnects and continues from it is served on the same pooled connection, where the
+/// upstream state lives) and reaches the client byte for byte, whichever terminal it is.
+#[tokio::test]
+async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
+    let (mock, gw, conv, mut c) = batching_gateway("raw-terminal").await;
+    let mut prev: Option<String> = None;
+    for (turn, (text, terminal)) in [
+        ("[[mock: deltas=3, incomplete]]", "response.incomplete"),
+        ("[[mock: deltas=5]]", "response.completed"),
+        ("[[mock: deltas=5]]", "response.completed"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = mock
+            .connections()
+            .first()
+            .map_or(0, |c| c.sent_frames().len());
+        c.send_json(&create_body(Some(&conv), text, prev.as_deref()))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let last = loop {
+            let text = c.recv_text().await.unwrap();
+            got.push(text.to_string());
+            let ty = wsgate::event::sniff_type(&text).unwrap_or_default();
+            if wsgate::event::is_terminal(&ty) {
+                break text;
+            }
+        };
+        assert_eq!(
+            wsgate::event::sniff_type(&last).as_deref(),
+            Some(terminal),
+            "turn {turn}: {last}"
+        );
+        let conns = mock.connections();
+        assert_eq!(
+            conns.len(),
+            1,
+            "turn {turn}: one pooled upstream connection"
+        );
+        assert!(
+            got == conns[0].sent_frames()[before..],
+            "turn {turn}: the client got exactly the frames the upstream sent"
+        );
+        let id = wsgate::event::response_id(&last);
+        assert!(id.is_some(), "turn {turn}: the terminal has an id");
+        // Only a completed response can be continued.
+        prev = id.filter(|_| terminal == "response.completed");
+        // Codex reconnects between turns: the continuation must find its connection.
+        c.abort();
+        c = gw.connect(&conv).await;
+    }
+    // The last turn continued the one before on the pooled connection (the gateway answers
+    // previous_response_not_found for a response it did not record as completed there).
+    assert_eq!(mock.connections().len(), 1);
+    c.close().await;
+    // Every turn ended: the connection went back to the pool, nothing left running.
+    let status = gw.settle().await;
+    assert_eq!(status["pool"]["idle"], 1, "{status}");
+    assert_eq!(status["decisions"]["reuse"], 3, "{status}");
+}
+
 /// A client that stops reading while deltas arrive many per read: the runs taken while its
 /// socket is full go out frame by frame under back-pressure, and once it reads again every
 /// delta arrives, once, in order.
