@@ -259,6 +259,28 @@ impl Vars {
     fn get(&self, name: &str) -> Option<&Value> {
         self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
+
+    /// The values as JSON text, serialized once for all the events of a turn that use them.
+    pub fn texts(&self) -> VarTexts {
+        VarTexts(
+            self.0
+                .iter()
+                .map(|(k, v)| (*k, serde_json::to_string(v).unwrap_or_default()))
+                .collect(),
+        )
+    }
+}
+
+/// [`Vars`] serialized (see [`Vars::texts`]).
+pub struct VarTexts(Vec<(&'static str, String)>);
+
+impl VarTexts {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 fn substitute(v: &mut Value, vars: &Vars) {
@@ -330,7 +352,7 @@ impl Template {
         Some(Template { head, rest })
     }
 
-    fn render(&self, vars: &Vars, seq: u64) -> String {
+    fn render(&self, vars: &VarTexts, seq: u64) -> String {
         use std::fmt::Write;
         let mut out = String::with_capacity(256);
         out.push_str(&self.head);
@@ -339,9 +361,7 @@ impl Template {
             match piece {
                 Piece::Text(t) => out.push_str(t),
                 Piece::Var(name) => match vars.get(name) {
-                    Some(v) => {
-                        let _ = write!(out, "{v}");
-                    }
+                    Some(v) => out.push_str(v),
                     None => {
                         let _ = write!(out, "\"{{{{{name}}}}}\"");
                     }
@@ -389,7 +409,7 @@ impl Fixture {
 
     /// Event `i` rendered with `vars` straight to its text, `type` first and then
     /// `sequence_number`; `None` when the event has no text template.
-    pub fn render_text(&self, i: usize, vars: &Vars, seq: u64) -> Option<String> {
+    pub fn render_text(&self, i: usize, vars: &VarTexts, seq: u64) -> Option<String> {
         self.1.get(i)?.as_ref().map(|t| t.render(vars, seq))
     }
 
@@ -425,7 +445,9 @@ mod tests {
         ]);
         let f = Fixture::load(FixtureName::TextTurn);
         for i in 0..f.events().len() {
-            let text = f.render_text(i, &vars, 7 + i as u64).expect("a template");
+            let text = f
+                .render_text(i, &vars.texts(), 7 + i as u64)
+                .expect("a template");
             assert!(text.starts_with("{\"type\":\""), "{text}");
             let mut want = f.render(i, &vars);
             want["sequence_number"] = json!(7 + i as u64);
@@ -434,7 +456,9 @@ mod tests {
         }
         // A placeholder inside a longer string renders through the JSON value.
         let failed = Fixture::load(FixtureName::FailedTurn);
-        assert!((0..failed.events().len()).any(|i| failed.render_text(i, &vars, 0).is_none()));
+        assert!(
+            (0..failed.events().len()).any(|i| failed.render_text(i, &vars.texts(), 0).is_none())
+        );
     }
 
     #[test]

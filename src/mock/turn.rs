@@ -3,6 +3,7 @@
 //! tool calls, failures, limits, the `[[mock: ...]]` hooks).
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -441,6 +442,7 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
             ("item", item),
         ]);
         let vars = Vars(vars);
+        let texts = vars.texts();
         let f = Fixture::load(FixtureName::TextTurn);
         let mut ok = true;
         'events: for (i, ev) in f.events().iter().enumerate() {
@@ -449,7 +451,7 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
             if !is_delta {
                 let ty = ev.get("type").and_then(Value::as_str).unwrap_or("");
                 let rendered = (!d.incomplete && !d.empty_output)
-                    .then(|| f.render_text(i, &vars, em.seq))
+                    .then(|| f.render_text(i, &texts, em.seq))
                     .flatten();
                 if let Some(text) = rendered {
                     ok = ok && em.emit_rendered(text, crate::event::is_terminal(ty)).await;
@@ -516,7 +518,10 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                         .map(|d| d.as_nanos())
                         .unwrap_or(0);
                     let delta = serde_json::to_string(&delta_text(n)).unwrap_or_default();
-                    let text = format!(
+                    // Sized up front: grown by `format!`, the frame took several reallocations.
+                    let mut text = String::with_capacity(160 + delta.len());
+                    let _ = write!(
+                        text,
                         "{{\"type\":\"response.output_text.delta\",\"sequence_number\":{},\"item_id\":\"msg_{}_{}\",\"output_index\":0,\"content_index\":0,\"delta\":{delta},\"ts_ns\":{ts}}}",
                         em.seq, conn.id, conn.next
                     );
