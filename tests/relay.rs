@@ -534,7 +534,7 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
 /// upstream state lives) and reaches the client byte for byte, whichever terminal it is.
 #[tokio::test]
 async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
-    let (mock, gw, conv, mut c) = batching_gateway("raw-terminal").await;
+    let (mock, gw, conv, mut c) = batching_gateway("batched-terminal").await;
     let mut prev: Option<String> = None;
     for (turn, (text, terminal)) in [
         ("[[mock: deltas=3, incomplete]]", "response.incomplete"),
