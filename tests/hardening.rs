@@ -448,7 +448,10 @@ async fn close_code_after(addr: std::net::SocketAddr, frame: &[u8]) -> u16 {
     let head = raw_upgrade("x").replace("session-id: x\r\n", "");
     s.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an upgrade answer")
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
     s.write_all(frame).await.unwrap();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
