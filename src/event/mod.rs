@@ -27,14 +27,15 @@ fn is_terminal_type(ty: &[u8]) -> bool {
 }
 
 /// Reads the `type` of an event. Fast path: the upstream writes `{"type":"…"` first, so the
-/// common case costs a prefix compare and one `memchr` scan; otherwise a structural scan
-/// finds the top-level `"type"` key, skipping strings with `memchr` (no allocation, no value
+/// common case costs a prefix compare and a search for the closing quote
+/// ([`scan::find_quote`]); otherwise a structural scan finds the top-level `"type"` key,
+/// skipping strings whole (no allocation, no value
 /// parsing); an escaped type or anything the scan cannot follow falls back to a streaming
 /// parse that skips every other value.
 pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
     const PREFIX: &str = "{\"type\":\"";
     if let Some(rest) = text.strip_prefix(PREFIX)
-        && let Some(end) = memchr::memchr(b'"', rest.as_bytes())
+        && let Some(end) = scan::find_quote(rest.as_bytes(), 0)
     {
         let ty = &rest[..end];
         if !ty.contains('\\') {
@@ -85,7 +86,7 @@ pub fn is_relayable_part(payload: &[u8]) -> bool {
         return false;
     };
     let head = &rest[..rest.len().min(96)];
-    let Some(end) = memchr::memchr(b'"', head) else {
+    let Some(end) = scan::find_quote(head, 0) else {
         return false;
     };
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
