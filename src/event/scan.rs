@@ -20,6 +20,8 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
+/// How far into a string the search stays in a register before it calls `memchr`.
+const SHORT: usize = 32;
 
 /// The high bit of every byte of `word` equal to `byte`, and possibly of bytes above the
 /// lowest such one (a borrow runs upward): only the lowest set bit is exact.
@@ -33,18 +35,15 @@ fn lowest_equal(word: u64, byte: u8) -> u64 {
 /// (a `memchr` call costs more than such a string), anything longer with `memchr` (SIMD).
 pub fn find_quote(b: &[u8], from: usize) -> Option<usize> {
     let mut at = from;
-    let short = b.get(from..(from + 32).min(b.len()))?;
-    for chunk in short.chunks_exact(8) {
-        let found = lowest_equal(
-            u64::from_le_bytes(chunk.try_into().unwrap_or_default()),
-            b'"',
-        );
+    let short_end = (from + SHORT).min(b.len());
+    while let Some(chunk) = b.get(at..short_end).and_then(<[u8]>::first_chunk::<8>) {
+        let found = lowest_equal(u64::from_le_bytes(*chunk), b'"');
         if found != 0 {
             return Some(at + (found.trailing_zeros() / 8) as usize);
         }
         at += 8;
     }
-    memchr::memchr(b'"', &b[at..]).map(|i| at + i)
+    Some(at + memchr::memchr(b'"', b.get(at..)?)?)
 }
 
 /// Index of the quote that closes the string whose body starts at `from`. The first 32 bytes
@@ -53,7 +52,7 @@ pub fn find_quote(b: &[u8], from: usize) -> Option<usize> {
 /// `memchr`, so escapes such as `\n`, which long texts are full of, cost nothing.
 fn string_end(b: &[u8], from: usize) -> Option<usize> {
     let mut at = from;
-    let short_end = (from + 32).min(b.len());
+    let short_end = (from + SHORT).min(b.len());
     while let Some(chunk) = b.get(at..short_end).and_then(<[u8]>::first_chunk::<8>) {
         let word = u64::from_le_bytes(*chunk);
         let found = lowest_equal(word, b'"') | lowest_equal(word, b'\\');
@@ -68,8 +67,9 @@ fn string_end(b: &[u8], from: usize) -> Option<usize> {
         }
         at += 2;
     }
+    // A long string: memchr from here (the words above are not searched again).
     loop {
-        at = find_quote(b, at)?;
+        at += memchr::memchr(b'"', b.get(at..)?)?;
         let backslashes = b[from..at]
             .iter()
             .rev()
