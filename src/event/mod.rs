@@ -81,18 +81,40 @@ fn is_plain_type(ty: &[u8]) -> bool {
 /// (no escapes), and the payload valid UTF-8. Anything else (a type somebody reads, `type`
 /// not first, an escaped type) goes through the per-event path.
 pub fn is_relayable_part(payload: &[u8]) -> bool {
+    raw_kind(payload, false) == Some(RawKind::Part)
+}
+
+/// What a frame payload is to the raw relay (see [`raw_kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawKind {
+    /// A plain part of the running response ([`is_relayable_part`]).
+    Part,
+    /// A terminal (`response.completed`, `response.failed`, `response.incomplete`, `error`).
+    Terminal,
+}
+
+/// Classifies a frame payload for the raw relay: a plain part, or (with `terminals`) a
+/// terminal, each only when written `type` first with a plain (unescaped) type and valid
+/// UTF-8; `None` for anything else, which goes through the per-event path.
+pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
     const PREFIX: &[u8] = b"{\"type\":\"";
-    let Some(rest) = payload.strip_prefix(PREFIX) else {
-        return false;
-    };
+    let rest = payload.strip_prefix(PREFIX)?;
     let head = &rest[..rest.len().min(96)];
-    let Some(end) = scan::find_quote(head, 0) else {
-        return false;
-    };
+    let end = scan::find_quote(head, 0)?;
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
     let ty = &head[..end];
-    !ty.contains(&b'\\') && is_plain_type(ty) && simdutf8::basic::from_utf8(payload).is_ok()
+    if ty.contains(&b'\\') {
+        return None;
+    }
+    let kind = if is_terminal_type(ty) {
+        terminals.then_some(RawKind::Terminal)?
+    } else if is_plain_type(ty) {
+        RawKind::Part
+    } else {
+        return None;
+    };
+    simdutf8::basic::from_utf8(payload).ok().map(|_| kind)
 }
 
 /// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.

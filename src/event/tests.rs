@@ -53,6 +53,46 @@ fn terminal_events() {
     }
 }
 
+/// The raw relay's classification: parts always, terminals only when asked for (the run
+/// then ends with one); anything the ledger reads, or whose type or text needs a closer look,
+/// is neither and goes through the per-event path.
+#[test]
+fn raw_kinds_of_frame_payloads() {
+    let part = br#"{"type":"response.output_text.delta","delta":"hi"}"#;
+    let item_done = br#"{"type":"response.output_item.done","item":{"type":"message"}}"#;
+    for p in [&part[..], &item_done[..]] {
+        assert_eq!(raw_kind(p, false), Some(RawKind::Part));
+        assert_eq!(raw_kind(p, true), Some(RawKind::Part));
+        assert!(is_relayable_part(p));
+    }
+    for p in [
+        &br#"{"type":"response.completed","response":{"id":"resp_1"}}"#[..],
+        br#"{"type":"response.failed","response":{}}"#,
+        br#"{"type":"response.incomplete","response":{}}"#,
+        br#"{"type":"error","status":429,"error":{"code":"rate_limit_exceeded"}}"#,
+    ] {
+        assert_eq!(raw_kind(p, false), None);
+        assert_eq!(raw_kind(p, true), Some(RawKind::Terminal));
+        assert!(!is_relayable_part(p));
+    }
+    let mut bad_utf8 = br#"{"type":"response.completed","response":{"id":"resp_x"}}"#.to_vec();
+    bad_utf8[48] = 0xff;
+    for p in [
+        &br#"{"type":"response.created","response":{}}"#[..],
+        br#"{"type":"response.steer.accepted"}"#,
+        br#"{"type":"response.inject.accepted"}"#,
+        br#"{"type":"response.complete\u0064","response":{}}"#,
+        br#"{"response":{},"type":"response.completed"}"#,
+        br#"{ "type":"response.completed","response":{}}"#,
+        &bad_utf8,
+        br#"{"type":"response.completed"#,
+        b"",
+    ] {
+        assert_eq!(raw_kind(p, true), None, "{}", String::from_utf8_lossy(p));
+        assert_eq!(raw_kind(p, false), None);
+    }
+}
+
 #[test]
 fn client_event_parse() {
     let ev = ClientEvent::parse(

@@ -2,6 +2,7 @@
 //! terminal inspection, no-output holding), written to the client and flushed once; runs of
 //! plain parts (deltas, ...) a socket read left buffered go to a WebSocket client as raw bytes.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -37,67 +38,90 @@ impl Engine {
         let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
         // The turn's terminal, once relayed: its bookkeeping waits until the batch is out.
         let mut ended = None;
+        // Frames written out by a flush inside the batch (a terminal's, below) and its result.
+        let (mut flushed_at, mut early) = (0, Ok(()));
         // Relay a batch of ready frames, flushing once.
         loop {
             match next {
                 Some(PumpEvent::Frame(Message::Text(text))) => {
-                    let (terminal, quiet) = self.attribute(&text);
-                    let unseen = self.turn.as_ref().is_some_and(|t| t.frames == 0);
-                    if let Some(t) = terminal.as_ref().filter(|t| t.rate_limited && unseen) {
-                        // Nothing of this turn reached the client: it can move.
-                        let t = event::Terminal {
-                            kind: t.kind.clone(),
-                            code: t.code.clone(),
-                            retry_after: t.retry_after,
-                            rate_limited: true,
-                            ..Default::default()
-                        };
-                        if self.flush_client(d, sent).await.is_err() {
-                            return Flow::Stop;
-                        }
-                        return Box::pin(self.limited_before_output(d, t)).await;
-                    }
-                    if !(quiet && unseen && self.hold_quiet(&text)) {
+                    let ty = event::sniff_type(&text);
+                    // A terminal already queued for the client but not yet accounted for.
+                    let mut unaccounted = None;
+                    if self.shown_output() && ty.as_deref().is_some_and(event::is_terminal) {
+                        // Relay first, account after: once the turn has shown output, a
+                        // terminal cannot move it to another account and reaches the client
+                        // whatever the ledger makes of it, so it leaves with the batch before
+                        // it is inspected (the upstream echoes the whole response in it) and
+                        // the inspection delays no event.
                         if self
-                            .relay_down(d, &mut counted, &mut sent, Some(text))
+                            .relay_down(d, &mut counted, &mut sent, Some(text.clone()))
                             .await
                             .is_err()
                         {
                             return Flow::Stop;
                         }
-                        if terminal.is_some() {
+                        unaccounted = Some(text);
+                    } else {
+                        let (terminal, quiet) = self.attribute(ty, &text);
+                        let unseen = self.turn.as_ref().is_some_and(|t| t.frames == 0);
+                        if let Some(t) = terminal.as_ref().filter(|t| t.rate_limited && unseen) {
+                            // Nothing of this turn reached the client: it can move.
+                            let t = event::Terminal {
+                                kind: t.kind.clone(),
+                                code: t.code.clone(),
+                                retry_after: t.retry_after,
+                                rate_limited: true,
+                                ..Default::default()
+                            };
+                            if self.flush_client(d, sent - flushed_at).await.is_err() {
+                                return Flow::Stop;
+                            }
+                            return Box::pin(self.limited_before_output(d, t)).await;
+                        }
+                        if !(quiet && unseen && self.hold_quiet(&text)) {
+                            if self
+                                .relay_down(d, &mut counted, &mut sent, Some(text))
+                                .await
+                                .is_err()
+                            {
+                                return Flow::Stop;
+                            }
+                            if terminal.is_some() {
+                                ended = terminal;
+                                break;
+                            }
+                        }
+                        if d.raw_frames() {
+                            match self.relay_run(d, &mut counted, &mut sent, max_batch).await {
+                                Ok(t) => unaccounted = t,
+                                Err(ClientGone) => return Flow::Stop,
+                            }
+                        }
+                    }
+                    if let Some(text) = unaccounted {
+                        early = d.flush().await;
+                        flushed_at = sent;
+                        let (terminal, _) = self.attribute(event::sniff_type(&text), &text);
+                        if terminal.is_some() || early.is_err() {
                             ended = terminal;
                             break;
                         }
                     }
-                    if d.raw_frames()
-                        && self
-                            .relay_run(d, &mut counted, &mut sent, max_batch)
-                            .await
-                            .is_err()
-                    {
-                        return Flow::Stop;
-                    }
                     if sent >= max_batch {
                         break;
                     }
-                    match self
-                        .upstream
-                        .as_mut()
-                        .and_then(Pooled::conn_mut)
-                        .map(|c| c.try_recv(&waker))
-                    {
-                        Some(Some(ev)) => next = Some(ev),
-                        _ => break,
+                    match self.try_next(&waker) {
+                        Some(ev) => next = Some(ev),
+                        None => break,
                     }
                 }
                 Some(PumpEvent::Frame(_)) => {
-                    let _ = self.flush_client(d, sent).await;
+                    let _ = self.flush_client(d, sent - flushed_at).await;
                     return Box::pin(self.upstream_ended(d, None, "upstream sent a binary frame"))
                         .await;
                 }
                 Some(PumpEvent::Closed(frame)) => {
-                    let _ = self.flush_client(d, sent).await;
+                    let _ = self.flush_client(d, sent - flushed_at).await;
                     let code = frame.as_ref().map(|f| f.code);
                     // Untrusted text: escaped once here for every log line and message.
                     let reason = frame
@@ -106,11 +130,11 @@ impl Engine {
                     return Box::pin(self.upstream_ended(d, code, &reason)).await;
                 }
                 Some(PumpEvent::Failed(e)) => {
-                    let _ = self.flush_client(d, sent).await;
+                    let _ = self.flush_client(d, sent - flushed_at).await;
                     return Box::pin(self.upstream_ended(d, None, &e)).await;
                 }
                 None => {
-                    let _ = self.flush_client(d, sent).await;
+                    let _ = self.flush_client(d, sent - flushed_at).await;
                     return Box::pin(self.upstream_ended(d, None, "upstream connection ended"))
                         .await;
                 }
@@ -119,7 +143,11 @@ impl Engine {
         // The client gets the batch first; the turn's end (ledger already updated by the
         // attribution; usage, metrics, the connection's response record) follows, also when
         // the client has gone meanwhile: the upstream turn did end cleanly.
-        let flushed = if sent > 0 { d.flush().await } else { Ok(()) };
+        let flushed = if sent > flushed_at {
+            d.flush().await
+        } else {
+            early
+        };
         if let Some(terminal) = ended {
             self.end_turn(terminal);
         }
@@ -174,15 +202,17 @@ impl Engine {
     /// flight that has shown the client output and holds nothing back (so no no-output
     /// event would be held), and the ledger attributes any part to the turn, so each frame
     /// is handled exactly as the per-event path would (relayed, counted, no side effects).
-    /// The run stops at the first frame that is not a plain part (see
-    /// [`event::is_relayable_part`]); that frame is read the usual way.
+    /// A terminal ends the run as its last frame: it is relayed the same way and returned,
+    /// to be accounted for once the batch is out (as the per-event path does once output
+    /// was shown). The run stops before the first frame that is neither (see
+    /// [`event::raw_kind`]); that frame is read the usual way.
     async fn relay_run<D: Downstream>(
         &mut self,
         d: &mut D,
         counted: &mut BatchCount,
         sent: &mut usize,
         max_batch: usize,
-    ) -> Result<(), ClientGone> {
+    ) -> Result<Option<Utf8Bytes>, ClientGone> {
         let eligible = self
             .turn
             .as_ref()
@@ -195,28 +225,51 @@ impl Engine {
             .and_then(Pooled::conn_mut)
             .filter(|_| eligible)
         else {
-            return Ok(());
+            return Ok(None);
         };
         let mut payloads = Vec::new();
-        let Some(run) = conn.take_text_run(
-            max_batch - *sent,
-            &mut event::is_relayable_part,
-            &mut payloads,
-        ) else {
-            return Ok(());
+        let mut ends = false;
+        let mut accept = |p: &[u8]| {
+            !ends
+                && match event::raw_kind(p, true) {
+                    Some(event::RawKind::Part) => true,
+                    Some(event::RawKind::Terminal) => {
+                        ends = true;
+                        true
+                    }
+                    None => false,
+                }
         };
+        let Some(run) = conn.take_text_run(max_batch - *sent, &mut accept, &mut payloads) else {
+            return Ok(None);
+        };
+        // Each payload was checked to be UTF-8 when the run was taken.
+        let text = |p: &std::ops::Range<usize>| {
+            Utf8Bytes::try_from(run.slice(p.clone())).unwrap_or_default()
+        };
+        let terminal = payloads.last().filter(|_| ends).map(text);
         if d.try_feed_raw(&run)? {
             for p in &payloads {
                 self.relayed(counted, sent, p.len());
             }
-            return Ok(());
+            return Ok(terminal);
         }
-        // The client's buffer is full: frame by frame, waiting as the per-event path does
-        // (each payload was checked to be UTF-8 when the run was taken).
-        let texts = payloads
-            .into_iter()
-            .map(|p| Utf8Bytes::try_from(run.slice(p)).unwrap_or_default());
-        Box::pin(self.relay_down(d, counted, sent, texts)).await
+        // The client's buffer is full: frame by frame, waiting as the per-event path does.
+        Box::pin(self.relay_down(d, counted, sent, payloads.iter().map(text))).await?;
+        Ok(terminal)
+    }
+
+    /// The next upstream event if one is ready (read without waiting).
+    fn try_next(&mut self, waker: &std::task::Waker) -> Option<PumpEvent> {
+        self.upstream
+            .as_mut()
+            .and_then(Pooled::conn_mut)
+            .and_then(|c| c.try_recv(waker))
+    }
+
+    /// The turn in flight has shown the client output (so it cannot move to another account).
+    fn shown_output(&self) -> bool {
+        self.turn.as_ref().is_some_and(|t| t.frames > 0)
     }
 
     /// Counts one frame of `len` payload bytes queued for the client.
@@ -235,9 +288,13 @@ impl Engine {
     /// Attributes an upstream event (see [`Ledger`]); returns the turn's terminal event, if
     /// this is it. Events nobody asked for are still relayed to this session's client (the
     /// connection served no one else), but the connection is never pooled again.
-    fn attribute(&mut self, text: &str) -> (Option<event::Terminal>, bool) {
+    /// `ty` is the event's type as [`event::sniff_type`] read it.
+    fn attribute(
+        &mut self,
+        ty: Option<Cow<'_, str>>,
+        text: &str,
+    ) -> (Option<event::Terminal>, bool) {
         let was_tainted = self.ledger.is_tainted();
-        let ty = event::sniff_type(text);
         // A response's terminal is parsed once, for the ledger and for the turn's end.
         let inspected = ty
             .as_deref()
