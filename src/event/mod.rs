@@ -28,19 +28,16 @@ fn is_terminal_type(ty: &[u8]) -> bool {
 
 /// Reads the `type` of an event. Fast path: the upstream writes `{"type":"…"` first, so the
 /// common case costs a prefix compare and a search for the closing quote
-/// ([`scan::find_quote`]); otherwise a structural scan finds the top-level `"type"` key,
+/// ([`scan::plain_string_end`]); otherwise a structural scan finds the top-level `"type"` key,
 /// skipping strings whole (no allocation, no value
 /// parsing); an escaped type or anything the scan cannot follow falls back to a streaming
 /// parse that skips every other value.
 pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
     const PREFIX: &str = "{\"type\":\"";
     if let Some(rest) = text.strip_prefix(PREFIX)
-        && let Some(end) = scan::find_quote(rest.as_bytes(), 0)
+        && let Some(end) = scan::plain_string_end(rest.as_bytes(), 0)
     {
-        let ty = &rest[..end];
-        if !ty.contains('\\') {
-            return Some(Cow::Borrowed(ty));
-        }
+        return Some(Cow::Borrowed(&rest[..end]));
     }
     if let Some(ty) = scan::type_value(text) {
         return Some(Cow::Borrowed(ty));
@@ -100,13 +97,9 @@ pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
     const PREFIX: &[u8] = b"{\"type\":\"";
     let rest = payload.strip_prefix(PREFIX)?;
     let head = &rest[..rest.len().min(96)];
-    let end = scan::find_quote(head, 0)?;
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
-    let ty = &head[..end];
-    if ty.contains(&b'\\') {
-        return None;
-    }
+    let ty = &head[..scan::plain_string_end(head, 0)?];
     let kind = if is_terminal_type(ty) {
         terminals.then_some(RawKind::Terminal)?
     } else if is_plain_type(ty) {

@@ -30,20 +30,27 @@ fn lowest_equal(word: u64, byte: u8) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGHS
 }
 
-/// Index of the first `"` at or after `from`. Most strings in an event are short (keys,
-/// types, ids, statuses): their first 32 bytes are searched eight at a time in a register
-/// (a `memchr` call costs more than such a string), anything longer with `memchr` (SIMD).
-pub fn find_quote(b: &[u8], from: usize) -> Option<usize> {
+/// Index of the quote that closes a string whose body starts at `from`, when the body has no
+/// escape: `None` when a backslash comes first (or no quote at all), so a type or a key can be
+/// compared as written. Most strings in an event are short (keys, types, ids, statuses):
+/// their first 32 bytes are searched eight at a time in a register for a quote or a
+/// backslash (a `memchr` call costs more than such a string), anything longer with
+/// `memchr2` (SIMD).
+pub fn plain_string_end(b: &[u8], from: usize) -> Option<usize> {
     let mut at = from;
     let short_end = (from + SHORT).min(b.len());
     while let Some(chunk) = b.get(at..short_end).and_then(<[u8]>::first_chunk::<8>) {
-        let found = lowest_equal(u64::from_le_bytes(*chunk), b'"');
+        let word = u64::from_le_bytes(*chunk);
+        // The lowest of the two marks is exact (each mask's lowest bit is).
+        let found = lowest_equal(word, b'"') | lowest_equal(word, b'\\');
         if found != 0 {
-            return Some(at + (found.trailing_zeros() / 8) as usize);
+            at += (found.trailing_zeros() / 8) as usize;
+            return (b[at] == b'"').then_some(at);
         }
         at += 8;
     }
-    Some(at + memchr::memchr(b'"', b.get(at..)?)?)
+    at += memchr::memchr2(b'"', b'\\', b.get(at..)?)?;
+    (b[at] == b'"').then_some(at)
 }
 
 /// Index of the quote that closes the string whose body starts at `from`. The first 32 bytes
@@ -325,28 +332,39 @@ mod tests {
     }
 
     #[test]
-    fn find_quote_finds_the_first_quote_at_every_offset_and_length() {
-        // Every position of the first quote, in and past the eight-byte words and past the
-        // 32 bytes searched in a register, from every starting offset; bytes that differ
-        // from `"` by one bit or by a borrow (`!`, `#`, 0xA2) must not match.
-        for len in 0..80 {
+    fn plain_string_end_finds_the_first_quote_unless_a_backslash_comes_first() {
+        // Every position of the first quote and of the first backslash, in and past the
+        // eight-byte words and past the 32 bytes searched in a register, from every starting
+        // offset; bytes that differ from `"` or `\` by one bit or by a borrow (`!`, `#`,
+        // 0xA2, `[`, `]`, 0xDC) must not match.
+        let filler = [b'!', b'#', 0xA2, b'a', b'[', b']', 0xDC];
+        for len in 0..80usize {
             for quote in (0..len).map(Some).chain([None]) {
-                let mut b: Vec<u8> = (0..len).map(|i| [b'!', b'#', 0xA2, b'a'][i % 4]).collect();
-                if let Some(q) = quote {
-                    b[q] = b'"';
-                    if q + 1 < len {
-                        b[q + 1] = b'"';
+                for backslash in [None, Some(len / 3), Some(len.saturating_sub(1))] {
+                    let mut b: Vec<u8> = (0..len).map(|i| filler[i % filler.len()]).collect();
+                    if let Some(q) = quote {
+                        b[q] = b'"';
+                        if q + 1 < len {
+                            b[q + 1] = b'"';
+                        }
                     }
+                    if let Some(k) = backslash.filter(|&k| k < len) {
+                        b[k] = b'\\';
+                    }
+                    for from in 0..=len {
+                        let first = b[from..]
+                            .iter()
+                            .position(|&c| c == b'"' || c == b'\\')
+                            .map(|i| from + i);
+                        let want = first.filter(|&i| b[i] == b'"');
+                        assert_eq!(
+                            plain_string_end(&b, from),
+                            want,
+                            "len {len} quote {quote:?} backslash {backslash:?} from {from}"
+                        );
+                    }
+                    assert_eq!(plain_string_end(&b, len + 1), None);
                 }
-                for from in 0..=len {
-                    let want = memchr::memchr(b'"', &b[from..]).map(|i| from + i);
-                    assert_eq!(
-                        find_quote(&b, from),
-                        want,
-                        "len {len} quote {quote:?} from {from}"
-                    );
-                }
-                assert_eq!(find_quote(&b, len + 1), None);
             }
         }
     }
