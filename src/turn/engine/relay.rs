@@ -1,6 +1,8 @@
 //! The downstream relay (issue 14): a batch of ready upstream frames is attributed (ledger,
 //! terminal inspection, no-output holding), written to the client and flushed once; runs of
 //! plain parts (deltas, ...) a socket read left buffered go to a WebSocket client as raw bytes.
+//! A terminal that arrives once the turn has shown output is relayed first (ending a raw run
+//! if it is in one) and inspected and attributed after the batch's flush.
 
 use std::borrow::Cow;
 use std::sync::Arc;
