@@ -90,9 +90,17 @@ pub enum RawKind {
     Terminal,
 }
 
+/// The largest terminal a raw run takes. The ledger needs a terminal's text as a `str`, which
+/// costs a raw one a second UTF-8 pass (the run's check, then the conversion) where the
+/// per-event read makes one: on a small terminal the decode and re-encode saved are worth
+/// more, on a large one (the real upstream echoes the whole response, instructions
+/// included) the second pass costs more than they do.
+pub const RAW_TERMINAL_MAX: usize = 4 << 10;
+
 /// Classifies a frame payload for the raw relay: a plain part, or (with `terminals`) a
-/// terminal, each only when written `type` first with a plain (unescaped) type and valid
-/// UTF-8; `None` for anything else, which goes through the per-event path.
+/// terminal of at most [`RAW_TERMINAL_MAX`] bytes, each only when written `type` first with a
+/// plain (unescaped) type and valid UTF-8; `None` for anything else, which goes through the
+/// per-event path.
 pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
     const PREFIX: &[u8] = b"{\"type\":\"";
     let rest = payload.strip_prefix(PREFIX)?;
@@ -101,7 +109,7 @@ pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
     let ty = &head[..scan::plain_string_end(head, 0)?];
     let kind = if is_terminal_type(ty) {
-        terminals.then_some(RawKind::Terminal)?
+        (terminals && payload.len() <= RAW_TERMINAL_MAX).then_some(RawKind::Terminal)?
     } else if is_plain_type(ty) {
         RawKind::Part
     } else {

@@ -77,6 +77,21 @@ fn raw_kinds_of_frame_payloads() {
     }
     let mut bad_utf8 = br#"{"type":"response.completed","response":{"id":"resp_x"}}"#.to_vec();
     bad_utf8[48] = 0xff;
+    // A terminal is taken up to RAW_TERMINAL_MAX bytes; a larger one (an echoed response)
+    // goes through the per-event path.
+    let sized = |n: usize| {
+        let head = br#"{"type":"response.completed","response":{"instructions":""#;
+        let mut p = head.to_vec();
+        p.resize(n - 3, b'x');
+        p.extend_from_slice(br#""}}"#);
+        assert_eq!(p.len(), n);
+        p
+    };
+    assert_eq!(
+        raw_kind(&sized(RAW_TERMINAL_MAX), true),
+        Some(RawKind::Terminal)
+    );
+    let large = sized(RAW_TERMINAL_MAX + 1);
     for p in [
         &br#"{"type":"response.created","response":{}}"#[..],
         br#"{"type":"response.steer.accepted"}"#,
@@ -85,6 +100,7 @@ fn raw_kinds_of_frame_payloads() {
         br#"{"response":{},"type":"response.completed"}"#,
         br#"{ "type":"response.completed","response":{}}"#,
         &bad_utf8,
+        &large,
         br#"{"type":"response.completed"#,
         b"",
     ] {
