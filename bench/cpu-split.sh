@@ -29,23 +29,24 @@ bench_gateway_yaml "$GW_PORT" "$MOCK_PORT" >"$TMP/gw.yaml"
 GW_PID=$!; PIDS+=("$GW_PID")
 wait_port "$MOCK_PORT"; wait_port "$GW_PORT"
 
-loadgen() {
-  "$WSGATE" loadgen --url "ws://127.0.0.1:$GW_PORT/v1/responses" \
-    --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --sessions "$SESSIONS" --turns "$1" \
-    --deltas 5 --reconnect-every-turn --json "$TMP/run.json" >"$TMP/loadgen.out" 2>&1 \
-    || { echo "loadgen failed:" >&2; cat "$TMP/loadgen.out" >&2; exit 1; }
-}
+# One load generator run: SESSIONS conversations, the turns given, reconnecting every turn.
+# It exits non-zero when a turn failed, which fails this script (its samples would mislead).
+LOADGEN=("$WSGATE" loadgen --url "ws://127.0.0.1:$GW_PORT/v1/responses"
+  --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --sessions "$SESSIONS" --deltas 5
+  --reconnect-every-turn --json "$TMP/run.json")
 # Warm-up: the conversations' first turns open their upstream connections.
-loadgen 3
-# The sampled runs, their pids kept (each run is one process).
+"${LOADGEN[@]}" --turns 3 >"$TMP/loadgen.out" 2>&1 \
+  || { echo "loadgen failed:" >&2; cat "$TMP/loadgen.out" >&2; exit 1; }
+# The sampled runs, their pids kept (each run is one process); the first failure ends them.
 cat >"$TMP/runs.sh" <<EOF
 for _ in \$(seq $RUNS); do
-  "$WSGATE" loadgen --url "ws://127.0.0.1:$GW_PORT/v1/responses" --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" \
-    --sessions $SESSIONS --turns $TURNS --deltas 5 --reconnect-every-turn --json "$TMP/run.json" >/dev/null 2>&1 &
-  echo \$! >>"$TMP/loadgen.pids"; wait \$!
+  $(printf '%q ' "${LOADGEN[@]}") --turns $TURNS >"$TMP/loadgen.out" 2>&1 &
+  echo \$! >>"$TMP/loadgen.pids"
+  wait \$! || exit 1
 done
 EOF
-perf record -a -F 4999 -o "$TMP/perf.data" -- bash "$TMP/runs.sh" >"$TMP/perf.log" 2>&1
+perf record -a -F 4999 -o "$TMP/perf.data" -- bash "$TMP/runs.sh" >"$TMP/perf.log" 2>&1 \
+  || { echo "a sampled run failed:" >&2; cat "$TMP/loadgen.out" "$TMP/perf.log" >&2; exit 1; }
 perf script -i "$TMP/perf.data" -F pid,ip,dso 2>/dev/null >"$TMP/samples.txt"
 
 python3 - "$TMP/samples.txt" "$GW_PID" "$MOCK_PID" "$TMP/loadgen.pids" "$RUNS x $SESSIONS conversations x $TURNS turns" <<'EOF' | tee "${OUT:-/dev/null}"
