@@ -33,6 +33,8 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::error::StartError;
+use crate::ingress::client_io::{IntoClientIo, Prefixed};
+use crate::ingress::fast::{FastUpgrade, Outcome};
 
 /// Deadlines and bounds for connections that are not (yet) WebSocket sessions.
 #[derive(Debug, Clone, Copy)]
@@ -61,14 +63,20 @@ impl HandshakeLimits {
 /// their session from the 101 on.
 ///
 /// Each connection runs as a task of `connections` (so its length is the number open).
-pub async fn serve_http<L>(
+///
+/// With `fast`, a connection whose first read is a plain WebSocket opening handshake is
+/// answered without hyper (`ingress::fast`); the rest, and every connection without it, are
+/// hyper's.
+pub(crate) async fn serve_http<L>(
     mut listener: L,
     app: Router,
     limits: HandshakeLimits,
     connections: TaskTracker,
+    fast: Option<Arc<FastUpgrade>>,
     stop: impl Future<Output = ()>,
 ) where
     L: Listener<Addr = SocketAddr>,
+    L::Io: IntoClientIo,
 {
     let slots = Arc::new(Semaphore::new(limits.max.max(1)));
     let stopping = CancellationToken::new();
@@ -100,16 +108,32 @@ pub async fn serve_http<L>(
                 app.clone().oneshot(req.map(axum::body::Body::new))
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
+        let builder = builder.clone();
         let stopping = stopping.clone();
         let timeout = limits.timeout;
+        let fast = fast.clone();
         connections.spawn(async move {
-            tokio::pin!(conn);
             // The connection's deadline: the head read, the response write and the keep-alive
             // idle all fall under it; it is suspended while a turn runs on the connection.
             let mut deadline = tokio::time::Instant::now() + timeout;
+            let io = match fast {
+                Some(fast) => {
+                    let max = limits.max_header_size;
+                    // Boxed, as hyper's connection below: the task's own future stays small
+                    // (tokio copies it whole when it is spawned and when it ends).
+                    let served = Box::pin(fast.serve(io, peer, &activity, max, deadline, timeout));
+                    match served.await {
+                        Outcome::Done => return,
+                        Outcome::Hyper(io) => io,
+                    }
+                }
+                None => Prefixed::new(bytes::Bytes::new(), io),
+            };
+            let mut conn = Box::pin(
+                builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            );
             let result = loop {
                 let changed = activity.0.changed.notified();
                 tokio::pin!(changed);

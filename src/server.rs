@@ -67,6 +67,7 @@ pub async fn serve(
                 app,
                 limits,
                 tokio_util::task::TaskTracker::new(),
+                None,
                 stopped.cancelled_owned(),
             )));
         }
@@ -92,17 +93,21 @@ pub async fn serve(
     // At shutdown the accept loop ends and the listening socket closes at once; requests
     // already on a connection are answered, upgraded sessions drain below.
     let stop_accepting = shared.shutdown.clone().cancelled_owned();
+    let fast = Some(std::sync::Arc::new(crate::ingress::fast::FastUpgrade::new(
+        gateway.clone(),
+        config.paths.clone(),
+    )));
     match shared.listener_tls.clone() {
         Some(tls) => {
             let listener = TlsListener::new(listener, tls, limits)?;
-            serve_http(listener, app, limits, connections, stop_accepting).await;
+            serve_http(listener, app, limits, connections, fast, stop_accepting).await;
         }
         None => {
             // Events are small and latency-sensitive: no Nagle on client sockets.
             let listener = listener.tap_io(|tcp: &mut tokio::net::TcpStream| {
                 let _ = tcp.set_nodelay(true);
             });
-            serve_http(listener, app, limits, connections, stop_accepting).await;
+            serve_http(listener, app, limits, connections, fast, stop_accepting).await;
         }
     }
     info!(

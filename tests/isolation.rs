@@ -583,3 +583,126 @@ async fn an_http_1_0_upgrade_is_refused_before_any_dial() {
     assert_eq!(gw.gateway.pool_stats().total, 0);
     gw.stop().await;
 }
+
+/// A client text frame as RFC 6455 has it: FIN, text, masked with `mask`.
+fn masked_text_frame(text: &str, mask: [u8; 4]) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads a response head; returns it and any bytes read past it.
+async fn read_head(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response head in time")
+            .unwrap();
+        assert!(n > 0, "closed before a response head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8_lossy(&buf).into_owned(), rest);
+        }
+    }
+}
+
+/// Reads frames until the turn's terminal; returns its type.
+async fn turn_terminal(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> String {
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("events in time")
+            .expect("open")
+            .unwrap();
+        let Ok(text) = msg.to_text() else { continue };
+        let v: Value = serde_json::from_str(text).unwrap();
+        let ty = v["type"].as_str().unwrap_or_default().to_string();
+        if matches!(
+            ty.as_str(),
+            "response.completed" | "response.failed" | "response.incomplete" | "error"
+        ) {
+            return ty;
+        }
+    }
+}
+
+#[tokio::test]
+async fn both_opening_handshake_paths_carry_a_session() {
+    use futures::SinkExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+
+    // The fast path: the head and the first frame in one write (the frame is read with the
+    // head and must reach the session).
+    let conversation = unique("fast");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let create = wsgate::client::create_text(Some(&conversation), "hello", None);
+    let mut bytes = raw_upgrade(&conversation).into_bytes();
+    bytes.extend(masked_text_frame(&create, [7, 1, 9, 3]));
+    s.write_all(&bytes).await.unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut fast = WebSocketStream::from_partially_read(s, rest, Role::Client, None).await;
+    assert_eq!(turn_terminal(&mut fast).await, "response.completed");
+
+    // hyper's path: the head split over two writes (the fast path sees half a head).
+    let conversation = unique("split");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = raw_upgrade(&conversation);
+    let (a, b) = req.split_at(20);
+    s.write_all(a.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b.as_bytes()).await.unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(rest.is_empty());
+    let mut split = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+    split
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            wsgate::client::create_text(Some(&conversation), "hello", None),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(turn_terminal(&mut split).await, "response.completed");
+
+    // A refusal on the fast path is a whole HTTP response, then the connection closes.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = raw_upgrade(&unique("badkey")).replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (head, _) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "closed after the refusal"
+    );
+    drop((fast, split));
+    gw.assert_quiescent("both handshake paths").await;
+    gw.stop().await;
+}

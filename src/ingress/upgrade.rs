@@ -20,6 +20,7 @@ use crate::gateway::Gateway;
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ids::Ingress;
 use crate::ingress::admit::{Admitted, admit};
+use crate::ingress::client_io::ClientIo;
 use crate::ingress::ws::Session;
 use crate::server::json_error;
 use crate::turn::engine::EngineStart;
@@ -78,23 +79,41 @@ fn is_base64_of_16_bytes(key: &[u8]) -> bool {
         && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
 }
 
-pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
+/// An opening handshake that passed every check and holds its upstream: the 101's headers,
+/// and what the session needs once the socket is the client's.
+pub(crate) struct Prepared {
+    shared: std::sync::Arc<crate::gateway::Shared>,
+    /// The 101's headers after the status line: `Connection`, `Upgrade`,
+    /// `Sec-WebSocket-Accept` and those copied from the upstream's own 101.
+    headers: HeaderMap,
+    start: EngineStart,
+    span: tracing::Span,
+    permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        crate::ingress::admit::ClientSlot,
+    ),
+}
+
+/// The opening handshake up to the 101, for either ingress path (hyper's or the raw one in
+/// `ingress::fast`): RFC 6455's checks, admission, and the pre-101 acquire. A refusal is the
+/// HTTP response to send instead.
+pub(crate) async fn prepare(
+    gw: &Gateway,
+    peer: SocketAddr,
+    method: &Method,
+    version: http::Version,
+    headers: &HeaderMap,
+    activity: Option<&crate::listener::ConnActivity>,
+) -> Result<Prepared, Response> {
     let shared = &gw.shared;
-    let headers = req.headers();
     let Admitted {
         client,
         permits: (slot, client_slot),
-    } = match admit(shared, headers, peer).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+    } = admit(shared, headers, peer).await?;
     // Admitted: the upstream dial before the 101 suspends the connection's deadline (the dial
     // has its own).
-    let _conn_turn = req
-        .extensions()
-        .get::<crate::listener::ConnActivity>()
-        .map(|a| a.turn());
-    match check_upgrade(req.method(), headers) {
+    let _conn_turn = activity.map(|a| a.turn());
+    match check_upgrade(method, headers) {
         Ok(()) => {}
         Err(BadUpgrade::NotWebSocket) => {
             let mut r = json_error(
@@ -104,7 +123,7 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
             );
             r.headers_mut()
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            return r;
+            return Err(r);
         }
         Err(BadUpgrade::Version) => {
             let mut r = json_error(
@@ -116,27 +135,33 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
                 header::SEC_WEBSOCKET_VERSION,
                 HeaderValue::from_static("13"),
             );
-            return r;
+            return Err(r);
         }
         Err(BadUpgrade::Key) => {
-            return json_error(
+            return Err(json_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_websocket_key",
                 "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
-            );
+            ));
         }
     }
-    if req.version() < http::Version::HTTP_11 {
+    if version < http::Version::HTTP_11 {
         // RFC 6455 §4.1: the opening handshake is HTTP/1.1 or later. Refused before any dial.
-        return json_error(
+        return Err(json_error(
             StatusCode::BAD_REQUEST,
             "invalid_upgrade",
             "WebSocket upgrades need HTTP/1.1",
-        );
+        ));
     }
     let ids = match HeaderIds::from_headers(headers) {
         Ok(ids) => ids,
-        Err(msg) => return json_error(StatusCode::BAD_REQUEST, "invalid_conversation_id", &msg),
+        Err(msg) => {
+            return Err(json_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_conversation_id",
+                &msg,
+            ));
+        }
     };
     let route = ids.route(client.clone(), None);
     let forward = ForwardHeaders::from_client(headers);
@@ -161,9 +186,9 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
 
     // With a conversation id the upstream is acquired before the client's 101. An acquire
     // that must wait (a dial, a release) goes on in its own task: if the client leaves
-    // mid-dial (hyper then drops this handler), the dial still completes and the clean
-    // connection waits in the pool for the client's reconnect instead of being thrown away
-    // half-open. The task holds the client's connection slot until it ends, so abandoned
+    // mid-dial (the handshake's future is then dropped), the dial still completes and the
+    // clean connection waits in the pool for the client's reconnect instead of being thrown
+    // away half-open. The task holds the client's connection slot until it ends, so abandoned
     // dials stay within `limits.max_client_connections`. A pool hit completes at its first
     // poll, here, without a task.
     let mut upstream = None;
@@ -184,11 +209,11 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
             std::task::Poll::Pending => shared.sessions.spawn(acquiring).await,
         };
         let Ok((held, acquired)) = acquired else {
-            return json_error(
+            return Err(json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 "acquiring the upstream failed",
-            );
+            ));
         };
         slot = held;
         match acquired {
@@ -202,21 +227,12 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
             Err(e) => {
                 let status =
                     StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
-                return json_error(status, e.code(), &e.to_string());
+                return Err(json_error(status, e.code(), &e.to_string()));
             }
         }
     }
 
-    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "upgrade_unavailable",
-            "connection cannot be upgraded",
-        );
-    };
-    let mut resp = Response::new(axum::body::Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
+    let mut h = HeaderMap::with_capacity(4);
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
@@ -235,7 +251,6 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
             h.insert(name.clone(), value.clone());
         }
     }
-
     let start = EngineStart {
         id,
         span: span.clone(),
@@ -245,27 +260,102 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
         upstream,
         ingress: Ingress::Ws,
     };
-    let ws_config = shared.ws_config;
-    let shared = shared.clone();
-    shared.sessions.clone().spawn(
-        async move {
-            // Held for the session's life: they count it against the connection limits.
-            let _permits = (slot, client_slot);
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let (io, read) =
-                        crate::ingress::ws::Counted::new(TokioIo::new(upgraded), &shared.buffered);
-                    let ws =
-                        WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-                    Session::new(shared, ws, read, start).run().await;
-                }
-                // The client went away before the upgrade completed: `start` drops, and with it
-                // the upstream, which goes back to the pool (it is clean).
-                Err(e) => debug!(error = %e, "client upgrade failed"),
+    Ok(Prepared {
+        shared: shared.clone(),
+        headers: h,
+        start,
+        span,
+        permits: (slot, client_slot),
+    })
+}
+
+impl Prepared {
+    /// The 101's headers.
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Spawns the session on the socket `io` yields (once the 101 is out), with `read` the
+    /// bytes of the client's first frames already read past the request head. If `io`
+    /// yields nothing (the client left first), the upstream goes back to the pool (it is
+    /// clean).
+    pub(crate) fn spawn<F>(self, io: F)
+    where
+        F: Future<Output = Option<(ClientIo, Vec<u8>)>> + Send + 'static,
+    {
+        let Prepared {
+            shared,
+            start,
+            span,
+            permits,
+            ..
+        } = self;
+        let ws_config = shared.ws_config;
+        shared.sessions.clone().spawn(
+            async move {
+                // Held for the session's life: they count it against the connection limits.
+                let _permits = permits;
+                let Some((io, read_ahead)) = io.await else {
+                    return;
+                };
+                let (io, read) = crate::ingress::ws::Counted::new(io, &shared.buffered);
+                let ws = if read_ahead.is_empty() {
+                    WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await
+                } else {
+                    WebSocketStream::from_partially_read(
+                        io,
+                        read_ahead,
+                        Role::Server,
+                        Some(ws_config),
+                    )
+                    .await
+                };
+                Session::new(shared, ws, read, start).run().await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// The WebSocket handshake of a request that came through hyper (`server::responses`): the
+/// session starts once hyper has sent the 101 and handed over the socket.
+pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> Response {
+    let activity = req
+        .extensions()
+        .get::<crate::listener::ConnActivity>()
+        .cloned();
+    let prepared = match prepare(
+        &gw,
+        peer,
+        req.method(),
+        req.version(),
+        req.headers(),
+        activity.as_ref(),
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(refusal) => return refusal,
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "upgrade_unavailable",
+            "connection cannot be upgraded",
+        );
+    };
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = prepared.headers().clone();
+    prepared.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => Some((ClientIo::Upgraded(TokioIo::new(upgraded)), Vec::new())),
+            Err(e) => {
+                debug!(error = %e, "client upgrade failed");
+                None
             }
         }
-        .instrument(span),
-    );
+    });
     resp
 }
 

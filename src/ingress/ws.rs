@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -29,7 +28,7 @@ use crate::gateway::Shared;
 use crate::turn::Sent;
 use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 
-pub(crate) type ClientWs = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
+pub(crate) type ClientWs = WebSocketStream<Counted<crate::ingress::client_io::ClientIo>>;
 
 /// The client socket, counting the bytes it delivers: a session compares the count at each
 /// complete message with the count now to see a frame that started and never finished. The
