@@ -14,15 +14,10 @@
 #        SESSIONS=64 TURNS=20 ...                the workload (defaults: compare.sh's full (c))
 # The load generator and mock are BIN_A's.
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
-A=$(realpath "$1"); B=$(realpath "$2")
-cd "$(dirname "$0")/.."
-ROUNDS=${ROUNDS:-10}; SESSIONS=${SESSIONS:-64}; TURNS=${TURNS:-20}; FRESH_COST=${FRESH_COST:-50ms}
 # shellcheck source=bench/lib.sh
-source bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+ab_builds "$@"
+ROUNDS=${ROUNDS:-10}; SESSIONS=${SESSIONS:-64}; TURNS=${TURNS:-20}; FRESH_COST=${FRESH_COST:-50ms}
 
 MOCK_PORT=$(free_port)
 "$A" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed --fresh-cost "$FRESH_COST" >"$TMP/mock.log" 2>&1 &

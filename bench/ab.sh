@@ -14,17 +14,11 @@
 #        SESSIONS=64 TURNS=200 THINK=20ms ... the workload (defaults: compare.sh's full (b))
 # The load generator and mock are BIN_A's.
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
-# The binaries as given, relative to where the script was started (before the cd).
-A=$(realpath "$1"); B=$(realpath "$2")
-cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+ab_builds "$@"
 ROUNDS=${ROUNDS:-5}; SESSIONS=${SESSIONS:-64}; TURNS=${TURNS:-200}; THINK=${THINK:-20ms}
 ENV_B=${ENV_B:-}
-# shellcheck source=bench/lib.sh
-source bench/lib.sh
 
 MOCK_PORT=$(free_port)
 "$A" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &

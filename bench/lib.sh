@@ -1,4 +1,5 @@
-# Sourced by bench/compare.sh, bench/ab.sh and bench/instructions.sh: a scratch directory and
+# Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh and bench/instructions.sh: a
+# scratch directory and
 # the processes a run starts (append their pids to PIDS), both cleaned up when the script
 # exits; a free port on 127.0.0.1, a bounded wait for a port to open, and the benchmark
 # gateway's config.
@@ -32,4 +33,16 @@ limits:
 log:
   level: warn
 EOF
+}
+
+# The two builds of an A/B script (bench/ab.sh, bench/ab-reconnect.sh): sets A and B to the
+# binaries given (resolved where the script was started), or prints the script's header
+# comment and exits; then moves to the repository root.
+ab_builds() {
+  if [ $# -ne 2 ]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+    exit 2
+  fi
+  A=$(realpath "$1"); B=$(realpath "$2")
+  cd "$(dirname "$0")/.."
 }
