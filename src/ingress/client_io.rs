@@ -116,6 +116,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if !this.prefix.has_remaining() {
+                // An emptied `Bytes` still holds its buffer: let it go, so a kept-alive HTTP
+                // connection does not carry the first read's buffer for its whole life.
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -160,7 +165,8 @@ mod tests {
     #[tokio::test]
     async fn prefixed_reads_its_prefix_then_the_socket_and_writes_through() {
         let (a, mut b) = tokio::io::duplex(64);
-        let mut p = Prefixed::new(Bytes::from_static(b"GET / HT"), a);
+        let first_read = Bytes::from(b"GET / HT".to_vec());
+        let mut p = Prefixed::new(first_read.clone(), a);
         b.write_all(b"TP/1.1\r\n").await.unwrap();
         let mut small = [0u8; 3];
         p.read_exact(&mut small).await.unwrap();
@@ -168,6 +174,8 @@ mod tests {
         let mut rest = [0u8; 13];
         p.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b" / HTTP/1.1\r\n");
+        // The first read's buffer is let go once read (only this handle holds it now).
+        assert!(first_read.is_unique());
         p.write_all(b"ok").await.unwrap();
         let mut back = [0u8; 2];
         b.read_exact(&mut back).await.unwrap();
