@@ -118,10 +118,10 @@ pub(crate) async fn serve_http<L>(
             let mut deadline = tokio::time::Instant::now() + timeout;
             let io = match fast {
                 Some(fast) => {
-                    let max = limits.max_header_size;
                     // Boxed, as hyper's connection below: the task's own future stays small
                     // (tokio copies it whole when it is spawned and when it ends).
-                    let served = Box::pin(fast.serve(io, peer, &activity, max, deadline, timeout));
+                    let served =
+                        Box::pin(fast.serve(io, peer, &activity, limits, deadline, &stopping));
                     match served.await {
                         Outcome::Done => return,
                         Outcome::Hyper(io) => io,

@@ -294,6 +294,31 @@ async fn handshake_timeout_closes_silent_and_trickling_clients_and_frees_their_s
 }
 
 #[tokio::test]
+async fn at_shutdown_a_connection_that_has_sent_nothing_is_closed_at_once() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |c| {
+        c.limits.handshake_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Accepted, and waiting for its request head.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    gw.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the shutdown waited {took:?} for a connection that never asked anything"
+    );
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(1))
+            .await
+            .is_some(),
+        "the idle connection is closed"
+    );
+}
+
+#[tokio::test]
 async fn an_oversized_request_head_gets_431_and_a_large_one_is_fine() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = mock().await;

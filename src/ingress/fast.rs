@@ -20,12 +20,13 @@ use axum::response::Response;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::gateway::Gateway;
 use crate::ingress::client_io::{IntoClientIo, Prefixed};
 use crate::ingress::upgrade::prepare;
-use crate::listener::ConnActivity;
+use crate::listener::{ConnActivity, HandshakeLimits};
 
 /// Most headers a fast-path head may have (more goes to hyper).
 const MAX_HEADERS: usize = 64;
@@ -61,19 +62,26 @@ impl FastUpgrade {
         FastUpgrade { gw, paths }
     }
 
-    /// Reads the connection's first bytes (by `deadline`) and, if they are a plain opening
-    /// handshake, answers it; the 101 and a refusal are written within `write_timeout`.
+    /// Reads the connection's first bytes (by `deadline`; a connection that has sent nothing
+    /// when `stopping` fires is closed, as hyper closes an idle one at shutdown) and, if they
+    /// are a plain opening handshake within `limits.max_header_size`, answers it; the 101 and
+    /// a refusal are written within `limits.timeout`.
     pub(crate) async fn serve<S: IntoClientIo>(
         &self,
         mut io: S,
         peer: SocketAddr,
         activity: &ConnActivity,
-        max_header_size: usize,
+        limits: HandshakeLimits,
         deadline: Instant,
-        write_timeout: Duration,
+        stopping: &CancellationToken,
     ) -> Outcome<S> {
+        let (max_header_size, write_timeout) = (limits.max_header_size, limits.timeout);
         let mut buf = BytesMut::with_capacity(FIRST_READ.min(max_header_size.max(1)));
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+        let first = tokio::select! {
+            read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
+            _ = stopping.cancelled() => return Outcome::Done,
+        };
+        match first {
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => return Outcome::Done, // closed or failed before a byte
             Err(_) => {
