@@ -261,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn the_101_and_refusals_are_written_as_http() {
+    fn headers_are_written_as_http_lines() {
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

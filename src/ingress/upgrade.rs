@@ -324,7 +324,7 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
         .extensions()
         .get::<crate::listener::ConnActivity>()
         .cloned();
-    let prepared = match prepare(
+    let mut prepared = match prepare(
         &gw,
         peer,
         req.method(),
@@ -346,7 +346,7 @@ pub(crate) async fn upgrade(gw: Gateway, peer: SocketAddr, mut req: Request) -> 
     };
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *resp.headers_mut() = prepared.headers().clone();
+    *resp.headers_mut() = std::mem::take(&mut prepared.headers);
     prepared.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => Some((ClientIo::Upgraded(TokioIo::new(upgraded)), Vec::new())),
