@@ -206,14 +206,14 @@ impl Link {
     pub fn take_text_run(
         &self,
         max_frames: usize,
-        accept: &mut dyn FnMut(&[u8]) -> bool,
+        filter: &mut dyn tokio_tungstenite::tungstenite::protocol::RunFilter,
         payloads: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<bytes::Bytes> {
         if self.ended.load(Ordering::Acquire) {
             payloads.clear();
             return None;
         }
-        let run = self.ws().take_text_run(max_frames, accept, payloads)?;
+        let run = self.ws().take_text_run(max_frames, filter, payloads)?;
         self.heard.store(true, Ordering::Relaxed);
         Some(run)
     }

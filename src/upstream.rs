@@ -304,10 +304,10 @@ impl UpstreamConn {
     pub fn take_text_run(
         &mut self,
         max_frames: usize,
-        accept: &mut dyn FnMut(&[u8]) -> bool,
+        filter: &mut dyn tokio_tungstenite::tungstenite::protocol::RunFilter,
         payloads: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<bytes::Bytes> {
-        self.link.take_text_run(max_frames, accept, payloads)
+        self.link.take_text_run(max_frames, filter, payloads)
     }
 
     /// The next upstream frame if one is ready without waiting. `waker` is the holder's own

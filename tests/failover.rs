@@ -15,6 +15,17 @@ async fn mock() -> MockUpstream {
     MockUpstream::start(MockConfig::default()).await.unwrap()
 }
 
+/// A mock that writes each answer in one go (many frames per read: the relay's raw runs see
+/// the no-output events and the limit together).
+async fn batching_mock() -> MockUpstream {
+    MockUpstream::start(MockConfig {
+        speed: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 fn other(account: &str) -> &'static str {
     if account == "acct-a" {
         "acct-b"
@@ -32,9 +43,17 @@ fn unix_now() -> u64 {
 
 #[tokio::test]
 async fn a_rate_limit_before_any_output_moves_the_turn_to_the_other_account() {
-    for (failed, created_first) in [(false, false), (false, true), (true, false), (true, true)] {
-        let what = format!("failed={failed} created_first={created_first}");
-        let mock = mock().await;
+    let cases = [(false, false), (false, true), (true, false), (true, true)];
+    for (batched, (failed, created_first)) in [false, true]
+        .into_iter()
+        .flat_map(|b| cases.map(|c| (b, c)))
+    {
+        let what = format!("batched={batched} failed={failed} created_first={created_first}");
+        let mock = if batched {
+            batching_mock().await
+        } else {
+            mock().await
+        };
         let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
         let conv = unique("failover");
         let limited = gw.account_of(&conv);
@@ -134,29 +153,48 @@ async fn a_continuation_on_a_limited_account_asks_for_full_context() {
 
 #[tokio::test]
 async fn a_rate_limit_after_visible_output_is_forwarded() {
-    let mock = mock().await;
-    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
-    let conv = unique("late-limit");
-    let limited = gw.account_of(&conv);
-    mock.limit(
-        &account_key(&limited),
-        Limit {
-            after_deltas: 2,
-            ..Limit::default()
-        },
-    );
-    let mut c = gw.connect(&conv).await;
-    let t = c
-        .turn(&create_body(Some(&conv), "late", None))
-        .await
-        .unwrap();
-    assert_eq!(t.delta_count(), 2, "the deltas were shown");
-    assert_eq!(t.terminal()["status"], 429, "{:?}", t.terminal());
-    assert_eq!(t.terminal()["error"]["code"], "usage_limit_reached");
-    assert_eq!(mock.accepted(), 1, "no replay after visible output");
-    assert_eq!(gw.gateway.account_state(&limited), Some("cooling"));
-    c.close().await;
-    gw.stop().await;
+    for batched in [false, true] {
+        let mock = if batched {
+            batching_mock().await
+        } else {
+            mock().await
+        };
+        let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+        let conv = unique("late-limit");
+        let limited = gw.account_of(&conv);
+        mock.limit(
+            &account_key(&limited),
+            Limit {
+                after_deltas: 2,
+                ..Limit::default()
+            },
+        );
+        let mut c = gw.connect(&conv).await;
+        let t = c
+            .turn(&create_body(Some(&conv), "late", None))
+            .await
+            .unwrap();
+        // Everything the upstream sent, in order: the held no-output events went out in
+        // front of the first delta.
+        let types: Vec<&str> = t.events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "response.created",
+                "codex.rate_limits",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "error"
+            ],
+            "batched={batched}"
+        );
+        assert_eq!(t.terminal()["status"], 429, "{:?}", t.terminal());
+        assert_eq!(t.terminal()["error"]["code"], "usage_limit_reached");
+        assert_eq!(mock.accepted(), 1, "no replay after visible output");
+        assert_eq!(gw.gateway.account_state(&limited), Some("cooling"));
+        c.close().await;
+        gw.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -875,6 +875,69 @@ fn raw_runs_take_only_complete_plain_part_frames() {
     );
 }
 
+/// A run's filter sees every frame it could take before it decides how many to keep
+/// (`RunFilter::keep`): the frames it does not keep stay buffered, whole and in order, for the
+/// next run or the per-event read.
+#[test]
+fn a_run_keeps_only_what_its_filter_keeps() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::RunFilter;
+    struct KeepFirst {
+        seen: usize,
+        keep: usize,
+    }
+    impl RunFilter for KeepFirst {
+        fn accept(&mut self, _payload: &[u8]) -> bool {
+            self.seen += 1;
+            true
+        }
+        fn keep(&mut self, accepted: usize) -> usize {
+            assert_eq!(
+                accepted, self.seen,
+                "keep is asked once the run was scanned"
+            );
+            self.keep
+        }
+    }
+    let frames: Vec<Vec<u8>> = ["a", "b", "c"]
+        .iter()
+        .map(|t| server_frame(0x81, &delta(t)))
+        .collect();
+    let mut payloads = Vec::new();
+    // Each socket holds a first frame, read the usual way (the read that buffers the rest).
+    let holding = |frames: &[Vec<u8>]| {
+        let mut ws = upstream_holding(&[&[server_frame(0x81, &delta("first"))], frames].concat());
+        ws.read().expect("the first frame");
+        ws
+    };
+    // Nothing kept: nothing taken, every frame still there for the per-event read.
+    let mut ws = holding(&frames);
+    let mut none = KeepFirst { seen: 0, keep: 0 };
+    assert!(ws.take_text_run(64, &mut none, &mut payloads).is_none());
+    assert_eq!(none.seen, 3);
+    assert!(payloads.is_empty());
+    for t in ["a", "b", "c"] {
+        let msg = ws.read().expect("a frame left buffered");
+        assert!(
+            matches!(msg, Message::Text(ref x) if x.contains(t)),
+            "{msg:?}"
+        );
+    }
+    // Two of three kept: the third is the next run's first.
+    let mut ws = holding(&frames);
+    let mut two = KeepFirst { seen: 0, keep: 2 };
+    let run = ws.take_text_run(64, &mut two, &mut payloads).unwrap();
+    assert_eq!(run.as_ref(), frames[..2].concat());
+    assert_eq!(payloads.len(), 2);
+    let mut all = KeepFirst { seen: 0, keep: 9 };
+    let run = ws.take_text_run(64, &mut all, &mut payloads).unwrap();
+    assert_eq!(
+        run.as_ref(),
+        frames[2],
+        "a keep above the count takes what was accepted"
+    );
+}
+
 /// Frames relayed raw reach the client byte for byte, and only a server-role socket (whose
 /// frames are unmasked, like the upstream's) accepts them.
 #[test]

@@ -58,8 +58,8 @@ pub fn sniff_type(text: &str) -> Option<Cow<'_, str>> {
 /// `error` (the turn's end), the answers to side events (`response.steer.*`,
 /// `response.inject.*`). The tests of [`Ledger`](crate::turn::ledger::Ledger) check it
 /// against the ledger's own verdicts. (The no-output events a turn holds back before its
-/// first output are plain parts too; the raw relay takes runs only once a turn has shown
-/// output, see `Engine::relay_run`.)
+/// first output are plain parts too; before a turn has shown output the raw relay takes only
+/// a run that carries output itself, see `Engine::relay_run`.)
 pub fn is_plain_part(ty: &str) -> bool {
     is_plain_type(ty.as_bytes())
 }
@@ -102,12 +102,9 @@ pub const RAW_TERMINAL_MAX: usize = 4 << 10;
 /// plain (unescaped) type and valid UTF-8; `None` for anything else, which goes through the
 /// per-event path.
 pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
-    const PREFIX: &[u8] = b"{\"type\":\"";
-    let rest = payload.strip_prefix(PREFIX)?;
-    let head = &rest[..rest.len().min(96)];
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
-    let ty = &head[..scan::plain_string_end(head, 0)?];
+    let ty = raw_type(payload)?;
     let kind = if is_terminal_type(ty) {
         (terminals && payload.len() <= RAW_TERMINAL_MAX).then_some(RawKind::Terminal)?
     } else if is_plain_type(ty) {
@@ -116,6 +113,15 @@ pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
         return None;
     };
     simdutf8::basic::from_utf8(payload).ok().map(|_| kind)
+}
+
+/// The type of a frame payload written `type` first with a plain (unescaped) type of at most
+/// 96 bytes, as bytes (not yet checked to be UTF-8); `None` otherwise.
+pub fn raw_type(payload: &[u8]) -> Option<&[u8]> {
+    const PREFIX: &[u8] = b"{\"type\":\"";
+    let rest = payload.strip_prefix(PREFIX)?;
+    let head = &rest[..rest.len().min(96)];
+    Some(&head[..scan::plain_string_end(head, 0)?])
 }
 
 /// The fields of a client frame the gateway acts on. Parsing it also validates the JSON.

@@ -21,15 +21,20 @@ const HOLD_BYTES: usize = 64 * 1024;
 
 /// Upstream events that show the client nothing of the response.
 pub(super) fn carries_no_output(ty: &str) -> bool {
+    type_carries_no_output(ty.as_bytes())
+}
+
+/// [`carries_no_output`] on a type's bytes (a raw frame's, see [`event::raw_type`]).
+pub(super) fn type_carries_no_output(ty: &[u8]) -> bool {
     matches!(
         ty,
-        "response.created"
-            | "response.in_progress"
-            | "response.queued"
-            | "codex.rate_limits"
-            | "response.metadata"
-            | "codex.response.metadata"
-            | "responsesapi.websocket_timing"
+        b"response.created"
+            | b"response.in_progress"
+            | b"response.queued"
+            | b"codex.rate_limits"
+            | b"response.metadata"
+            | b"codex.response.metadata"
+            | b"responsesapi.websocket_timing"
     )
 }
 

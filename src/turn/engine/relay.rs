@@ -8,10 +8,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::RunFilter;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, info};
 
-use super::failover::carries_no_output;
+use super::failover::{carries_no_output, type_carries_no_output};
 use super::{ClientGone, Downstream, Engine, Flow};
 use crate::event;
 use crate::gateway::Shared;
@@ -201,13 +202,15 @@ impl Engine {
     /// Relays the run of plain parts (deltas, items and content parts added and done, ...)
     /// that the last socket read left buffered, as raw frames (one copy into the client's
     /// write buffer instead of a decode and an encode per frame): only while a turn is in
-    /// flight that has shown the client output and holds nothing back (so no no-output
-    /// event would be held), and the ledger attributes any part to the turn, so each frame
-    /// is handled exactly as the per-event path would (relayed, counted, no side effects).
-    /// A terminal ends the run as its last frame: it is relayed the same way and returned,
-    /// to be accounted for once the batch is out (as the per-event path does once output
-    /// was shown). The run stops before the first frame that is neither (see
-    /// [`event::raw_kind`]); that frame is read the usual way.
+    /// flight and the ledger attributes any part to it, so each frame is handled exactly as
+    /// the per-event path would (relayed, counted, no side effects). Before the turn has shown
+    /// the client output, a run is taken only if it carries output itself (see [`RunScan`]):
+    /// then nothing in it would be held back, and the no-output events already held go out
+    /// first, as they would in front of the run's first output event. A terminal ends the run
+    /// as its last frame: it is relayed the same way and returned, to be accounted for once
+    /// the batch is out (as the per-event path does once output was shown). The run stops
+    /// before the first frame that is neither (see [`event::raw_kind`]); that frame is read
+    /// the usual way.
     async fn relay_run<D: Downstream>(
         &mut self,
         d: &mut D,
@@ -215,41 +218,36 @@ impl Engine {
         sent: &mut usize,
         max_batch: usize,
     ) -> Result<Option<Utf8Bytes>, ClientGone> {
-        let eligible = self
-            .turn
-            .as_ref()
-            .is_some_and(|t| t.frames > 0 && t.quiet.is_empty())
-            && self.ledger.expects_parts()
-            && *sent < max_batch;
+        let Some(turn) = self.turn.as_ref() else {
+            return Ok(None);
+        };
+        let mut scan = RunScan {
+            shown: turn.frames > 0,
+            ..RunScan::default()
+        };
+        // The held events count against the batch too: they go out in front of the run.
+        let room = max_batch.saturating_sub(*sent + turn.quiet.len());
         let Some(conn) = self
             .upstream
             .as_mut()
             .and_then(Pooled::conn_mut)
-            .filter(|_| eligible)
+            .filter(|_| room > 0 && self.ledger.expects_parts())
         else {
             return Ok(None);
         };
         let mut payloads = Vec::new();
-        let mut ends = false;
-        let mut accept = |p: &[u8]| {
-            !ends
-                && match event::raw_kind(p, true) {
-                    Some(event::RawKind::Part) => true,
-                    Some(event::RawKind::Terminal) => {
-                        ends = true;
-                        true
-                    }
-                    None => false,
-                }
-        };
-        let Some(run) = conn.take_text_run(max_batch - *sent, &mut accept, &mut payloads) else {
+        let Some(run) = conn.take_text_run(room, &mut scan, &mut payloads) else {
             return Ok(None);
         };
         // Each payload was checked to be UTF-8 when the run was taken.
         let text = |p: &std::ops::Range<usize>| {
             Utf8Bytes::try_from(run.slice(p.clone())).unwrap_or_default()
         };
-        let terminal = payloads.last().filter(|_| ends).map(text);
+        let terminal = payloads.last().filter(|_| scan.ends).map(text);
+        if !scan.shown {
+            // The run shows output: what was held goes out in front of it.
+            Box::pin(self.relay_down(d, counted, sent, std::iter::empty())).await?;
+        }
         if d.try_feed_raw(&run)? {
             for p in &payloads {
                 self.relayed(counted, sent, p.len());
@@ -324,6 +322,52 @@ impl Engine {
             ),
             (Attribution::Part, Some(t)) => (None, carries_no_output(&t)),
             _ => (None, false),
+        }
+    }
+}
+
+/// Chooses a raw run (see [`Engine::relay_run`]): plain parts, and a terminal as the run's
+/// last frame; before the turn has shown output, the run is kept only if one of its parts
+/// carries output (comes before the terminal, if any), since until then the per-event path
+/// holds no-output events back and a rate-limited terminal moves the turn to another
+/// account.
+#[derive(Default)]
+struct RunScan {
+    /// The turn has shown the client output already.
+    shown: bool,
+    /// A part that carries output was accepted.
+    output: bool,
+    /// The run ends with a terminal.
+    ends: bool,
+}
+
+impl RunFilter for RunScan {
+    fn accept(&mut self, payload: &[u8]) -> bool {
+        if self.ends {
+            return false;
+        }
+        match event::raw_kind(payload, true) {
+            Some(event::RawKind::Part) => {
+                if !(self.shown || self.output) {
+                    self.output =
+                        event::raw_type(payload).is_some_and(|t| !type_carries_no_output(t));
+                }
+                true
+            }
+            Some(event::RawKind::Terminal) => {
+                self.ends = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn keep(&mut self, accepted: usize) -> usize {
+        if self.shown || self.output {
+            accepted
+        } else {
+            self.ends = false;
+            0
         }
     }
 }

@@ -264,13 +264,13 @@ impl<S> WebSocketStream<S> {
     pub fn take_text_run(
         &mut self,
         max_frames: usize,
-        accept: &mut dyn FnMut(&[u8]) -> bool,
+        filter: &mut dyn tungstenite::protocol::RunFilter,
         payloads: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<tungstenite::Bytes>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        self.inner.take_text_run(max_frames, accept, payloads)
+        self.inner.take_text_run(max_frames, filter, payloads)
     }
 
     /// wsgate patch: like `Sink::start_send` (after `poll_ready`), for frames taken by

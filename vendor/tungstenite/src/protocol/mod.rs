@@ -6,6 +6,26 @@ mod message;
 
 pub use self::{frame::CloseFrame, message::Message};
 
+/// wsgate patch: what a raw run takes (see [`WebSocket::take_text_run`]): each complete plain
+/// text frame's payload is offered to [`accept`](Self::accept) in order until one is refused;
+/// then [`keep`](Self::keep) says how many of the accepted frames the run takes (a decision
+/// that needs the whole run); the rest stay buffered. A plain `FnMut(&[u8]) -> bool` accepts
+/// and keeps everything it accepts.
+pub trait RunFilter {
+    /// Whether the run may take this payload (and go on to the next frame).
+    fn accept(&mut self, payload: &[u8]) -> bool;
+    /// How many of the `accepted` frames the run takes (the rest stay buffered).
+    fn keep(&mut self, accepted: usize) -> usize {
+        accepted
+    }
+}
+
+impl<F: FnMut(&[u8]) -> bool> RunFilter for F {
+    fn accept(&mut self, payload: &[u8]) -> bool {
+        self(payload)
+    }
+}
+
 use self::{
     frame::{
         coding::{CloseCode, Control as OpCtl, Data as OpData, OpCode},
@@ -310,10 +330,10 @@ impl<Stream: Read + Write> WebSocket<Stream> {
     pub fn take_text_run(
         &mut self,
         max_frames: usize,
-        accept: &mut dyn FnMut(&[u8]) -> bool,
+        filter: &mut dyn RunFilter,
         payloads: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<bytes::Bytes> {
-        self.context.take_text_run(max_frames, accept, payloads)
+        self.context.take_text_run(max_frames, filter, payloads)
     }
 
     /// wsgate patch: queues frames taken by `take_text_run` on another socket, verbatim (see
@@ -538,7 +558,8 @@ impl WebSocketContext {
     }
 
     /// wsgate patch: on a client, takes a run of complete, final, unmasked text frames with no
-    /// reserved bits (each within the frame and message size limits and accepted by `accept`)
+    /// reserved bits (each within the frame and message size limits and accepted by `filter`,
+    /// which keeps a prefix of the run, see [`RunFilter`])
     /// from the bytes already buffered, without I/O, for relaying verbatim. Nothing is taken
     /// while a fragmented message is being received, a control reply is pending, or the
     /// connection is closing; the run ends at the first frame that is anything else, which
@@ -547,7 +568,7 @@ impl WebSocketContext {
     pub fn take_text_run(
         &mut self,
         max_frames: usize,
-        accept: &mut dyn FnMut(&[u8]) -> bool,
+        filter: &mut dyn RunFilter,
         payloads: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<bytes::Bytes> {
         payloads.clear();
@@ -564,7 +585,7 @@ impl WebSocketContext {
             .max_frame_size
             .unwrap_or(usize::MAX)
             .min(self.config.max_message_size.unwrap_or(usize::MAX));
-        self.frame.take_text_run(max_frames, max, accept, payloads)
+        self.frame.take_text_run(max_frames, max, filter, payloads)
     }
 
     /// wsgate patch: on a server, queues already-encoded unmasked frames (a run taken by

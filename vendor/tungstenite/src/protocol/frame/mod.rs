@@ -289,14 +289,16 @@ impl FrameCodec {
 
     /// wsgate patch: takes a run of frames from the bytes already buffered (no I/O): complete,
     /// final, unmasked text frames with no reserved bits, each payload at most `max_size`
-    /// bytes and accepted by `accept`, at most `max_frames` of them. The run stops at the
-    /// first frame that is anything else (it stays buffered for `read_frame`). Returns the
-    /// frames' raw bytes (headers included); `payloads` gets each payload's range in them.
+    /// bytes and accepted by `filter`, at most `max_frames` of them, of which `filter` keeps
+    /// the first [`keep`](crate::protocol::RunFilter::keep). The run stops at the first frame
+    /// that is anything else (it stays buffered for `read_frame`, as do frames not kept).
+    /// Returns the frames' raw bytes (headers included); `payloads` gets each payload's range
+    /// in them.
     pub(super) fn take_text_run(
         &mut self,
         max_frames: usize,
         max_size: usize,
-        accept: &mut dyn FnMut(&[u8]) -> bool,
+        filter: &mut dyn crate::protocol::RunFilter,
         payloads: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<bytes::Bytes> {
         payloads.clear();
@@ -319,7 +321,7 @@ impl FrameCodec {
             }
             let start = pos + cursor.position() as usize;
             let end = start + len as usize;
-            if end > buf.len() || !accept(&buf[start..end]) {
+            if end > buf.len() || !filter.accept(&buf[start..end]) {
                 break;
             }
             if payloads.capacity() == 0 {
@@ -330,9 +332,14 @@ impl FrameCodec {
             payloads.push(start..end);
             pos = end;
         }
-        if payloads.is_empty() {
+        // The filter may keep fewer than it accepted (a decision that needs the whole run);
+        // the frames it leaves stay buffered.
+        let keep = filter.keep(payloads.len()).min(payloads.len());
+        payloads.truncate(keep);
+        let Some(last) = payloads.last() else {
             return None;
-        }
+        };
+        let pos = last.end;
         let run = self.in_buffer.split_to(pos).freeze();
         if self.in_buffer.is_empty() {
             // As in `read_frame`: an empty buffer is released.
