@@ -15,15 +15,26 @@ async fn mock() -> MockUpstream {
     MockUpstream::start(MockConfig::default()).await.unwrap()
 }
 
-/// A mock that writes each answer in one go (many frames per read: the relay's raw runs see
-/// the no-output events and the limit together).
-async fn batching_mock() -> MockUpstream {
-    MockUpstream::start(MockConfig {
-        speed: true,
+/// A gateway with two accounts in front of a mock that answers `limit` on the account a
+/// fresh conversation named `name-...` gets (returned with it). `batched`: the mock writes
+/// each answer in one go (many frames per read, so the relay's raw runs see the no-output
+/// events and the limit together); otherwise frame by frame.
+async fn limited_gateway(
+    batched: bool,
+    name: &str,
+    limit: Limit,
+) -> (MockUpstream, TestGateway, String, String) {
+    let mock = MockUpstream::start(MockConfig {
+        speed: batched,
         ..MockConfig::default()
     })
     .await
-    .unwrap()
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    let conv = unique(name);
+    let limited = gw.account_of(&conv);
+    mock.limit(&account_key(&limited), limit);
+    (mock, gw, conv, limited)
 }
 
 fn other(account: &str) -> &'static str {
@@ -49,22 +60,12 @@ async fn a_rate_limit_before_any_output_moves_the_turn_to_the_other_account() {
         .flat_map(|b| cases.map(|c| (b, c)))
     {
         let what = format!("batched={batched} failed={failed} created_first={created_first}");
-        let mock = if batched {
-            batching_mock().await
-        } else {
-            mock().await
+        let limit = Limit {
+            failed,
+            created_first,
+            ..Limit::default()
         };
-        let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
-        let conv = unique("failover");
-        let limited = gw.account_of(&conv);
-        mock.limit(
-            &account_key(&limited),
-            Limit {
-                failed,
-                created_first,
-                ..Limit::default()
-            },
-        );
+        let (mock, gw, conv, limited) = limited_gateway(batched, "failover", limit).await;
         let mut c = gw.connect(&conv).await;
         let t = c
             .turn(&create_body(Some(&conv), "hello failover", None))
@@ -154,21 +155,11 @@ async fn a_continuation_on_a_limited_account_asks_for_full_context() {
 #[tokio::test]
 async fn a_rate_limit_after_visible_output_is_forwarded() {
     for batched in [false, true] {
-        let mock = if batched {
-            batching_mock().await
-        } else {
-            mock().await
+        let limit = Limit {
+            after_deltas: 2,
+            ..Limit::default()
         };
-        let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
-        let conv = unique("late-limit");
-        let limited = gw.account_of(&conv);
-        mock.limit(
-            &account_key(&limited),
-            Limit {
-                after_deltas: 2,
-                ..Limit::default()
-            },
-        );
+        let (mock, gw, conv, limited) = limited_gateway(batched, "late-limit", limit).await;
         let mut c = gw.connect(&conv).await;
         let t = c
             .turn(&create_body(Some(&conv), "late", None))
