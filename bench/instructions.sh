@@ -11,16 +11,18 @@
 #
 # Usage: bench/instructions.sh BIN [BIN ...]        wsgate binaries (the first's tools are used)
 #        SESSIONS=16 TURNS=50 bench/instructions.sh  the workload (defaults; 5 deltas, 20ms think)
+#        INTERVAL=1ms bench/instructions.sh ...       the mock pauses between deltas (each arrives
+#                                                     on its own, as a real upstream streams them)
 set -euo pipefail
 if [ $# -lt 1 ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 command -v valgrind >/dev/null || { echo "valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
 BINS=()
 for b in "$@"; do BINS+=("$(realpath "$b")"); done
 cd "$(dirname "$0")/.."
-SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}
+SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 TOOLS=${BINS[0]}
@@ -29,7 +31,7 @@ MOCK_PORT=$(free_port)
 "$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
 PIDS+=($!); wait_port "$MOCK_PORT"
 
-echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas, think 20ms (after a warm-up of 5 turns each)"
+echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas (mock pause between deltas: $INTERVAL), think 20ms (after a warm-up of 5 turns each)"
 echo
 echo "| build | instructions per turn | turns | errors |"
 echo "|---|---:|---:|---:|"
@@ -44,7 +46,8 @@ for i in "${!BINS[@]}"; do
   load() {
     "$TOOLS" loadgen --url "ws://127.0.0.1:$port/v1/responses" --label "x" \
       --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --json "$TMP/run-$i.json" \
-      --sessions "$SESSIONS" --turns "$1" --deltas 5 --think 20ms >"$TMP/loadgen.log" 2>&1
+      --sessions "$SESSIONS" --turns "$1" --deltas 5 --think 20ms --delta-interval "$INTERVAL" \
+      >"$TMP/loadgen.log" 2>&1
   }
   load 5
   callgrind_control -i on "$gw" >/dev/null 2>&1

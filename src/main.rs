@@ -48,6 +48,10 @@ struct LoadgenArgs {
     /// Bytes per delta (0 = a short sentence).
     #[arg(long, default_value_t = 0)]
     delta_size: usize,
+    /// The mock's pause between deltas (whole milliseconds; 0s: none, a turn's events are
+    /// written at once). With a pause each delta arrives on its own, as a real upstream's do.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    delta_interval: std::time::Duration,
     /// Pause between turns.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     think: std::time::Duration,
@@ -289,6 +293,7 @@ async fn loadgen(a: LoadgenArgs) -> ExitCode {
         turns: a.turns,
         deltas: a.deltas,
         delta_size: a.delta_size,
+        delta_interval: a.delta_interval,
         think: a.think,
         think_jitter: a.think_jitter,
         reconnect_every_turn: a.reconnect_every_turn,

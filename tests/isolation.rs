@@ -96,9 +96,25 @@ async fn unknown_client_events_never_reach_the_upstream_nor_end_a_turn() {
     gw.stop().await;
 }
 
+/// Also when the answer's first events arrive in one read (a mock that writes what it has
+/// before each pause): the relay then takes all but `response.created` as one raw run, and
+/// the ledger must still know the response is running (else the steer's error would read as
+/// the create's answer and end the turn; a relay that took `response.created` raw too
+/// without reading it failed here).
 #[tokio::test]
 async fn a_steer_the_upstream_rejects_mid_turn_does_not_end_the_turn() {
-    let mock = mock().await;
+    for batched in [false, true] {
+        steer_rejected_mid_turn(batched).await;
+    }
+}
+
+async fn steer_rejected_mid_turn(batched: bool) {
+    let mock = MockUpstream::start(MockConfig {
+        speed: batched,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
     let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
     let conv = unique("steer");
     let mut c = gw.connect(&conv).await;
@@ -131,7 +147,7 @@ async fn a_steer_the_upstream_rejects_mid_turn_does_not_end_the_turn() {
         .count();
     assert_eq!(
         first_deltas, 20,
-        "the steer's error did not end the first turn"
+        "batched={batched}: the steer's error did not end the first turn"
     );
     assert_eq!(response_ids(&frames).len(), 2);
     assert_eq!(

@@ -35,6 +35,8 @@ pub struct LoadgenConfig {
     pub turns: usize,
     pub deltas: usize,
     pub delta_size: usize,
+    /// The mock's pause between deltas (zero: none; the mock then writes a turn at once).
+    pub delta_interval: Duration,
     pub think: Duration,
     /// Spread of the think time: each pause is drawn from `think * [1 - j, 1 + j]` (mean
     /// `think`), by a hash of the session and turn, so every target sees the same schedule.
@@ -220,10 +222,18 @@ impl Ctx {
 
     /// The prompt that asks the mock for this load's turn shape.
     fn load_text(&self) -> String {
-        format!(
-            "load [[mock: deltas={}, size={}]]",
+        let mut text = format!(
+            "load [[mock: deltas={}, size={}",
             self.cfg.deltas, self.cfg.delta_size
-        )
+        );
+        if !self.cfg.delta_interval.is_zero() {
+            text.push_str(&format!(
+                ", interval={}",
+                self.cfg.delta_interval.as_millis().max(1)
+            ));
+        }
+        text.push_str("]]");
+        text
     }
 
     /// One turn; returns the completed response id.
@@ -661,6 +671,7 @@ mod tests {
             turns: 20,
             deltas: 1000,
             delta_size: 16,
+            delta_interval: Duration::ZERO,
             think: Duration::ZERO,
             think_jitter: 0.0,
             reconnect_every_turn: false,

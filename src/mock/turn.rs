@@ -160,6 +160,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Emitter<'_, S> {
         true
     }
 
+    /// Writes out what batch mode queued, before the mock goes quiet (a pause between
+    /// events): a real upstream sends what it has before it waits.
+    async fn flush_before_pause(&mut self) -> bool {
+        if self.unflushed == 0 {
+            return true;
+        }
+        self.unflushed = 0;
+        self.sink.flush().await.is_ok()
+    }
+
     fn end(&mut self) {
         if !self.terminal_sent {
             self.terminal_sent = true;
@@ -477,6 +487,7 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                             .await;
                 }
                 if i == 0 && !d.stall.is_zero() {
+                    ok = ok && em.flush_before_pause().await;
                     tokio::time::sleep(d.stall).await;
                 }
                 if !ok {
@@ -537,6 +548,10 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                     break 'events;
                 }
                 if !d.interval.is_zero() {
+                    if !em.flush_before_pause().await {
+                        ok = false;
+                        break 'events;
+                    }
                     tokio::time::sleep(d.interval).await;
                 }
             }
