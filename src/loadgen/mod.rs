@@ -8,9 +8,8 @@
 //! sampling a process's RSS (the gateway's memory per idle session).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -19,10 +18,13 @@ use tokio::time::Instant;
 use crate::client::{Client, ClientError, create_body, create_text};
 
 mod procfs;
+mod stats;
 mod think;
 
 use crate::event;
 pub use procfs::{CpuTimes, cpu_times, rss_kib};
+pub use stats::Percentiles;
+use stats::{Stats, percentiles};
 use think::think_time;
 
 /// What to run.
@@ -62,16 +64,6 @@ pub struct LoadgenConfig {
     pub http: bool,
 }
 
-/// Latency percentiles.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Percentiles {
-    pub count: u64,
-    pub p50: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
 /// A run's result.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -105,96 +97,6 @@ pub struct Report {
     pub mock: Option<Value>,
     /// Upstream connections the mock accepted during this run.
     pub upstream_connections_opened: Option<u64>,
-}
-
-struct Stats {
-    ttfe_us: Histogram<u64>,
-    latency_us: Histogram<u64>,
-    turns_ok: u64,
-    errors: u64,
-    first_error: Option<String>,
-    events: u64,
-}
-
-impl Stats {
-    /// Histograms that grow to the largest value recorded (three significant figures):
-    /// sized for 600 s up front they took ~170 KB each, so ~350 KB a session, all zeroed.
-    fn new() -> Stats {
-        Stats {
-            ttfe_us: Histogram::new(3).expect("valid precision"),
-            latency_us: Histogram::new(3).expect("valid precision"),
-            turns_ok: 0,
-            errors: 0,
-            first_error: None,
-            events: 0,
-        }
-    }
-
-    /// The first event of a turn sent at `sent` arrived.
-    fn first_event(&mut self, sent: Instant) {
-        let _ = self
-            .ttfe_us
-            .record(sent.elapsed().as_micros().max(1) as u64);
-    }
-
-    /// One event arrived (its send stamp, if any, gives its latency).
-    fn event(&mut self, data: &str) {
-        self.events += 1;
-        if let Some(ts) = stamp(data) {
-            let lat = now_ns().saturating_sub(ts) / 1000;
-            let _ = self.latency_us.record((lat as u64).max(1));
-        }
-    }
-
-    fn error(&mut self, e: impl std::fmt::Display) {
-        self.errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(e.to_string());
-        }
-    }
-
-    fn merge(&mut self, other: Stats) {
-        let _ = self.ttfe_us.add(&other.ttfe_us);
-        let _ = self.latency_us.add(&other.latency_us);
-        self.turns_ok += other.turns_ok;
-        self.errors += other.errors;
-        self.events += other.events;
-        if self.first_error.is_none() {
-            self.first_error = other.first_error;
-        }
-    }
-}
-
-fn percentiles(h: &Histogram<u64>, scale: f64) -> Percentiles {
-    Percentiles {
-        count: h.len(),
-        p50: h.value_at_quantile(0.50) as f64 / scale,
-        p99: h.value_at_quantile(0.99) as f64 / scale,
-        p999: h.value_at_quantile(0.999) as f64 / scale,
-        max: h.max() as f64 / scale,
-    }
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-/// `"ts_ns":123` at the end of a mock delta, without parsing the frame.
-fn stamp(text: &str) -> Option<u128> {
-    // The mock writes the stamp last (`..,"ts_ns":123}`): read from the end, no search.
-    let body = text.trim_end().strip_suffix('}')?;
-    let colon = body.rfind(':')?;
-    let digits = &body[colon + 1..];
-    if !body[..colon].ends_with("\"ts_ns\"") || digits.is_empty() {
-        return None;
-    }
-    digits
-        .bytes()
-        .all(|c| c.is_ascii_digit())
-        .then(|| digits.parse().ok())?
 }
 
 type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
@@ -639,20 +541,6 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stamps_are_read_without_parsing() {
-        assert_eq!(
-            stamp(r#"{"type":"response.output_text.delta","delta":"x","ts_ns":1234567}"#),
-            Some(1234567)
-        );
-        assert_eq!(stamp(r#"{"type":"response.completed"}"#), None);
-        assert_eq!(stamp("{\"delta\":\"a:b\",\"ts_ns\":42}\n"), Some(42));
-        assert_eq!(stamp(r#"{"ts_ns":12,"type":"x"}"#), None);
-        assert_eq!(stamp(r#"{"ts_ns":}"#), None);
-        assert_eq!(stamp(r#"{"ts_ns":-5}"#), None);
-        assert_eq!(stamp(r#"{"delta":"ts_ns","n":7}"#), None);
-    }
 
     /// The CPU a run cost the target, split into user space and kernel, per million events:
     /// here the target is this process (the mock and the load generator both run in it).
