@@ -22,6 +22,7 @@ pub const UPSTREAM_OPENED: &str = "wsgate_upstream_connections_opened_total";
 pub const UPSTREAM_CLOSED: &str = "wsgate_upstream_connections_closed_total";
 pub const FRAMES: &str = "wsgate_frames_total";
 pub const BYTES: &str = "wsgate_bytes_total";
+pub const RAW_FRAMES: &str = "wsgate_relay_raw_frames_total";
 pub const ERRORS: &str = "wsgate_errors_total";
 pub const SESSIONS: &str = "wsgate_sessions_active";
 pub const TASKS: &str = "wsgate_tasks";
@@ -83,6 +84,10 @@ fn describe() {
     describe_counter!(UPSTREAM_CLOSED, "Upstream WebSocket connections closed");
     describe_counter!(FRAMES, "Frames relayed, by direction");
     describe_counter!(BYTES, "Payload bytes relayed, by direction");
+    describe_counter!(
+        RAW_FRAMES,
+        "Upstream frames relayed to clients as the upstream's own bytes (raw runs; part of frames_total upstream_to_client)"
+    );
     describe_counter!(ERRORS, "Errors by kind");
     describe_gauge!(SESSIONS, "Client sessions connected now");
     describe_gauge!(
@@ -211,6 +216,8 @@ pub struct Relay {
     pub bytes_up: Counter,
     pub frames_down: Counter,
     pub bytes_down: Counter,
+    /// Of `frames_down`, those relayed verbatim (raw runs).
+    pub raw_down: Counter,
     first_event: Histogram,
     /// Turns and their durations by terminal label ([`TERMINALS`]) and ingress.
     turns: Vec<(Counter, Histogram)>,
@@ -238,6 +245,7 @@ impl Relay {
             bytes_up: counter!(BYTES, "direction" => "client_to_upstream"),
             frames_down: counter!(FRAMES, "direction" => "upstream_to_client"),
             bytes_down: counter!(BYTES, "direction" => "upstream_to_client"),
+            raw_down: counter!(RAW_FRAMES),
             first_event: histogram!(TURN_FIRST_EVENT),
             turns,
             usage: ["reuse", "new", "bypass"]

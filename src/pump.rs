@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use crate::upstream::UpstreamStream;
 
@@ -48,6 +48,30 @@ pub enum PumpEvent {
     Closed(Option<CloseFrame>),
     /// The connection failed, hit EOF, or stopped answering pings.
     Failed(String),
+    /// Plain text frames taken from a read as they arrived (see [`Link::poll_read_run`]).
+    Run(RawRun),
+}
+
+/// A run of complete text frames taken from the socket as raw bytes, headers included, for
+/// relaying verbatim (see `tungstenite::WebSocket::take_text_run`).
+#[derive(Debug)]
+pub struct RawRun {
+    pub frames: bytes::Bytes,
+    /// Each frame's payload, as a range of `frames`.
+    pub payloads: Vec<std::ops::Range<usize>>,
+}
+
+impl RawRun {
+    /// Frame `i`'s payload as text, if its `type` (read raw, see
+    /// [`crate::event::raw_type`]) passes `want`. Each payload was checked to be UTF-8 when
+    /// the run was taken.
+    pub fn text(&self, i: usize, want: impl FnOnce(&[u8]) -> bool) -> Option<Utf8Bytes> {
+        let payload = self.frames.slice(self.payloads.get(i)?.clone());
+        crate::event::raw_type(&payload)
+            .is_some_and(want)
+            .then(|| Utf8Bytes::try_from(payload.clone()).ok())
+            .flatten()
+    }
 }
 
 /// Pump settings.
@@ -176,20 +200,66 @@ impl Link {
         if let Some(end) = self.end() {
             return Poll::Ready(end.into());
         }
+        self.read_frame(&mut self.ws(), cx)
+    }
+
+    /// The holder's read that looks for a run first: once bytes arrived, and before any frame
+    /// of them is decoded, a run of plain text frames `filter` takes (see
+    /// `tungstenite::WebSocket::fill` and `take_text_run`), at most `max_frames`, is returned
+    /// as raw bytes; with no such run, the next frame as [`Link::poll_read`] reads it.
+    pub fn poll_read_run(
+        &self,
+        cx: &mut Context<'_>,
+        max_frames: usize,
+        filter: &mut dyn tokio_tungstenite::tungstenite::protocol::RunFilter,
+    ) -> Poll<PumpEvent> {
+        if let Some(end) = self.end() {
+            return Poll::Ready(end.into());
+        }
         let mut ws = self.ws();
+        match ws.poll_fill(cx) {
+            Poll::Pending => return self.wait(cx),
+            Poll::Ready(Err(e)) => {
+                self.mark_heard();
+                return Poll::Ready(PumpEvent::Failed(e.to_string()));
+            }
+            Poll::Ready(Ok(true)) => {
+                let mut payloads = Vec::new();
+                if let Some(frames) = ws.take_text_run(max_frames, filter, &mut payloads) {
+                    self.mark_heard();
+                    return Poll::Ready(PumpEvent::Run(RawRun { frames, payloads }));
+                }
+            }
+            // A frame is half read or the stream ended: the frame read takes over.
+            Poll::Ready(Ok(false)) => {}
+        }
+        self.read_frame(&mut ws, cx)
+    }
+
+    /// Something arrived for the holder.
+    fn mark_heard(&self) {
+        self.waiting.store(false, Ordering::Relaxed);
+        self.heard.store(true, Ordering::Relaxed);
+    }
+
+    /// The holder waits for the socket.
+    fn wait(&self, cx: &mut Context<'_>) -> Poll<PumpEvent> {
+        // Only a holder about to wait needs the pump's wake-up: registered, then the end
+        // re-checked, so an end set in between is not missed.
+        self.holder.register(cx.waker());
+        if let Some(end) = self.end() {
+            return Poll::Ready(end.into());
+        }
+        self.waiting.store(true, Ordering::Relaxed);
+        Poll::Pending
+    }
+
+    fn read_frame(&self, ws: &mut UpstreamStream, cx: &mut Context<'_>) -> Poll<PumpEvent> {
         loop {
             let Poll::Ready(next) = Pin::new(&mut *ws).poll_next(cx) else {
-                // Only a holder about to wait needs the pump's wake-up: registered, then the
-                // end re-checked, so an end set in between is not missed.
-                self.holder.register(cx.waker());
-                if let Some(end) = self.end() {
-                    return Poll::Ready(end.into());
-                }
-                self.waiting.store(true, Ordering::Relaxed);
-                return Poll::Pending;
+                return self.wait(cx);
             };
-            self.waiting.store(false, Ordering::Relaxed);
-            self.heard.store(true, Ordering::Relaxed);
+            self.mark_heard();
             return Poll::Ready(match next {
                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => PumpEvent::Frame(m),
                 Some(Ok(Message::Close(frame))) => PumpEvent::Closed(frame),

@@ -299,6 +299,17 @@ impl UpstreamConn {
         Some(std::future::poll_fn(|cx| self.link.poll_read(cx)).await)
     }
 
+    /// The next upstream event, read directly from the socket, looking for a run first (see
+    /// [`Link::poll_read_run`](crate::pump::Link::poll_read_run)): a run of frames `filter`
+    /// takes from a read before any of them is decoded, or else the next frame.
+    pub async fn recv_run<F>(&mut self, max_frames: usize, mut filter: F) -> PumpEvent
+    where
+        F: tokio_tungstenite::tungstenite::protocol::RunFilter + Send,
+    {
+        self.link.hold();
+        std::future::poll_fn(|cx| self.link.poll_read_run(cx, max_frames, &mut filter)).await
+    }
+
     /// A run of plain text frames already read from the socket, as raw bytes (see
     /// [`Link::take_text_run`](crate::pump::Link::take_text_run)).
     pub fn take_text_run(

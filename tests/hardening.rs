@@ -875,6 +875,58 @@ fn raw_runs_take_only_complete_plain_part_frames() {
     );
 }
 
+/// `fill` (vendored tungstenite) buffers a read without decoding any of it, so a run can start
+/// at the read's first frame (`response.created` opening a turn's answer); with nothing to
+/// read it reports the would-block as a read does; it hands over to the frame read when a
+/// frame header is already decoded, at the stream's end, and on a server-role socket.
+#[test]
+fn fill_buffers_a_read_without_decoding_it() {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    use tokio_tungstenite::tungstenite::{Error, Message};
+    let all = &mut |_: &[u8]| true;
+    let mut payloads = Vec::new();
+    let created = server_frame(0x81, br#"{"type":"response.created","response":{}}"#);
+    let (a, b) = (
+        server_frame(0x81, &delta("a")),
+        server_frame(0x81, &delta("b")),
+    );
+    let mut ws = upstream_holding(&[created.clone(), a.clone(), b.clone()]);
+    assert!(ws.fill().expect("bytes arrived"));
+    assert!(ws.fill().expect("still buffered"), "no second read");
+    assert_eq!(ws.get_ref().offered.len(), 1, "one read");
+    let run = ws.take_text_run(64, all, &mut payloads).expect("a run");
+    assert_eq!(
+        run.as_ref(),
+        [created, a, b.clone()].concat(),
+        "from the read's first frame"
+    );
+    match ws.fill() {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+        other => panic!("nothing to read: {other:?}"),
+    }
+    // A frame whose header the frame read already decoded: the frame read finishes it.
+    let mut ws = upstream_holding(&[b[..4].to_vec()]);
+    assert!(
+        matches!(ws.read(), Err(Error::Io(_))),
+        "the rest is missing"
+    );
+    assert!(!ws.fill().unwrap(), "half a frame is the frame read's");
+    ws.get_mut().incoming.push_back(b[4..].to_vec());
+    assert!(matches!(ws.read().unwrap(), Message::Text(t) if t.contains("\"b\"")));
+    // The stream's end: the frame read reports it.
+    let mut ws = upstream_holding(&[Vec::new()]);
+    assert!(!ws.fill().unwrap());
+    // A server-role socket (client frames are masked, never relayed raw).
+    let socket = RecordingSocket {
+        incoming: [client_frame("x")].into(),
+        offered: Vec::new(),
+    };
+    let config = WebSocketConfig::default();
+    let mut ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
+    assert!(!ws.fill().unwrap());
+    assert!(ws.get_ref().offered.is_empty(), "nothing read");
+}
+
 /// A run's filter sees every frame it could take before it decides how many to keep
 /// (`RunFilter::keep`): the frames it does not keep stay buffered, whole and in order, for the
 /// next run or the per-event read.

@@ -97,10 +97,10 @@ async fn unknown_client_events_never_reach_the_upstream_nor_end_a_turn() {
 }
 
 /// Also when the answer's first events arrive in one read (a mock that writes what it has
-/// before each pause): the relay then takes all but `response.created` as one raw run, and
-/// the ledger must still know the response is running (else the steer's error would read as
-/// the create's answer and end the turn; a relay that took `response.created` raw too
-/// without reading it failed here).
+/// before each pause): the relay then takes them, `response.created` included, as one raw run
+/// before reading any, and the ledger must still learn from the created that the response is
+/// running (else the steer's error would read as the create's answer and end the turn; a
+/// relay that took `response.created` raw without reading it afterwards failed here).
 #[tokio::test]
 async fn a_steer_the_upstream_rejects_mid_turn_does_not_end_the_turn() {
     for batched in [false, true] {

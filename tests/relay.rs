@@ -529,13 +529,17 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
 }
 
 /// A short answer arrives in one read, so its terminal comes in the same batch as the run of
-/// deltas before it: it still ends the turn, is attributed to the conversation (a client
+/// deltas before it, and its `response.created` opens that read: the whole answer goes out
+/// as the upstream's bytes (counted by `wsgate_relay_raw_frames_total`) before the gateway
+/// reads any of it, and the turn still ends, is attributed to the conversation (a client
 /// that reconnects and continues from it is served on the same pooled connection, where the
-/// upstream state lives) and reaches the client byte for byte, whichever terminal it is.
+/// upstream state lives: the created's response id was recorded) and reaches the client byte
+/// for byte, whichever terminal it is.
 #[tokio::test]
 async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
     let (mock, gw, conv, mut c) = batching_gateway("batched-terminal").await;
     let mut prev: Option<String> = None;
+    let mut relayed = 0;
     for (turn, (text, terminal)) in [
         ("[[mock: deltas=3, incomplete]]", "response.incomplete"),
         ("[[mock: deltas=5]]", "response.completed"),
@@ -575,6 +579,7 @@ async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
             got == conns[0].sent_frames()[before..],
             "turn {turn}: the client got exactly the frames the upstream sent"
         );
+        relayed += got.len();
         let id = wsgate::event::response_id(&last);
         assert!(id.is_some(), "turn {turn}: the terminal has an id");
         // Only a completed response can be continued.
@@ -591,6 +596,10 @@ async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
     let status = gw.settle().await;
     assert_eq!(status["pool"]["idle"], 1, "{status}");
     assert_eq!(status["decisions"]["reuse"], 3, "{status}");
+    // Each answer (one write of the mock's, under one read's size) went out raw, whole.
+    let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
+    let raw = prom_value(&metrics, "wsgate_relay_raw_frames_total", &[]);
+    assert_eq!(raw, Some(relayed as f64), "frames relayed raw of {relayed}");
 }
 
 /// A client that stops reading while deltas arrive many per read: the runs taken while its

@@ -19,7 +19,7 @@ pub fn is_terminal(event_type: &str) -> bool {
     is_terminal_type(event_type.as_bytes())
 }
 
-fn is_terminal_type(ty: &[u8]) -> bool {
+pub fn is_terminal_type(ty: &[u8]) -> bool {
     matches!(
         ty,
         b"response.completed" | b"response.failed" | b"response.incomplete" | b"error"
@@ -88,25 +88,30 @@ pub enum RawKind {
     Part,
     /// A terminal (`response.completed`, `response.failed`, `response.incomplete`, `error`).
     Terminal,
+    /// A `response.created` (the ledger reads its `response.id`).
+    Created,
 }
 
-/// The largest terminal a raw run takes. The ledger needs a terminal's text as a `str`, which
-/// costs a raw one a second UTF-8 pass (the run's check, then the conversion) where the
-/// per-event read makes one: on a small terminal the decode and re-encode saved are worth
-/// more, on a large one (the real upstream echoes the whole response, instructions
-/// included) the second pass costs more than they do.
+/// The largest terminal or `response.created` a raw run takes. The ledger needs such an
+/// event's text as a `str`, which costs a raw one a second UTF-8 pass (the run's check, then
+/// the conversion) where the per-event read makes one: on a small event the decode and
+/// re-encode saved are worth more, on a large one (the real upstream echoes the whole
+/// response, instructions included) the second pass costs more than they do.
 pub const RAW_TERMINAL_MAX: usize = 4 << 10;
 
-/// Classifies a frame payload for the raw relay: a plain part, or (with `terminals`) a
-/// terminal of at most [`RAW_TERMINAL_MAX`] bytes, each only when written `type` first with a
-/// plain (unescaped) type and valid UTF-8; `None` for anything else, which goes through the
-/// per-event path.
-pub fn raw_kind(payload: &[u8], terminals: bool) -> Option<RawKind> {
+/// Classifies a frame payload for the raw relay: a plain part, or (with `lifecycle`) a
+/// terminal or a `response.created` of at most [`RAW_TERMINAL_MAX`] bytes, each only when
+/// written `type` first with a plain (unescaped) type and valid UTF-8; `None` for anything
+/// else, which goes through the per-event path.
+pub fn raw_kind(payload: &[u8], lifecycle: bool) -> Option<RawKind> {
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
     let ty = raw_type(payload)?;
+    let small = lifecycle && payload.len() <= RAW_TERMINAL_MAX;
     let kind = if is_terminal_type(ty) {
-        (terminals && payload.len() <= RAW_TERMINAL_MAX).then_some(RawKind::Terminal)?
+        small.then_some(RawKind::Terminal)?
+    } else if ty == b"response.created" {
+        small.then_some(RawKind::Created)?
     } else if is_plain_type(ty) {
         RawKind::Part
     } else {

@@ -53,9 +53,10 @@ fn terminal_events() {
     }
 }
 
-/// The raw relay's classification: parts always, terminals only when asked for (the run
-/// then ends with one); anything the ledger reads, or whose type or text needs a closer look,
-/// is neither and goes through the per-event path.
+/// The raw relay's classification: parts always, terminals and `response.created` only when
+/// asked for (a run then ends with the one, may open with the other); anything else the
+/// ledger reads, or whose type or text needs a closer look, is none of these and goes
+/// through the per-event path.
 #[test]
 fn raw_kinds_of_frame_payloads() {
     let part = br#"{"type":"response.output_text.delta","delta":"hi"}"#;
@@ -92,8 +93,17 @@ fn raw_kinds_of_frame_payloads() {
         Some(RawKind::Terminal)
     );
     let large = sized(RAW_TERMINAL_MAX + 1);
+    let created = br#"{"type":"response.created","response":{"id":"resp_1"}}"#;
+    assert_eq!(raw_kind(created, true), Some(RawKind::Created));
+    assert_eq!(raw_kind(created, false), None);
+    assert!(!is_relayable_part(created));
+    let mut large_created = created.to_vec();
+    large_created.splice(45..45, std::iter::repeat_n(b'x', RAW_TERMINAL_MAX));
+    let mut bad_created = created.to_vec();
+    bad_created[45] = 0xff;
     for p in [
-        &br#"{"type":"response.created","response":{}}"#[..],
+        &large_created[..],
+        &bad_created,
         br#"{"type":"response.steer.accepted"}"#,
         br#"{"type":"response.inject.accepted"}"#,
         br#"{"type":"response.complete\u0064","response":{}}"#,

@@ -296,7 +296,7 @@ impl Session {
                     Box::pin(close_client(&mut self.client, close::client::RESTART, "gateway shutting down")).await;
                     Flow::Stop
                 }
-                ev = self.engine.next_upstream() => {
+                ev = self.engine.next_upstream(true) => {
                     // The turn-idle deadline only moves later while upstream events arrive:
                     // the timer keeps its earlier deadline and re-arms itself when it fires
                     // (`on_timer`), instead of touching the timer wheel per batch.

@@ -162,6 +162,12 @@ impl Ledger {
         self.active.is_some() || self.awaiting_successor || self.create_pending()
     }
 
+    /// Whether a `response.created` would be attributed as the turn's now (what
+    /// [`Ledger::attribute`] answers for it, without side effects).
+    pub fn expects_created(&self) -> bool {
+        self.active.is_none() && (self.awaiting_successor || self.create_pending())
+    }
+
     fn create_pending(&self) -> bool {
         self.outstanding.contains(&Sent::Create)
     }

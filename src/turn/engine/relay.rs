@@ -2,7 +2,9 @@
 //! terminal inspection, no-output holding), written to the client and flushed once; runs of
 //! plain parts (deltas, ...) a socket read left buffered go to a WebSocket client as raw bytes.
 //! A terminal that arrives once the turn has shown output is relayed first (ending a raw run
-//! if it is in one) and inspected and attributed after the batch's flush.
+//! if it is in one) and inspected and attributed after the batch's flush. A read that holds
+//! a turn's whole answer is relayed before any frame of it is decoded: the run may open with
+//! the turn's `response.created`, whose attribution waits for the flush too.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use super::{ClientGone, Downstream, Engine, Flow};
 use crate::event;
 use crate::gateway::Shared;
 use crate::pool::Pooled;
-use crate::pump::PumpEvent;
+use crate::pump::{PumpEvent, RawRun};
 use crate::turn::Attribution;
 
 impl Engine {
@@ -36,6 +38,8 @@ impl Engine {
             gw: self.gw.clone(),
             frames: 0,
             bytes: 0,
+            raw: 0,
+            first: None,
         };
         // The task's waker, for reads of frames that are already there.
         let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
@@ -45,11 +49,27 @@ impl Engine {
         let (mut flushed_at, mut early) = (0, Ok(()));
         // Relay a batch of ready frames, flushing once.
         loop {
+            // A terminal already queued for the client but not yet accounted for.
+            let mut unaccounted = None;
+            // The turn's `response.created`, relayed raw and not yet attributed.
+            let mut opened = None;
             match next {
+                Some(PumpEvent::Run(run)) => {
+                    let terminal = run.text(run.payloads.len().saturating_sub(1), |t| {
+                        event::is_terminal_type(t)
+                    });
+                    opened = run.text(0, |t| t == b"response.created");
+                    if self
+                        .relay_taken(d, &mut counted, &mut sent, run)
+                        .await
+                        .is_err()
+                    {
+                        return Flow::Stop;
+                    }
+                    unaccounted = terminal;
+                }
                 Some(PumpEvent::Frame(Message::Text(text))) => {
                     let ty = event::sniff_type(&text);
-                    // A terminal already queued for the client but not yet accounted for.
-                    let mut unaccounted = None;
                     if self.shown_output() && ty.as_deref().is_some_and(event::is_terminal) {
                         // Relay first, account after: once the turn has shown output, a
                         // terminal cannot move it to another account and reaches the client
@@ -101,22 +121,6 @@ impl Engine {
                             }
                         }
                     }
-                    if let Some(text) = unaccounted {
-                        early = d.flush().await;
-                        flushed_at = sent;
-                        let (terminal, _) = self.attribute(event::sniff_type(&text), &text);
-                        if terminal.is_some() || early.is_err() {
-                            ended = terminal;
-                            break;
-                        }
-                    }
-                    if sent >= max_batch {
-                        break;
-                    }
-                    match self.try_next(&waker) {
-                        Some(ev) => next = Some(ev),
-                        None => break,
-                    }
                 }
                 Some(PumpEvent::Frame(_)) => {
                     let _ = self.flush_client(d, sent - flushed_at).await;
@@ -141,6 +145,28 @@ impl Engine {
                     return Box::pin(self.upstream_ended(d, None, "upstream connection ended"))
                         .await;
                 }
+            }
+            if unaccounted.is_some() || opened.is_some() {
+                // What was queued goes out before the events the ledger reads are read: the
+                // turn's `response.created` first, then its terminal.
+                early = d.flush().await;
+                flushed_at = sent;
+                if let Some(created) = opened {
+                    self.attribute(Some(Cow::Borrowed("response.created")), &created);
+                }
+                let terminal =
+                    unaccounted.and_then(|text| self.attribute(event::sniff_type(&text), &text).0);
+                if terminal.is_some() || early.is_err() {
+                    ended = terminal;
+                    break;
+                }
+            }
+            if sent >= max_batch {
+                break;
+            }
+            match self.try_next(&waker) {
+                Some(ev) => next = Some(ev),
+                None => break,
             }
         }
         // The client gets the batch first; the turn's end (ledger already updated by the
@@ -236,27 +262,57 @@ impl Engine {
             return Ok(None);
         };
         let mut payloads = Vec::new();
-        let Some(run) = conn.take_text_run(room, &mut scan, &mut payloads) else {
+        let Some(frames) = conn.take_text_run(room, &mut scan, &mut payloads) else {
             return Ok(None);
         };
-        // Each payload was checked to be UTF-8 when the run was taken.
-        let text = |p: &std::ops::Range<usize>| {
-            Utf8Bytes::try_from(run.slice(p.clone())).unwrap_or_default()
-        };
-        let terminal = payloads.last().filter(|_| scan.ends).map(text);
-        if !scan.shown {
-            // The run shows output: what was held goes out in front of it.
+        let run = RawRun { frames, payloads };
+        let terminal = run
+            .text(run.payloads.len().saturating_sub(1), |_| scan.ends)
+            .filter(|_| scan.ends);
+        self.relay_taken(d, counted, sent, run).await?;
+        Ok(terminal)
+    }
+
+    /// Relays a run taken from the upstream's buffer (see [`RunScan`]): what was held goes out
+    /// in front of it (the run shows output); then the run verbatim, or frame by frame,
+    /// waiting as the per-event path does, when the client's buffer is full.
+    async fn relay_taken<D: Downstream>(
+        &mut self,
+        d: &mut D,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        run: RawRun,
+    ) -> Result<(), ClientGone> {
+        if self.turn.as_ref().is_some_and(|t| !t.quiet.is_empty()) {
             Box::pin(self.relay_down(d, counted, sent, std::iter::empty())).await?;
         }
-        if d.try_feed_raw(&run)? {
-            for p in &payloads {
+        if d.try_feed_raw(&run.frames)? {
+            for p in &run.payloads {
                 self.relayed(counted, sent, p.len());
             }
-            return Ok(terminal);
+            counted.raw += run.payloads.len() as u64;
+            return Ok(());
         }
-        // The client's buffer is full: frame by frame, waiting as the per-event path does.
-        Box::pin(self.relay_down(d, counted, sent, payloads.iter().map(text))).await?;
-        Ok(terminal)
+        let texts = (0..run.payloads.len()).filter_map(|i| run.text(i, |_| true));
+        Box::pin(self.relay_down(d, counted, sent, texts)).await
+    }
+
+    /// The room and the filter for a run taken from a read before any of its frames is
+    /// decoded (see [`Engine::next_upstream`]): as for [`Engine::relay_run`], only while a
+    /// turn is in flight and the ledger attributes any part to it; such a run may also open
+    /// with the turn's `response.created` (when the ledger expects it), attributed once the
+    /// run is out.
+    pub(super) fn read_scan(&self) -> Option<(usize, RunScan)> {
+        let turn = self.turn.as_ref()?;
+        let room = (self.gw.config().relay.buffer_frames).saturating_sub(turn.quiet.len());
+        (room > 0 && self.ledger.expects_parts()).then(|| {
+            let scan = RunScan {
+                shown: turn.frames > 0,
+                created: self.ledger.expects_created(),
+                ..RunScan::default()
+            };
+            (room, scan)
+        })
     }
 
     /// The next upstream event if one is ready (read without waiting).
@@ -279,7 +335,7 @@ impl Engine {
         *sent += 1;
         if let Some(t) = self.turn.as_mut() {
             if t.frames == 0 {
-                self.gw.relay.first_event(t.started.elapsed());
+                counted.first = Some(t.started.elapsed());
             }
             t.frames += 1;
         }
@@ -327,18 +383,22 @@ impl Engine {
 }
 
 /// Chooses a raw run (see [`Engine::relay_run`]): plain parts, and a terminal as the run's
-/// last frame; before the turn has shown output, the run is kept only if one of its parts
-/// carries output (comes before the terminal, if any), since until then the per-event path
-/// holds no-output events back and a rate-limited terminal moves the turn to another
-/// account.
+/// last frame; with `created`, a `response.created` as its first frame. Before the turn has
+/// shown output, the run is kept only if one of its parts carries output (comes before the
+/// terminal, if any), since until then the per-event path holds no-output events back and a
+/// rate-limited terminal moves the turn to another account.
 #[derive(Default)]
-struct RunScan {
+pub(super) struct RunScan {
     /// The turn has shown the client output already.
     shown: bool,
+    /// The run may open with the turn's `response.created`.
+    created: bool,
     /// A part that carries output was accepted.
     output: bool,
     /// The run ends with a terminal.
     ends: bool,
+    /// Frames accepted so far.
+    accepted: usize,
 }
 
 impl RunFilter for RunScan {
@@ -346,7 +406,7 @@ impl RunFilter for RunScan {
         if self.ends {
             return false;
         }
-        match event::raw_kind(payload, true) {
+        let take = match event::raw_kind(payload, true) {
             Some(event::RawKind::Part) => {
                 if !(self.shown || self.output) {
                     self.output =
@@ -358,8 +418,11 @@ impl RunFilter for RunScan {
                 self.ends = true;
                 true
             }
+            Some(event::RawKind::Created) => self.created && self.accepted == 0,
             None => false,
-        }
+        };
+        self.accepted += usize::from(take);
+        take
     }
 
     fn keep(&mut self, accepted: usize) -> usize {
@@ -372,11 +435,15 @@ impl RunFilter for RunScan {
     }
 }
 
-/// Adds a batch's frames and bytes to the upstream->client counters when dropped.
+/// Adds a batch's frames and bytes to the upstream->client counters, and the turn's time to
+/// its first event if the batch had it, when dropped (after the batch's flush).
 struct BatchCount {
     gw: Arc<Shared>,
     frames: u64,
     bytes: u64,
+    /// Of `frames`, those relayed verbatim.
+    raw: u64,
+    first: Option<std::time::Duration>,
 }
 
 impl Drop for BatchCount {
@@ -384,6 +451,12 @@ impl Drop for BatchCount {
         if self.frames > 0 {
             self.gw.relay.frames_down.increment(self.frames);
             self.gw.relay.bytes_down.increment(self.bytes);
+        }
+        if self.raw > 0 {
+            self.gw.relay.raw_down.increment(self.raw);
+        }
+        if let Some(first) = self.first {
+            self.gw.relay.first_event(first);
         }
     }
 }

@@ -259,6 +259,20 @@ impl<S> WebSocketStream<S> {
         f(&mut self.inner)
     }
 
+    /// wsgate patch: makes sure some bytes are buffered without decoding a frame (see
+    /// `tungstenite::WebSocket::fill`): `Ready(Ok(true))` when they are, `Ready(Ok(false))`
+    /// when `poll_next` has to take over, `Pending` (the task woken when bytes arrive) when a
+    /// read would block.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, WsError>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.ended {
+            return Poll::Ready(Ok(false));
+        }
+        self.with_context(Some((ContextWaker::Read, cx)), |s| cvt(s.fill()))
+    }
+
     /// wsgate patch: takes a run of complete text frames already buffered, without I/O (see
     /// `tungstenite::WebSocket::take_text_run`).
     pub fn take_text_run(

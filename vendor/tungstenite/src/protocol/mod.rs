@@ -325,6 +325,12 @@ impl<Stream: Read + Write> WebSocket<Stream> {
         self.context.write(&mut self.socket, message)
     }
 
+    /// wsgate patch: makes sure some bytes are buffered without decoding any (see
+    /// [`WebSocketContext::fill`]).
+    pub fn fill(&mut self) -> Result<bool> {
+        self.context.fill(&mut self.socket)
+    }
+
     /// wsgate patch: takes a run of complete text frames already buffered, without I/O (see
     /// [`WebSocketContext::take_text_run`]).
     pub fn take_text_run(
@@ -586,6 +592,30 @@ impl WebSocketContext {
             .unwrap_or(usize::MAX)
             .min(self.config.max_message_size.unwrap_or(usize::MAX));
         self.frame.take_text_run(max_frames, max, filter, payloads)
+    }
+
+    /// wsgate patch: on a client, makes sure some bytes are buffered, reading the stream once
+    /// only when none are, without decoding a frame, so that [`take_text_run`] can start at
+    /// the first frame of a read. `Ok(true)` when bytes are buffered; `Ok(false)` when
+    /// [`read`](Self::read) has to take over: a frame or a message is half received, a
+    /// control reply is pending, the connection is closing, or the stream ended (`read`
+    /// reports it). A read that would block returns its error, as `read` does.
+    ///
+    /// [`take_text_run`]: Self::take_text_run
+    pub fn fill<Stream>(&mut self, stream: &mut Stream) -> Result<bool>
+    where
+        Stream: Read + Write,
+    {
+        self.state.check_not_terminated()?;
+        if self.role != Role::Client
+            || self.incomplete.is_some()
+            || self.additional_send.is_some()
+            || self.unflushed_additional
+            || !self.state.is_active()
+        {
+            return Ok(false);
+        }
+        Ok(self.frame.fill(stream)?)
     }
 
     /// wsgate patch: on a server, queues already-encoded unmasked frames (a run taken by

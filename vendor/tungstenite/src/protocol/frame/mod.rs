@@ -287,6 +287,27 @@ impl FrameCodec {
         })
     }
 
+    /// wsgate patch: makes sure some bytes are buffered, reading the stream once (as
+    /// `read_frame` would) only when none are, and decodes nothing: a caller can then take a
+    /// run that starts at the read's first frame (`take_text_run`) before any frame is
+    /// decoded. `Ok(true)` when bytes are buffered; `Ok(false)` when `read_frame` has to take
+    /// over (a frame header is already decoded, or the stream ended). A read that would block
+    /// returns its error.
+    pub(super) fn fill(&mut self, stream: &mut impl Read) -> Result<bool> {
+        if self.header.is_some() {
+            return Ok(false);
+        }
+        if !self.in_buffer.is_empty() {
+            return Ok(true);
+        }
+        let n = if self.in_buffer.capacity() == 0 {
+            self.read_released(stream)?
+        } else {
+            self.read_in(stream)?
+        };
+        Ok(n > 0)
+    }
+
     /// wsgate patch: takes a run of frames from the bytes already buffered (no I/O): complete,
     /// final, unmasked text frames with no reserved bits, each payload at most `max_size`
     /// bytes and accepted by `filter`, at most `max_frames` of them, of which `filter` keeps
