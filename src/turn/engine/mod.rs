@@ -175,11 +175,10 @@ impl Engine {
         self.ledger.outstanding()
     }
 
-    /// The next event of the held upstream connection (pending forever without one).
-    /// The next upstream event. With `raw` (a client that takes raw frames, see
-    /// [`Downstream::raw_frames`]) and a turn in flight, a run of the turn's frames is looked
-    /// for first in each read, before any of its frames is decoded (see
-    /// [`Engine::read_scan`]).
+    /// The next event of the held upstream connection (pending forever without one). With
+    /// `raw` (a client that takes raw frames, see [`Downstream::raw_frames`]) and a turn in
+    /// flight, a run of the turn's frames is looked for first in each read, before any of its
+    /// frames is decoded (see [`Engine::read_scan`]).
     pub async fn next_upstream(&mut self, raw: bool) -> Option<PumpEvent> {
         let scan = raw.then(|| self.read_scan()).flatten();
         match self.upstream.as_mut().and_then(Pooled::conn_mut) {

@@ -266,9 +266,7 @@ impl Engine {
             return Ok(None);
         };
         let run = RawRun { frames, payloads };
-        let terminal = run
-            .text(run.payloads.len().saturating_sub(1), |_| scan.ends)
-            .filter(|_| scan.ends);
+        let terminal = run.text(run.payloads.len().saturating_sub(1), |_| scan.ends);
         self.relay_taken(d, counted, sent, run).await?;
         Ok(terminal)
     }

@@ -606,7 +606,7 @@ impl WebSocketContext {
     where
         Stream: Read + Write,
     {
-        self.state.check_not_terminated()?;
+        // A terminated connection is not active either: `read` reports it.
         if self.role != Role::Client
             || self.incomplete.is_some()
             || self.additional_send.is_some()
