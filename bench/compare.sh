@@ -68,29 +68,7 @@ start_proxies() {
   for p in "${PROXY_PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   PROXY_PIDS=()
   mkdir -p "$TMP/nginx"
-  cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes auto;
-pid $TMP/nginx/nginx.pid;
-error_log stderr warn;
-worker_rlimit_nofile 20000;
-events { worker_connections 19500; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx; proxy_temp_path $TMP/nginx; fastcgi_temp_path $TMP/nginx;
-  uwsgi_temp_path $TMP/nginx; scgi_temp_path $TMP/nginx;
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://127.0.0.1:$MOCK_PORT;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection "upgrade";
-      proxy_buffering off;
-      proxy_read_timeout 3600s;
-    }
-  }
-}
-EOF
+  bench_nginx_conf "$TMP/nginx" "$NGINX_PORT" "$MOCK_PORT" auto >"$TMP/nginx/nginx.conf"
   "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -g 'daemon off;' >"$TMP/nginx.log" 2>&1 &
   NGINX_PID=$!; PROXY_PIDS+=("$NGINX_PID"); PIDS+=("$NGINX_PID")
   cat >"$TMP/haproxy.cfg" <<EOF

@@ -1,8 +1,7 @@
-# Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh and bench/instructions.sh: a
-# scratch directory and
-# the processes a run starts (append their pids to PIDS), both cleaned up when the script
-# exits; a free port on 127.0.0.1, a bounded wait for a port to open, and the benchmark
-# gateway's config.
+# Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh, bench/instructions.sh and
+# bench/path.sh: a scratch directory and the processes a run starts (append their pids to
+# PIDS), both cleaned up when the script exits; a free port on 127.0.0.1, a bounded wait for a
+# port to open, the benchmark gateway's config and nginx's.
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
@@ -32,6 +31,36 @@ limits:
   max_connections_per_client: 0
 log:
   level: warn
+EOF
+}
+
+# nginx's configuration for the benchmarks (to stdout): a plain WebSocket reverse proxy on
+# 127.0.0.1:PORT to the mock on 127.0.0.1:MOCK_PORT, its files under DIR, WORKERS workers
+# ("auto": one per core).
+# Usage: bench_nginx_conf DIR PORT MOCK_PORT WORKERS
+bench_nginx_conf() {
+  cat <<EOF
+worker_processes $4;
+pid $1/nginx.pid;
+error_log stderr warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 19500; }
+http {
+  access_log off;
+  client_body_temp_path $1; proxy_temp_path $1; fastcgi_temp_path $1;
+  uwsgi_temp_path $1; scgi_temp_path $1;
+  server {
+    listen 127.0.0.1:$2;
+    location / {
+      proxy_pass http://127.0.0.1:$3;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_buffering off;
+      proxy_read_timeout 3600s;
+    }
+  }
+}
 EOF
 }
 

@@ -38,27 +38,7 @@ TARGETS=()
 if [ -x "$NGINX" ]; then
   PORT[nginx]=$(free_port)
   mkdir -p "$TMP/nginx"
-  cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $TMP/nginx/nginx.pid;
-error_log stderr warn;
-events { worker_connections 4000; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx; proxy_temp_path $TMP/nginx; fastcgi_temp_path $TMP/nginx;
-  uwsgi_temp_path $TMP/nginx; scgi_temp_path $TMP/nginx;
-  server {
-    listen 127.0.0.1:${PORT[nginx]};
-    location / {
-      proxy_pass http://127.0.0.1:$MP;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection "upgrade";
-      proxy_buffering off;
-    }
-  }
-}
-EOF
+  bench_nginx_conf "$TMP/nginx" "${PORT[nginx]}" "$MP" 1 >"$TMP/nginx/nginx.conf"
   # One worker, so the one process traced is the one that relays.
   "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -g 'daemon off; master_process off;' >"$TMP/nginx.log" 2>&1 &
   PID[nginx]=$!; PIDS+=("${PID[nginx]}"); TARGETS+=(nginx)
