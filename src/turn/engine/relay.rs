@@ -244,21 +244,10 @@ impl Engine {
         sent: &mut usize,
         max_batch: usize,
     ) -> Result<Option<Utf8Bytes>, ClientGone> {
-        let Some(turn) = self.turn.as_ref() else {
+        let Some((room, mut scan)) = self.run_scan(*sent, max_batch, false) else {
             return Ok(None);
         };
-        let mut scan = RunScan {
-            shown: turn.frames > 0,
-            ..RunScan::default()
-        };
-        // The held events count against the batch too: they go out in front of the run.
-        let room = max_batch.saturating_sub(*sent + turn.quiet.len());
-        let Some(conn) = self
-            .upstream
-            .as_mut()
-            .and_then(Pooled::conn_mut)
-            .filter(|_| room > 0 && self.ledger.expects_parts())
-        else {
+        let Some(conn) = self.upstream.as_mut().and_then(Pooled::conn_mut) else {
             return Ok(None);
         };
         let mut payloads = Vec::new();
@@ -301,12 +290,21 @@ impl Engine {
     /// with the turn's `response.created` (when the ledger expects it), attributed once the
     /// run is out.
     pub(super) fn read_scan(&self) -> Option<(usize, RunScan)> {
+        self.run_scan(0, self.gw.config().relay.buffer_frames, true)
+    }
+
+    /// The room (frames) and the filter for a raw run once `sent` frames of a batch of at
+    /// most `max_batch` are queued: only while a turn is in flight and the ledger attributes
+    /// any part to it; the held events count against the batch too (they go out in front of
+    /// the run). With `created`, the run may open with the turn's `response.created` when the
+    /// ledger expects it.
+    fn run_scan(&self, sent: usize, max_batch: usize, created: bool) -> Option<(usize, RunScan)> {
         let turn = self.turn.as_ref()?;
-        let room = (self.gw.config().relay.buffer_frames).saturating_sub(turn.quiet.len());
+        let room = max_batch.saturating_sub(sent + turn.quiet.len());
         (room > 0 && self.ledger.expects_parts()).then(|| {
             let scan = RunScan {
                 shown: turn.frames > 0,
-                created: self.ledger.expects_created(),
+                created: created && self.ledger.expects_created(),
                 ..RunScan::default()
             };
             (room, scan)
@@ -427,7 +425,10 @@ impl RunFilter for RunScan {
         if self.shown || self.output {
             accepted
         } else {
+            // Nothing taken: the filter starts over at the next scan (a read that waits for
+            // more bytes scans its buffer again with the same filter).
             self.ends = false;
+            self.accepted = 0;
             0
         }
     }
@@ -456,5 +457,29 @@ impl Drop for BatchCount {
         if let Some(first) = self.first {
             self.gw.relay.first_event(first);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A filter that kept nothing scans the next read as it scanned the first: the turn's
+    /// `response.created` may still open a run (a read that waits for more bytes reuses it).
+    #[test]
+    fn a_run_scan_that_kept_nothing_starts_over() {
+        let created = br#"{"type":"response.created","response":{"id":"resp_1"}}"#;
+        let quiet = br#"{"type":"response.in_progress","response":{}}"#;
+        let delta = br#"{"type":"response.output_text.delta","delta":"hi"}"#;
+        let mut scan = RunScan {
+            created: true,
+            ..RunScan::default()
+        };
+        assert!(scan.accept(created) && scan.accept(quiet));
+        assert_eq!(scan.keep(2), 0, "no output, nothing kept");
+        assert!(scan.accept(created), "the created opens the next scan");
+        assert!(scan.accept(quiet) && scan.accept(delta));
+        assert_eq!(scan.keep(3), 3, "output: the run is kept");
+        assert!(!scan.accept(created), "a created only opens a run");
     }
 }
