@@ -29,8 +29,8 @@ for t in A B; do
   for pool in true false; do
     k="$t-$pool"
     PORT[$k]=$(free_port)
-    bench_gateway_yaml "${PORT[$k]}" "$MOCK_PORT" "$pool" >"$TMP/$k.yaml"
-    "$bin" --config "$TMP/$k.yaml" run >"$TMP/$k.log" 2>&1 &
+    conf=$(bench_gateway_config "$k" "${PORT[$k]}" "$MOCK_PORT" "$pool")
+    "$bin" --config "$conf" run >"$TMP/$k.log" 2>&1 &
     PID[$k]=$!; PIDS+=("${PID[$k]}")
   done
 done

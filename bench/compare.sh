@@ -93,8 +93,8 @@ EOF
   for name in wsgate nopool; do
     port=$GW_PORT; pool=true
     [ "$name" = nopool ] && { port=$NOPOOL_PORT; pool=false; }
-    bench_gateway_yaml "$port" "$MOCK_PORT" "$pool" >"$TMP/$name.yaml"
-    "$WSGATE" --config "$TMP/$name.yaml" run >"$TMP/$name.log" 2>&1 &
+    conf=$(bench_gateway_config "$name" "$port" "$MOCK_PORT" "$pool")
+    "$WSGATE" --config "$conf" run >"$TMP/$name.log" 2>&1 &
     pid=$!; PROXY_PIDS+=("$pid"); PIDS+=("$pid")
     [ "$name" = wsgate ] && GW_PID=$pid || NOPOOL_PID=$pid
   done

@@ -24,8 +24,8 @@ source bench/lib.sh
 MOCK_PORT=$(free_port); GW_PORT=$(free_port)
 "$WSGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
 MOCK_PID=$!; PIDS+=("$MOCK_PID")
-bench_gateway_yaml "$GW_PORT" "$MOCK_PORT" >"$TMP/gw.yaml"
-"$WSGATE" --config "$TMP/gw.yaml" run >"$TMP/gw.log" 2>&1 &
+conf=$(bench_gateway_config gw "$GW_PORT" "$MOCK_PORT")
+"$WSGATE" --config "$conf" run >"$TMP/gw.log" 2>&1 &
 GW_PID=$!; PIDS+=("$GW_PID")
 wait_port "$MOCK_PORT"; wait_port "$GW_PORT"
 

@@ -38,9 +38,9 @@ echo "|---|---:|---:|---:|"
 for i in "${!BINS[@]}"; do
   bin=${BINS[$i]}
   port=$(free_port)
-  bench_gateway_yaml "$port" "$MOCK_PORT" >"$TMP/gw.yaml"
+  conf=$(bench_gateway_config "gw-$i" "$port" "$MOCK_PORT")
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/cg-$i.out" \
-    "$bin" --config "$TMP/gw.yaml" run >"$TMP/gw-$i.log" 2>&1 &
+    "$bin" --config "$conf" run >"$TMP/gw-$i.log" 2>&1 &
   gw=$!; PIDS+=("$gw")
   for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   load() {

@@ -10,21 +10,25 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
-# The benchmark gateway's gateway.yaml on stdout: listen on 127.0.0.1:$1, the mock on
-# 127.0.0.1:$2 as the upstream, pooling $3 (true unless given), no client keys, pool and
-# per-client limits out of the way (one tenant opens all 9500 idle sessions of workload (d)),
-# warnings only.
-bench_gateway_yaml() {
-  cat <<EOF
-listen: 127.0.0.1:$1
+# The benchmark gateway's gateway.yaml: listen on 127.0.0.1:$2, the mock on 127.0.0.1:$3 as
+# the upstream, pooling $4 (true unless given), no client keys, pool and per-client limits out
+# of the way (one tenant opens all 9500 idle sessions of workload (d)), warnings only. Written
+# to a folder of its own under $TMP, named after $1, and its path printed: the gateway watches
+# its config's folder for changes (hot reload), so a file the scripts write while it runs
+# (logs, perf.data) must not land beside it, or every write wakes the gateway's watcher.
+# Usage: conf=$(bench_gateway_config NAME PORT MOCK_PORT [POOL])
+bench_gateway_config() {
+  mkdir -p "$TMP/config-$1"
+  cat >"$TMP/config-$1/gateway.yaml" <<EOF
+listen: 127.0.0.1:$2
 clients: []
 upstream:
-  url: ws://127.0.0.1:$2/v1/responses
+  url: ws://127.0.0.1:$3/v1/responses
 accounts:
   - id: bench
     api_key_env: HOME
 pool:
-  enabled: ${3:-true}
+  enabled: ${4:-true}
   max_per_account: 100000
   max_total: 100000
 limits:
@@ -32,6 +36,7 @@ limits:
 log:
   level: warn
 EOF
+  echo "$TMP/config-$1/gateway.yaml"
 }
 
 # nginx's configuration for the benchmarks (to stdout): a plain WebSocket reverse proxy on

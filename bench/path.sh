@@ -51,8 +51,8 @@ PID[tokiocopy]=$!; PIDS+=("${PID[tokiocopy]}"); TARGETS+=(tokiocopy)
 for i in "${!BINS[@]}"; do
   t="wsgate-$((i + 1))"
   PORT[$t]=$(free_port)
-  bench_gateway_yaml "${PORT[$t]}" "$MP" >"$TMP/$t.yaml"
-  "${BINS[$i]}" --config "$TMP/$t.yaml" run >"$TMP/$t.log" 2>&1 &
+  conf=$(bench_gateway_config "$t" "${PORT[$t]}" "$MP")
+  "${BINS[$i]}" --config "$conf" run >"$TMP/$t.log" 2>&1 &
   PID[$t]=$!; PIDS+=("${PID[$t]}"); TARGETS+=("$t")
 done
 wait_port "$MP"
