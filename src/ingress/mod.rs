@@ -7,6 +7,7 @@
 //!   usual case; anything unusual goes on to hyper).
 //! - `client_io`: the client's socket under a session, whichever path its handshake took.
 //! - `ws`: a client WebSocket session (Responses API WebSocket mode).
+//! - `wake`: which of a session's sockets woke it (its loop polls only that one).
 //! - `http`: `POST` on the same paths: one turn per request, as SSE or one JSON body.
 //! - `body`: HTTP request bodies: bounded reading and `Content-Encoding` decoding.
 //! - `passthrough`: `GET .../models` and `POST .../responses/compact`, relayed over HTTP.
@@ -18,4 +19,5 @@ pub(crate) mod fast;
 pub(crate) mod http;
 pub(crate) mod passthrough;
 pub(crate) mod upgrade;
+pub(crate) mod wake;
 pub(crate) mod ws;

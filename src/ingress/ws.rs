@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::{debug, info};
 
+use super::wake::WakeFlag;
 use crate::close;
 use crate::event::{ClientEvent, ClientFrameError};
 use crate::gateway::Shared;
@@ -239,6 +240,11 @@ pub(crate) struct Session {
     frame_check: tokio::time::Interval,
     /// A partial frame was seen at the last check.
     partial: bool,
+    /// Gate the upstream's and the client's branches of the loop's `select!`: a branch is
+    /// polled when its own waker fired, or when the loop raised it after handling something
+    /// that may have changed what it would read (see [`super::wake`]).
+    upstream_woke: WakeFlag,
+    client_woke: WakeFlag,
 }
 
 impl Session {
@@ -264,6 +270,8 @@ impl Session {
             held_bytes: 0,
             write_timeout: gw.config().relay.client_write_timeout,
             got_frame: false,
+            upstream_woke: WakeFlag::new(),
+            client_woke: WakeFlag::new(),
             gw,
         }
     }
@@ -281,6 +289,7 @@ impl Session {
                 if Box::pin(self.client_text(text)).await == Flow::Stop {
                     break;
                 }
+                self.raise_both();
                 continue;
             }
             let idle = !self.engine.in_turn();
@@ -296,15 +305,29 @@ impl Session {
                     Box::pin(close_client(&mut self.client, close::client::RESTART, "gateway shutting down")).await;
                     Flow::Stop
                 }
-                ev = self.engine.next_upstream(true) => {
+                ev = self.upstream_woke.gate(self.engine.next_upstream(true)) => {
+                    // Frames may be left buffered (a batch stops at `relay.buffer_frames`),
+                    // and the relay's own reads registered the task's waker, not the flag's.
+                    self.upstream_woke.raise();
                     // The turn-idle deadline only moves later while upstream events arrive:
                     // the timer keeps its earlier deadline and re-arms itself when it fires
                     // (`on_timer`), instead of touching the timer wheel per batch.
                     Box::pin(self.engine.upstream_event(&mut WsDown(&mut self.client, self.write_timeout), ev)).await
                 }
-                msg = self.client.next() => Box::pin(self.client_message(msg)).await,
-                _ = &mut self.timer, if timed => Box::pin(self.on_timer()).await,
-                _ = self.frame_check.tick() => Box::pin(self.check_partial_frame()).await,
+                msg = self.client_woke.gate(self.client.next()) => {
+                    // More frames may sit in the read buffer; a turn may have started on
+                    // another upstream connection.
+                    self.raise_both();
+                    Box::pin(self.client_message(msg)).await
+                }
+                _ = &mut self.timer, if timed => {
+                    self.raise_both();
+                    Box::pin(self.on_timer()).await
+                }
+                _ = self.frame_check.tick() => {
+                    self.raise_both();
+                    Box::pin(self.check_partial_frame()).await
+                }
             };
             if flow == Flow::Stop {
                 break;
@@ -314,6 +337,12 @@ impl Session {
         self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
         ::metrics::counter!(crate::metrics::CLIENT_CLOSED).increment(1);
         debug!(turns = self.engine.turns(), "session ended");
+    }
+
+    /// The next pass of the loop polls both sockets' branches.
+    fn raise_both(&self) {
+        self.upstream_woke.raise();
+        self.client_woke.raise();
     }
 
     /// The first-frame or turn-idle deadline passed (or a stale one: re-armed).
