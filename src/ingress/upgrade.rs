@@ -310,7 +310,8 @@ impl Prepared {
                     )
                     .await
                 };
-                Session::new(shared, ws, read, start).run().await;
+                let session = Box::new(Session::new(shared, ws, read, start));
+                session.run().await;
             }
             .instrument(span),
         );

@@ -276,8 +276,11 @@ impl Session {
         }
     }
 
-    /// Runs the session to its end. The caller instruments it with the session span.
-    pub async fn run(mut self) {
+    /// Runs the session to its end. The caller instruments it with the session span. The
+    /// session is boxed: its task then holds a pointer, not a copy of it that the task's
+    /// future would keep beside the one `run` uses (issue 14: every idle session pays for
+    /// its task's size).
+    pub async fn run(mut self: Box<Self>) {
         self.gw.active_sessions.fetch_add(1, Ordering::AcqRel);
         ::metrics::counter!(crate::metrics::CLIENT_OPENED).increment(1);
         debug!("session started");
