@@ -5,6 +5,9 @@
 #   haproxy  a plain WebSocket reverse proxy (Debian haproxy)
 #   tokiocopy  the smallest tokio TCP proxy (examples/byte_proxy.rs: copy_bidirectional), in (a)
 #            and (b) only: what the runtime and two sockets cost before any relay work
+#   pooledcopy  the least a pooled middle can do (examples/pooled_relay.rs: answers the client's
+#            handshake itself, keeps one upstream socket per conversation, copies bytes), in (c)
+#            only: the ceiling of the reconnect speed-up on this machine
 #   wsgate   this gateway (pooling on)
 #   nopool   this gateway with pool.enabled: false (workload c's baseline)
 # Workloads: (a) one streaming turn, (b) latency under a steady load, (c) reconnect every turn,
@@ -48,14 +51,15 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 cargo build --release --quiet
-cargo build --release --quiet --example byte_proxy
+cargo build --release --quiet --example byte_proxy --example pooled_relay
 WSGATE=$ROOT/target/release/wsgate
 BYTE_PROXY=$ROOT/target/release/examples/byte_proxy
+POOLED_RELAY=$ROOT/target/release/examples/pooled_relay
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
 MOCK_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); GW_PORT=$(free_port); NOPOOL_PORT=$(free_port)
-TOKIO_PORT=$(free_port)
+TOKIO_PORT=$(free_port); RELAY_PORT=$(free_port)
 MOCK_URL=ws://127.0.0.1:$MOCK_PORT/v1/responses
 
 start_mock() { # args for mock-upstream
@@ -90,6 +94,8 @@ EOF
   HAPROXY_PID=$!; PROXY_PIDS+=("$HAPROXY_PID"); PIDS+=("$HAPROXY_PID")
   "$BYTE_PROXY" "127.0.0.1:$TOKIO_PORT" "127.0.0.1:$MOCK_PORT" >"$TMP/byte_proxy.log" 2>&1 &
   TOKIO_PID=$!; PROXY_PIDS+=("$TOKIO_PID"); PIDS+=("$TOKIO_PID")
+  "$POOLED_RELAY" "127.0.0.1:$RELAY_PORT" "127.0.0.1:$MOCK_PORT" >"$TMP/pooled_relay.log" 2>&1 &
+  RELAY_PID=$!; PROXY_PIDS+=("$RELAY_PID"); PIDS+=("$RELAY_PID")
   for name in wsgate nopool; do
     port=$GW_PORT; pool=true
     [ "$name" = nopool ] && { port=$NOPOOL_PORT; pool=false; }
@@ -98,7 +104,7 @@ EOF
     pid=$!; PROXY_PIDS+=("$pid"); PIDS+=("$pid")
     [ "$name" = wsgate ] && GW_PID=$pid || NOPOOL_PID=$pid
   done
-  for p in "$NGINX_PORT" "$HAPROXY_PORT" "$TOKIO_PORT" "$GW_PORT" "$NOPOOL_PORT"; do wait_port "$p"; done
+  for p in "$NGINX_PORT" "$HAPROXY_PORT" "$TOKIO_PORT" "$RELAY_PORT" "$GW_PORT" "$NOPOOL_PORT"; do wait_port "$p"; done
 }
 
 url_of() {
@@ -107,12 +113,13 @@ url_of() {
     nginx) echo "ws://127.0.0.1:$NGINX_PORT/v1/responses" ;;
     haproxy) echo "ws://127.0.0.1:$HAPROXY_PORT/v1/responses" ;;
     tokiocopy) echo "ws://127.0.0.1:$TOKIO_PORT/v1/responses" ;;
+    pooledcopy) echo "ws://127.0.0.1:$RELAY_PORT/v1/responses" ;;
     wsgate) echo "ws://127.0.0.1:$GW_PORT/v1/responses" ;;
     nopool) echo "ws://127.0.0.1:$NOPOOL_PORT/v1/responses" ;;
   esac
 }
 pid_of() {
-  case $1 in nginx) echo "$NGINX_PID" ;; haproxy) echo "$HAPROXY_PID" ;; tokiocopy) echo "$TOKIO_PID" ;; wsgate) echo "$GW_PID" ;; nopool) echo "$NOPOOL_PID" ;; direct) echo "$MOCK_PID" ;; esac
+  case $1 in nginx) echo "$NGINX_PID" ;; haproxy) echo "$HAPROXY_PID" ;; tokiocopy) echo "$TOKIO_PID" ;; pooledcopy) echo "$RELAY_PID" ;; wsgate) echo "$GW_PID" ;; nopool) echo "$NOPOOL_PID" ;; direct) echo "$MOCK_PID" ;; esac
 }
 
 run() { # workload target rep args...
@@ -158,8 +165,9 @@ if want c; then
 start_mock --speed --fresh-cost "$FRESH_COST"
 start_proxies
 for r in $(seq "$REPEAT"); do
-  for t in direct nginx haproxy wsgate nopool; do
-    run c "$t" "$r" --sessions "$C_SESSIONS" --turns "$C_TURNS" --deltas 5 --reconnect-every-turn
+  for t in direct nginx haproxy pooledcopy wsgate nopool; do
+    cpu=(); [ "$t" != direct ] && cpu=(--cpu-pid "$(pid_of "$t")")
+    run c "$t" "$r" --sessions "$C_SESSIONS" --turns "$C_TURNS" --deltas 5 --reconnect-every-turn "${cpu[@]}"
   done
 done
 fi

@@ -13,6 +13,9 @@
 #        SESSIONS=16 TURNS=50 bench/instructions.sh  the workload (defaults; 5 deltas, 20ms think)
 #        INTERVAL=1ms bench/instructions.sh ...       the mock pauses between deltas (each arrives
 #                                                     on its own, as a real upstream streams them)
+#        KEEP=DIR bench/instructions.sh ...           keep callgrind's output files (cg-N.out) in DIR
+#        RECONNECT=1 bench/instructions.sh ...        workload (c)'s shape: a new client connection
+#                                                     every turn (pooled upstream), counted per turn
 set -euo pipefail
 if [ $# -lt 1 ]; then
   sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -23,6 +26,7 @@ BINS=()
 for b in "$@"; do BINS+=("$(realpath "$b")"); done
 cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}
+SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 TOOLS=${BINS[0]}
@@ -31,7 +35,7 @@ MOCK_PORT=$(free_port)
 "$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
 PIDS+=($!); wait_port "$MOCK_PORT"
 
-echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas (mock pause between deltas: $INTERVAL), think 20ms (after a warm-up of 5 turns each)"
+echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas (mock pause between deltas: $INTERVAL), think 20ms${RECONNECT:+, a new client connection every turn} (after a warm-up of 5 turns each)"
 echo
 echo "| build | instructions per turn | turns | errors |"
 echo "|---|---:|---:|---:|"
@@ -46,7 +50,7 @@ for i in "${!BINS[@]}"; do
   load() {
     "$TOOLS" loadgen --url "ws://127.0.0.1:$port/v1/responses" --label "x" \
       --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --json "$TMP/run-$i.json" \
-      --sessions "$SESSIONS" --turns "$1" --deltas 5 --think 20ms --delta-interval "$INTERVAL" \
+      --sessions "$SESSIONS" --turns "$1" --deltas 5 --think 20ms --delta-interval "$INTERVAL" "${SHAPE[@]}" \
       >"$TMP/loadgen.log" 2>&1
   }
   load 5
@@ -54,6 +58,7 @@ for i in "${!BINS[@]}"; do
   load "$TURNS"
   callgrind_control -i off "$gw" >/dev/null 2>&1
   kill -INT "$gw"; wait "$gw" 2>/dev/null || true
+  [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$TMP/cg-$i.out" "$KEEP/"
   python3 - "$TMP/cg-$i.out" "$TMP/run-$i.json" "$bin" <<'PY'
 import json, sys
 total = 0

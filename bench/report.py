@@ -46,7 +46,10 @@ p("## Benchmark results\n")
 p("One run of `bench/compare.sh` on this machine (2 cores); every target is measured with the same")
 p("load generator (`wsgate loadgen`) against the same mock upstream, back to back. Medians of the repeats.")
 p("`tokiocopy` is the smallest tokio TCP proxy (examples/byte_proxy.rs, `copy_bidirectional`): not a")
-p("WebSocket proxy, a reference for what the runtime and two sockets cost before any relay work.\n")
+p("WebSocket proxy, a reference for what the runtime and two sockets cost before any relay work.")
+p("`pooledcopy` (in (c) only) is the least a pooled middle can do (examples/pooled_relay.rs): it answers")
+p("the client's handshake itself, keeps one upstream socket per conversation and copies bytes, parsing no")
+p("frame: not a gateway, the ceiling of the reconnect speed-up on this machine.\n")
 
 p("### (a) Streaming throughput: 1 session, one turn of many small deltas\n")
 p("| target | events/s | vs direct | vs nginx | errors |")
@@ -93,14 +96,27 @@ if runs.get(("bl", "wsgate")):
     latency_table("bl", ["direct", "nginx", "wsgate"])
 
 p(f"\n### (c) Reconnect every turn: 64 conversations x 20 turns, fresh upstream connection costs {fresh_cost}\n")
-p("| target | total time (s) | turns/s | upstream connections opened | speedup vs wsgate without pooling | errors |")
-p("|---|---:|---:|---:|---:|---:|")
+p("| target | total time (s) | turns/s | upstream connections opened | speedup vs wsgate without pooling "
+  "| middle's CPU per turn (us) | errors |")
+p("|---|---:|---:|---:|---:|---:|---:|")
 nopool_c = med("c", "nopool", "elapsed_s")
-for t in ["direct", "nginx", "haproxy", "nopool", "wsgate"]:
+
+
+def cpu_per_turn(r):
+    """The middle's CPU (user + system) per turn of run `r`, in us (None without --cpu-pid)."""
+    u, s = r.get("cpu_user_s_per_million_events"), r.get("cpu_system_s_per_million_events")
+    if u is None or s is None or not r.get("turns_ok"):
+        return None
+    return (u + s) * r.get("events", 0) / r["turns_ok"]
+
+
+for t in ["direct", "nginx", "haproxy", "nopool", "pooledcopy", "wsgate"]:
     el = med("c", t, "elapsed_s")
     opened = med("c", t, "upstream_connections_opened")
+    cpus = [c for c in map(cpu_per_turn, runs.get(("c", t), [])) if c is not None]
     p(f"| {t} | {fmt(el, 3)} | {fmt(med('c', t, 'turns_per_s'), 0)} | {fmt(opened, 0)} | "
-      f"{ratio(nopool_c, el) if t != 'nopool' else '1.00x'} | {errors('c', t)} |")
+      f"{ratio(nopool_c, el) if t != 'nopool' else '1.00x'} | "
+      f"{fmt(statistics.median(cpus), 0) if cpus else '-'} | {errors('c', t)} |")
 
 p(f"\n### (d) Idle sessions: {idle_sessions} sessions held open (client + upstream socket each)\n")
 p("| target | sessions ok | errors | RSS before / held (MiB) | RSS per session (KiB) |")
@@ -164,19 +180,29 @@ if w99 is not None and n99 is not None:
     checks.append(("(b) latency p99 <= 1.3x nginx's", f"{w99:,.0f} vs {n99:,.0f} us ({w99 / n99:.2f}x)", w99 <= 1.3 * n99))
 l50, ld50, ln50 = (med("bl", t, "event_latency_us", "p50") for t in ("wsgate", "direct", "nginx"))
 l99, ln99 = (med("bl", t, "event_latency_us", "p99") for t in ("wsgate", "nginx"))
-lockstep = []
+informative = []
 if None not in (l50, ld50, ln50, l99, ln99):
-    lockstep.append(f"(b) in lockstep (informative, not a target): wsgate adds {l50 - ld50:.0f} us at p50, nginx "
+    informative.append(f"(b) in lockstep (informative, not a target): wsgate adds {l50 - ld50:.0f} us at p50, nginx "
                     f"{ln50 - ld50:.0f} us; p99 {l99:,.0f} vs {ln99:,.0f} us ({l99 / ln99:.2f}x)")
 # (c): the speed-up in every repeat (same repeat number for both targets).
 per_rep = {}
-for t in ("wsgate", "nopool"):
+for t in ("wsgate", "nopool", "pooledcopy"):
     for r in runs.get(("c", t), []):
         per_rep.setdefault(r["_rep"], {})[t] = r.get("elapsed_s")
-speedups = sorted(v["nopool"] / v["wsgate"] for v in per_rep.values() if v.get("wsgate") and v.get("nopool"))
+
+
+def speedups_of(t):
+    return sorted(v["nopool"] / v[t] for v in per_rep.values() if v.get(t) and v.get("nopool"))
+
+
+speedups = speedups_of("wsgate")
 if speedups:
     checks.append(("(c) reconnect-every-turn speed-up >= 5x in every repeat",
                    ", ".join(f"{x:.2f}x" for x in speedups), speedups[0] >= 5))
+ceiling = speedups_of("pooledcopy")
+if ceiling:
+    informative.append("(c) ceiling on this machine (informative, not a target): `pooledcopy`, the least a pooled "
+                    "middle can do, " + ", ".join(f"{x:.2f}x" for x in ceiling) + " in the same repeats")
 rd = runs.get(("d", "wsgate"), [{}])[0]
 per = rd.get("rss_per_session_kib")
 if per is not None:
@@ -186,6 +212,6 @@ p("| target | measured | met |")
 p("|---|---|---|")
 for name, measured, ok in checks:
     p(f"| {name} | {measured} | {'yes' if ok else 'NO'} |")
-for line in lockstep:
+for line in informative:
     p(f"\n{line}")
 print("\n".join(out))
