@@ -159,17 +159,44 @@ pub fn handle() -> Option<PrometheusHandle> {
     HANDLE.get().cloned().flatten()
 }
 
-pub fn decision(d: Decision) {
-    // Static labels: the key is built without allocating.
-    counter!(POOL_DECISIONS, "decision" => d.as_str(), "reason" => d.reason()).increment(1);
-}
-
 pub fn eviction(r: EvictReason) {
     counter!(POOL_EVICTIONS, "reason" => r.to_string()).increment(1);
 }
 
-pub fn reuse_age(age: Duration) {
-    histogram!(REUSE_AGE).record(age.as_secs_f64());
+/// Pre-registered metrics of the pool's decisions: a client's reconnect costs atomic adds,
+/// not registry lookups by label (issue 14, workload (c)). Every decision's series exists
+/// from the start, at zero.
+pub struct PoolMetrics {
+    /// By [`Decision::index`].
+    decisions: Vec<Counter>,
+    reuse_age: Histogram,
+}
+
+impl PoolMetrics {
+    pub fn new() -> PoolMetrics {
+        PoolMetrics {
+            decisions: Decision::ALL
+                .iter()
+                .map(|d| counter!(POOL_DECISIONS, "decision" => d.as_str(), "reason" => d.reason()))
+                .collect(),
+            reuse_age: histogram!(REUSE_AGE),
+        }
+    }
+
+    pub fn decision(&self, d: Decision, reused_at_age: Option<Duration>) {
+        if let Some(counter) = self.decisions.get(d.index()) {
+            counter.increment(1);
+        }
+        if let Some(age) = reused_at_age {
+            self.reuse_age.record(age.as_secs_f64());
+        }
+    }
+}
+
+impl Default for PoolMetrics {
+    fn default() -> Self {
+        PoolMetrics::new()
+    }
 }
 
 pub fn error(kind: &'static str) {
@@ -208,10 +235,13 @@ const TERMINALS: [&str; 8] = [
 
 const INGRESSES: [crate::turn::Ingress; 2] = [crate::turn::Ingress::Ws, crate::turn::Ingress::Http];
 
-/// Pre-registered metrics of the relay path: per-frame counters and per-turn series
-/// (registering once keeps the hot path to atomic adds, no registry lookup by label).
+/// Pre-registered metrics of the relay path: per-session and per-frame counters and per-turn
+/// series (registering once keeps the hot path to atomic adds, no registry lookup by label).
 #[derive(Clone)]
 pub struct Relay {
+    /// Client sessions opened and closed.
+    pub client_opened: Counter,
+    pub client_closed: Counter,
     pub frames_up: Counter,
     pub bytes_up: Counter,
     pub frames_down: Counter,
@@ -241,6 +271,8 @@ impl Relay {
             })
             .collect();
         Relay {
+            client_opened: counter!(CLIENT_OPENED),
+            client_closed: counter!(CLIENT_CLOSED),
             frames_up: counter!(FRAMES, "direction" => "client_to_upstream"),
             bytes_up: counter!(BYTES, "direction" => "client_to_upstream"),
             frames_down: counter!(FRAMES, "direction" => "upstream_to_client"),

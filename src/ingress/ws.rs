@@ -282,7 +282,7 @@ impl Session {
     /// its task's size).
     pub async fn run(mut self: Box<Self>) {
         self.gw.active_sessions.fetch_add(1, Ordering::AcqRel);
-        ::metrics::counter!(crate::metrics::CLIENT_OPENED).increment(1);
+        self.gw.relay.client_opened.increment(1);
         debug!("session started");
         loop {
             if !self.engine.in_turn()
@@ -338,7 +338,7 @@ impl Session {
         }
         self.engine.finish();
         self.gw.active_sessions.fetch_sub(1, Ordering::AcqRel);
-        ::metrics::counter!(crate::metrics::CLIENT_CLOSED).increment(1);
+        self.gw.relay.client_closed.increment(1);
         debug!(turns = self.engine.turns(), "session ended");
     }
 

@@ -76,6 +76,48 @@ impl Decision {
         }
     }
 
+    /// Every decision with every reason, in [`Decision::index`] order.
+    pub const ALL: [Decision; 12] = [
+        Decision::Reuse,
+        Decision::New(NewReason::Miss),
+        Decision::New(NewReason::Expired),
+        Decision::New(NewReason::Evicted),
+        Decision::New(NewReason::Dead),
+        Decision::New(NewReason::RetryAfterStaleReuse),
+        Decision::New(NewReason::Discarded),
+        Decision::New(NewReason::Failover),
+        Decision::Bypass(BypassReason::Busy),
+        Decision::Bypass(BypassReason::Cap),
+        Decision::Bypass(BypassReason::Disabled),
+        Decision::Bypass(BypassReason::NoKey),
+    ];
+
+    /// The decision's place in [`Decision::ALL`] (per decision-and-reason counters).
+    pub fn index(&self) -> usize {
+        match self {
+            Decision::Reuse => 0,
+            Decision::New(r) => {
+                1 + match r {
+                    NewReason::Miss => 0,
+                    NewReason::Expired => 1,
+                    NewReason::Evicted => 2,
+                    NewReason::Dead => 3,
+                    NewReason::RetryAfterStaleReuse => 4,
+                    NewReason::Discarded => 5,
+                    NewReason::Failover => 6,
+                }
+            }
+            Decision::Bypass(r) => {
+                8 + match r {
+                    BypassReason::Busy => 0,
+                    BypassReason::Cap => 1,
+                    BypassReason::Disabled => 2,
+                    BypassReason::NoKey => 3,
+                }
+            }
+        }
+    }
+
     /// 0 for reuse, 1 for new, 2 for bypass (per-decision counters).
     pub fn slot(&self) -> usize {
         match self {
@@ -136,5 +178,24 @@ impl EvictReason {
             EvictReason::Discarded => NewReason::Discarded,
             EvictReason::IdleTimeout | EvictReason::Shutdown => NewReason::Miss,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decision_has_its_own_index() {
+        for (i, d) in Decision::ALL.iter().enumerate() {
+            assert_eq!(d.index(), i, "{d} {}", d.reason());
+        }
+        let mut labels: Vec<_> = Decision::ALL
+            .iter()
+            .map(|d| (d.as_str(), d.reason()))
+            .collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), Decision::ALL.len());
     }
 }

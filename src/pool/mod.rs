@@ -175,6 +175,8 @@ struct Inner<C> {
     /// keys, so a release wakes only the reconnects waiting on keys of its shard, not every
     /// waiter in the pool.
     released: [Notify; RELEASE_SHARDS],
+    /// Decision counters and reuse ages (pre-registered).
+    metrics: crate::metrics::PoolMetrics,
 }
 
 /// Shards of [`Inner::released`].
@@ -225,6 +227,7 @@ impl<C: PoolConn> Pool<C> {
                 recent: Mutex::new(VecDeque::with_capacity(RECENT_DECISIONS)),
                 totals: Default::default(),
                 released: std::array::from_fn(|_| Notify::new()),
+                metrics: crate::metrics::PoolMetrics::new(),
             }),
         }
     }
@@ -324,10 +327,7 @@ impl<C: PoolConn> Pool<C> {
             upstream.age_ms = age.map(|a| a.as_millis() as u64),
             "pool decision"
         );
-        if let Some(age) = age {
-            crate::metrics::reuse_age(age);
-        }
-        crate::metrics::decision(decision);
+        self.inner.metrics.decision(decision, age);
         self.inner.totals[decision.slot()].fetch_add(1, Ordering::Relaxed);
         if let Ok(mut r) = self.inner.recent.lock() {
             if r.len() == RECENT_DECISIONS {
