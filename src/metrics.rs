@@ -184,8 +184,11 @@ impl PoolMetrics {
     }
 
     pub fn decision(&self, d: Decision, reused_at_age: Option<Duration>) {
-        if let Some(counter) = self.decisions.get(d.index()) {
-            counter.increment(1);
+        match self.decisions.get(d.index()) {
+            Some(counter) => counter.increment(1),
+            // A decision missing from `Decision::ALL` is still counted, by lookup.
+            None => counter!(POOL_DECISIONS, "decision" => d.as_str(), "reason" => d.reason())
+                .increment(1),
         }
         if let Some(age) = reused_at_age {
             self.reuse_age.record(age.as_secs_f64());
