@@ -13,7 +13,7 @@
 # Workloads: (a) one streaming turn, (b) latency under a steady load, (c) reconnect every turn,
 # (d) idle sessions' memory, (e) (a) and (b) through the HTTP ingress, (f) scale: many sessions
 # streaming at once. (a), (b) and (f) also report the middle process's CPU seconds per million
-# relayed events (utime + stime from /proc, before and after each run).
+# relayed events, (c) its CPU per turn (utime + stime from /proc, before and after each run).
 # and prints ratio tables (also written to bench/results/latest.md, JSON per run beside it).
 #
 # Usage: bench/compare.sh            full run (a few minutes on 2 cores)

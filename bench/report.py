@@ -183,7 +183,7 @@ l99, ln99 = (med("bl", t, "event_latency_us", "p99") for t in ("wsgate", "nginx"
 informative = []
 if None not in (l50, ld50, ln50, l99, ln99):
     informative.append(f"(b) in lockstep (informative, not a target): wsgate adds {l50 - ld50:.0f} us at p50, nginx "
-                    f"{ln50 - ld50:.0f} us; p99 {l99:,.0f} vs {ln99:,.0f} us ({l99 / ln99:.2f}x)")
+                       f"{ln50 - ld50:.0f} us; p99 {l99:,.0f} vs {ln99:,.0f} us ({l99 / ln99:.2f}x)")
 # (c): the speed-up in every repeat (same repeat number for both targets).
 per_rep = {}
 for t in ("wsgate", "nopool", "pooledcopy"):
