@@ -22,6 +22,26 @@ pub const LANE_HEADERS: &[&str] = &[
 /// threads share an account and its prompt cache.
 pub const AFFINITY_HEADERS: &[&str] = &["session-id", "session_id"];
 
+// The same names parsed once: a lookup by `&str` parses and classifies the name on every call,
+// and the opening handshake makes six of them (issue 14).
+const LANE: [HeaderName; 4] = [
+    HeaderName::from_static(LANE_HEADERS[0]),
+    HeaderName::from_static(LANE_HEADERS[1]),
+    HeaderName::from_static(LANE_HEADERS[2]),
+    HeaderName::from_static(LANE_HEADERS[3]),
+];
+/// [`LANE`] without `x-client-request-id` (see [`HeaderIds::from_http_headers`]).
+const HTTP_LANE: [HeaderName; 3] = [
+    HeaderName::from_static(LANE_HEADERS[0]),
+    HeaderName::from_static(LANE_HEADERS[2]),
+    HeaderName::from_static(LANE_HEADERS[3]),
+];
+const AFFINITY: [HeaderName; 2] = [
+    HeaderName::from_static(AFFINITY_HEADERS[0]),
+    HeaderName::from_static(AFFINITY_HEADERS[1]),
+];
+const ORIGINATOR: HeaderName = HeaderName::from_static("originator");
+
 /// Exact names forwarded client -> upstream.
 const FORWARD: &[&str] = &[
     "openai-beta",
@@ -56,8 +76,8 @@ impl HeaderIds {
     /// not a silent fallback.
     pub fn from_headers(headers: &HeaderMap) -> Result<HeaderIds, String> {
         Ok(HeaderIds {
-            lane: first_id(headers, LANE_HEADERS)?,
-            affinity: first_id(headers, AFFINITY_HEADERS)?,
+            lane: first_id(headers, &LANE)?,
+            affinity: first_id(headers, &AFFINITY)?,
         })
     }
 
@@ -65,17 +85,12 @@ impl HeaderIds {
     /// only when an `originator` header marks a Codex client (Codex sets it to the thread id;
     /// SDK clients may send a fresh id per request, which would open a lane per request).
     pub fn from_http_headers(headers: &HeaderMap) -> Result<HeaderIds, String> {
-        if headers.contains_key("originator") {
+        if headers.contains_key(ORIGINATOR) {
             return Self::from_headers(headers);
         }
-        let lane_headers: Vec<&str> = LANE_HEADERS
-            .iter()
-            .copied()
-            .filter(|h| *h != "x-client-request-id")
-            .collect();
         Ok(HeaderIds {
-            lane: first_id(headers, &lane_headers)?,
-            affinity: first_id(headers, AFFINITY_HEADERS)?,
+            lane: first_id(headers, &HTTP_LANE)?,
+            affinity: first_id(headers, &AFFINITY)?,
         })
     }
 
@@ -96,9 +111,9 @@ impl HeaderIds {
     }
 }
 
-fn first_id(headers: &HeaderMap, names: &[&str]) -> Result<Option<ConversationId>, String> {
+fn first_id(headers: &HeaderMap, names: &[HeaderName]) -> Result<Option<ConversationId>, String> {
     for name in names {
-        if let Some(v) = headers.get(*name) {
+        if let Some(v) = headers.get(name) {
             let s = v
                 .to_str()
                 .map_err(|_| format!("header `{name}` is not visible ASCII"))?;
@@ -205,6 +220,19 @@ mod tests {
             .route(ClientId::anonymous(), pck.clone());
         assert_eq!(r.affinity, pck);
         assert_eq!(r.distinct_affinity(), pck.as_ref());
+    }
+
+    #[test]
+    fn parsed_names_match_the_lists() {
+        let names = |h: &[HeaderName]| h.iter().map(|n| n.as_str().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&LANE), LANE_HEADERS);
+        assert_eq!(names(&AFFINITY), AFFINITY_HEADERS);
+        let http: Vec<&str> = LANE_HEADERS
+            .iter()
+            .copied()
+            .filter(|h| *h != "x-client-request-id")
+            .collect();
+        assert_eq!(names(&HTTP_LANE), http);
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl<C: PoolConn> Inner<C> {
     /// A guard came back. Puts the connection back to idle, or removes the slot.
     pub(super) fn put_back(&self, key: &PoolKey, conn_id: u64, conn: Option<C>, reusable: bool) {
         self.put_back_inner(key, conn_id, conn, reusable);
-        self.released[release_shard(key)].notify_waiters();
+        self.released[release_shard(self.slots.hasher(), key)].notify_waiters();
     }
 
     pub(super) fn put_back_inner(

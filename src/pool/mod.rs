@@ -153,7 +153,10 @@ impl<C: PoolConn> Clone for Pool<C> {
 }
 
 struct Inner<C> {
-    slots: DashMap<PoolKey, Slot<C>>,
+    /// Keyed with a per-process random seed (foldhash's quality variant): a reconnect hashes
+    /// its key several times (checkout, release, the release shard), and SipHash cost more
+    /// than the rest of the lookup; the map is bounded by `max_total` either way.
+    slots: DashMap<PoolKey, Slot<C>, foldhash::quality::RandomState>,
     /// Reserved slots per account; entries are removed when they reach zero.
     per_account: Mutex<HashMap<AccountId, usize>>,
     /// Pooled slots and one-shot leases, against `max_total`.
@@ -182,11 +185,8 @@ struct Inner<C> {
 /// Shards of [`Inner::released`].
 const RELEASE_SHARDS: usize = 64;
 
-fn release_shard(key: &PoolKey) -> usize {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    let h =
-        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
-    (h % RELEASE_SHARDS as u64) as usize
+fn release_shard<S: std::hash::BuildHasher>(hasher: &S, key: &PoolKey) -> usize {
+    (hasher.hash_one(key) % RELEASE_SHARDS as u64) as usize
 }
 
 struct Slot<C> {
@@ -215,7 +215,7 @@ impl<C: PoolConn> Pool<C> {
     pub fn new(limits: PoolConfig) -> Self {
         Pool {
             inner: Arc::new(Inner {
-                slots: DashMap::new(),
+                slots: DashMap::with_hasher(foldhash::quality::RandomState::default()),
                 per_account: Mutex::new(HashMap::new()),
                 total: Arc::new(AtomicUsize::new(0)),
                 one_shots: Arc::new(AtomicUsize::new(0)),
@@ -562,7 +562,8 @@ impl<C: PoolConn> Pool<C> {
         let deadline = Instant::now() + timeout;
         loop {
             // Register before looking, so a release between the look and the wait is not lost.
-            let notified = self.inner.released[release_shard(key)].notified();
+            let notified =
+                self.inner.released[release_shard(self.inner.slots.hasher(), key)].notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let held = self
