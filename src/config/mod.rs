@@ -358,8 +358,10 @@ pub struct RelayConfig {
     pub max_message_size: ByteSize,
     /// Largest single WebSocket frame. Default: same as `max_message_size`.
     pub max_frame_size: Option<ByteSize>,
-    /// Per-socket read buffer (also the write batching target). Default `4KiB`: the largest
-    /// share of an idle session's memory, and no slower (bench/compare.sh).
+    /// Per-socket read buffer (also the write batching target). Default `8KiB`: allocated
+    /// per read and released once drained, so an idle session holds none; against `4KiB`,
+    /// workload (a) relays ~1.2x the events/s for ~0.6x the CPU per event (half the reads
+    /// and writes; bench/results/profile-stop35.md).
     pub read_buffer_size: ByteSize,
     /// Client frames held while a turn is in flight before the session is closed (1008). Default 16.
     pub max_queued_frames: usize,
@@ -484,7 +486,7 @@ impl Default for RelayConfig {
             buffer_frames: 64,
             max_message_size: ByteSize::mib(32),
             max_frame_size: None,
-            read_buffer_size: ByteSize::kib(4),
+            read_buffer_size: ByteSize::kib(8),
             max_queued_frames: 16,
             client_write_timeout: Duration::from_secs(30),
             max_queued_bytes: ByteSize::mib(32),
