@@ -167,7 +167,7 @@ pub fn eviction(r: EvictReason) {
 /// not registry lookups by label (issue 14, workload (c)). Every decision's series exists
 /// from the start, at zero.
 pub struct PoolMetrics {
-    /// By [`Decision::index`].
+    /// By [`Decision::index`]; a decision past the end is counted by lookup.
     decisions: Vec<Counter>,
     reuse_age: Histogram,
 }

@@ -92,30 +92,15 @@ impl Decision {
         Decision::Bypass(BypassReason::NoKey),
     ];
 
-    /// The decision's place in [`Decision::ALL`] (per decision-and-reason counters).
+    /// The decision's place in [`Decision::ALL`] (per decision-and-reason counters), or
+    /// `ALL.len()` for one the list lacks (the metrics then count it by lookup). Found by
+    /// search rather than a second hand-kept mapping, which could point a decision added to
+    /// the enum but not to the list at another decision's counter.
     pub fn index(&self) -> usize {
-        match self {
-            Decision::Reuse => 0,
-            Decision::New(r) => {
-                1 + match r {
-                    NewReason::Miss => 0,
-                    NewReason::Expired => 1,
-                    NewReason::Evicted => 2,
-                    NewReason::Dead => 3,
-                    NewReason::RetryAfterStaleReuse => 4,
-                    NewReason::Discarded => 5,
-                    NewReason::Failover => 6,
-                }
-            }
-            Decision::Bypass(r) => {
-                8 + match r {
-                    BypassReason::Busy => 0,
-                    BypassReason::Cap => 1,
-                    BypassReason::Disabled => 2,
-                    BypassReason::NoKey => 3,
-                }
-            }
-        }
+        Decision::ALL
+            .iter()
+            .position(|d| d == self)
+            .unwrap_or(Decision::ALL.len())
     }
 
     /// 0 for reuse, 1 for new, 2 for bypass (per-decision counters).
