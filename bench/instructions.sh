@@ -13,6 +13,9 @@
 #        SESSIONS=16 TURNS=50 bench/instructions.sh  the workload (defaults; 5 deltas, 20ms think)
 #        INTERVAL=1ms bench/instructions.sh ...       the mock pauses between deltas (each arrives
 #                                                     on its own, as a real upstream streams them)
+#        DELTAS=100000 SESSIONS=1 TURNS=2 bench/instructions.sh ...  deltas per turn (default 5):
+#                                                     many make workload (a)'s shape, one long stream
+#                                                     (instructions per event = per turn / DELTAS)
 #        KEEP=DIR bench/instructions.sh ...           keep callgrind's output files (cg-N.out) in DIR
 #        RECONNECT=1 bench/instructions.sh ...        workload (c)'s shape: a new client connection
 #                                                     every turn (pooled upstream), counted per turn
@@ -25,7 +28,7 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (Debian: apt
 BINS=()
 for b in "$@"; do BINS+=("$(realpath "$b")"); done
 cd "$(dirname "$0")/.."
-SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}
+SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}; DELTAS=${DELTAS:-5}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -35,7 +38,7 @@ MOCK_PORT=$(free_port)
 "$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
 PIDS+=($!); wait_port "$MOCK_PORT"
 
-echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas (mock pause between deltas: $INTERVAL), think 20ms${RECONNECT:+, a new client connection every turn} (after a warm-up of 5 turns each)"
+echo "workload: $SESSIONS sessions x $TURNS turns, $DELTAS deltas (mock pause between deltas: $INTERVAL), think 20ms${RECONNECT:+, a new client connection every turn} (after a warm-up of 5 turns each)"
 echo
 echo "| build | instructions per turn | turns | errors |"
 echo "|---|---:|---:|---:|"
@@ -50,7 +53,7 @@ for i in "${!BINS[@]}"; do
   load() {
     "$TOOLS" loadgen --url "ws://127.0.0.1:$port/v1/responses" --label "x" \
       --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --json "$TMP/run-$i.json" \
-      --sessions "$SESSIONS" --turns "$1" --deltas 5 --think 20ms --delta-interval "$INTERVAL" "${SHAPE[@]}" \
+      --sessions "$SESSIONS" --turns "$1" --deltas "$DELTAS" --think 20ms --delta-interval "$INTERVAL" "${SHAPE[@]}" \
       >"$TMP/loadgen.log" 2>&1
   }
   load 5

@@ -331,6 +331,21 @@ impl UpstreamConn {
             std::task::Poll::Pending => None,
         }
     }
+
+    /// As [`UpstreamConn::try_recv`], looking for a run first (as
+    /// [`UpstreamConn::recv_run`] does).
+    pub fn try_recv_run(
+        &mut self,
+        waker: &std::task::Waker,
+        max_frames: usize,
+        filter: &mut dyn tokio_tungstenite::tungstenite::protocol::RunFilter,
+    ) -> Option<PumpEvent> {
+        let mut cx = std::task::Context::from_waker(waker);
+        match self.link.poll_read_run(&mut cx, max_frames, filter) {
+            std::task::Poll::Ready(ev) => Some(ev),
+            std::task::Poll::Pending => None,
+        }
+    }
 }
 
 impl Drop for UpstreamConn {

@@ -927,6 +927,62 @@ fn fill_buffers_a_read_without_decoding_it() {
     assert!(ws.get_ref().offered.is_empty(), "nothing read");
 }
 
+/// A frame the last read cut in two (in its payload or in its header, a 16-bit length's
+/// included) is completed by `fill`, one more read, so the next run starts with it whole:
+/// decoded alone instead, each read cost a decode and an encode on the way to the client.
+/// Complete frames still buffered are taken without a read.
+#[test]
+fn fill_completes_a_frame_the_last_read_cut() {
+    let all = &mut |_: &[u8]| true;
+    let mut payloads = Vec::new();
+    let long = format!("{:x<300}", "");
+    let (a, b, c) = (
+        server_frame(0x81, &delta("a")),
+        server_frame(0x81, &delta(&long)),
+        server_frame(0x81, &delta("c")),
+    );
+    assert_eq!(b[1], 126, "b has a 16-bit length");
+    for cut in [1, 3, 10, b.len() - 1] {
+        let mut ws = upstream_holding(&[]);
+        let reads = [
+            [a.clone(), b[..cut].to_vec()].concat(),
+            b[cut..].to_vec(),
+            c.clone(),
+        ];
+        ws.get_mut().incoming = reads.into();
+        assert!(ws.fill().expect("bytes arrived"));
+        let run = ws.take_text_run(64, all, &mut payloads).expect("a");
+        assert_eq!(
+            run.as_ref(),
+            a.as_slice(),
+            "cut {cut}: the whole frames only"
+        );
+        assert!(ws.fill().expect("the rest of b arrived"), "cut {cut}");
+        let run = ws.take_text_run(64, all, &mut payloads).expect("b");
+        assert_eq!(run.as_ref(), b.as_slice(), "cut {cut}: b whole, in one run");
+        assert_eq!(ws.get_ref().offered.len(), 2, "cut {cut}: one read each");
+        assert!(ws.fill().expect("c arrived"));
+        let run = ws.take_text_run(64, all, &mut payloads).expect("c");
+        assert_eq!(run.as_ref(), c.as_slice());
+    }
+    // Still cut after the read (the upstream has sent no more): nothing to take, and the
+    // would-block is reported as a read reports it.
+    let mut ws = upstream_holding(&[]);
+    ws.get_mut().incoming = [b[..50].to_vec()].into();
+    assert!(ws.fill().unwrap());
+    assert!(ws.take_text_run(64, all, &mut payloads).is_none());
+    match ws.fill() {
+        Err(tokio_tungstenite::tungstenite::Error::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock)
+        }
+        other => panic!("nothing more to read: {other:?}"),
+    }
+    ws.get_mut().incoming.push_back(b[50..].to_vec());
+    assert!(ws.fill().unwrap());
+    let run = ws.take_text_run(64, all, &mut payloads).expect("b");
+    assert_eq!(run.as_ref(), b.as_slice());
+}
+
 /// A run's filter sees every frame it could take before it decides how many to keep
 /// (`RunFilter::keep`): the frames it does not keep stay buffered, whole and in order, for the
 /// next run or the per-event read.

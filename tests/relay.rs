@@ -602,6 +602,49 @@ async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
     assert_eq!(raw, Some(relayed as f64), "frames relayed raw of {relayed}");
 }
 
+/// Frames larger than a read's share cut by nearly every socket read: the frame a read cut in
+/// two is completed by the next read and opens the next raw run (counted by
+/// `wsgate_relay_raw_frames_total`), instead of being decoded and re-encoded alone once per
+/// read. Only the events the gateway reads itself (the terminal, which echoes the whole
+/// response) take the per-event path, and the client still gets the upstream's bytes.
+#[tokio::test]
+async fn frames_cut_by_reads_still_go_out_raw() {
+    let (mock, gw, conv, mut c) = batching_gateway("raw-cut").await;
+    const DELTAS: usize = 3_000;
+    c.send_json(&create_body(
+        Some(&conv),
+        &format!("[[mock: deltas={DELTAS}, size=300]]"),
+        None,
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let text = c.recv_text().await.unwrap();
+        let done = text.contains("\"type\":\"response.completed\"");
+        got.push(text.to_string());
+        if done {
+            break;
+        }
+    }
+    let conns = mock.connections();
+    assert!(
+        got == conns[0].sent_frames(),
+        "the upstream's frames, in order"
+    );
+    let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
+    let down = [("direction", "upstream_to_client")];
+    let total = prom_value(&metrics, "wsgate_frames_total", &down).expect("frames counted");
+    let raw = prom_value(&metrics, "wsgate_relay_raw_frames_total", &[]).unwrap_or(0.0);
+    assert_eq!(total, got.len() as f64);
+    // ~1.1 MB in reads of 8 KiB: before, one frame per read (~130) went the per-event way.
+    assert!(
+        total - raw <= 3.0,
+        "{raw} of {total} frames raw: frames cut by a read were decoded alone"
+    );
+    c.close().await;
+}
+
 /// A client that stops reading while deltas arrive many per read: the runs taken while its
 /// socket is full go out frame by frame under back-pressure, and once it reads again every
 /// delta arrives, once, in order.

@@ -99,11 +99,33 @@ pub enum RawKind {
 /// response, instructions included) the second pass costs more than they do.
 pub const RAW_TERMINAL_MAX: usize = 4 << 10;
 
+/// How the upstream opens every event: `type` first.
+const TYPE_PREFIX: &[u8] = b"{\"type\":\"";
+
+/// The plain parts most frequent in a stream, each with its closing quote (see
+/// [`raw_kind`]).
+const COMMON_PARTS: [&[u8]; 4] = [
+    b"response.output_text.delta\"",
+    b"response.reasoning_summary_text.delta\"",
+    b"response.reasoning_text.delta\"",
+    b"response.function_call_arguments.delta\"",
+];
+
 /// Classifies a frame payload for the raw relay: a plain part, or (with `lifecycle`) a
 /// terminal or a `response.created` of at most [`RAW_TERMINAL_MAX`] bytes, each only when
 /// written `type` first with a plain (unescaped) type and valid UTF-8; `None` for anything
 /// else, which goes through the per-event path.
 pub fn raw_kind(payload: &[u8], lifecycle: bool) -> Option<RawKind> {
+    // Most of a stream is a few delta types: matched whole, closing quote included, before
+    // the general read of the type.
+    if payload
+        .strip_prefix(TYPE_PREFIX)
+        .is_some_and(|rest| COMMON_PARTS.iter().any(|t| rest.starts_with(t)))
+    {
+        return simdutf8::basic::from_utf8(payload)
+            .ok()
+            .map(|_| RawKind::Part);
+    }
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
     let ty = raw_type(payload)?;
@@ -123,8 +145,7 @@ pub fn raw_kind(payload: &[u8], lifecycle: bool) -> Option<RawKind> {
 /// The type of a frame payload written `type` first with a plain (unescaped) type of at most
 /// 96 bytes, as bytes (not yet checked to be UTF-8); `None` otherwise.
 pub fn raw_type(payload: &[u8]) -> Option<&[u8]> {
-    const PREFIX: &[u8] = b"{\"type\":\"";
-    let rest = payload.strip_prefix(PREFIX)?;
+    let rest = payload.strip_prefix(TYPE_PREFIX)?;
     let head = &rest[..rest.len().min(96)];
     Some(&head[..scan::plain_string_end(head, 0)?])
 }

@@ -119,6 +119,34 @@ fn raw_kinds_of_frame_payloads() {
     }
 }
 
+/// The delta types matched whole first (`COMMON_PARTS`) are parts when their text is UTF-8,
+/// and only when the type ends where theirs does: a longer type, an escaped one or bad UTF-8
+/// gets the general path's verdict.
+#[test]
+fn common_delta_types_are_parts_only_when_the_type_and_text_are() {
+    for ty in [
+        "response.output_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+        "response.function_call_arguments.delta",
+    ] {
+        let p = format!(r#"{{"type":"{ty}","delta":"h\u00e9 é"}}"#).into_bytes();
+        assert_eq!(raw_kind(&p, false), Some(RawKind::Part), "{ty}");
+        let mut bad = p.clone();
+        let at = bad.len() - 4;
+        bad[at] = 0xff;
+        assert_eq!(raw_kind(&bad, true), None, "{ty}: bad UTF-8");
+        let escaped = format!(r#"{{"type":"{}\u0061","delta":""}}"#, &ty[..ty.len() - 1]);
+        assert_eq!(raw_kind(escaped.as_bytes(), true), None, "{ty}: escaped");
+    }
+    // A type that merely starts with a common one is read the general way (a plain part
+    // too), and a terminal named like one never becomes a part.
+    let longer = br#"{"type":"response.output_text.delta.extra","delta":""}"#;
+    assert_eq!(raw_kind(longer, false), Some(RawKind::Part));
+    let unterminated = br#"{"type":"response.output_text.delta"#;
+    assert_eq!(raw_kind(unterminated, false), None);
+}
+
 #[test]
 fn client_event_parse() {
     let ev = ClientEvent::parse(

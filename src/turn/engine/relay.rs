@@ -164,7 +164,13 @@ impl Engine {
             if sent >= max_batch {
                 break;
             }
-            match self.try_next(&waker) {
+            // The next read looks for a run first too: a frame the last read cut in two then
+            // opens the next run instead of being decoded alone.
+            let scan = d
+                .raw_frames()
+                .then(|| self.run_scan(sent, max_batch, false))
+                .flatten();
+            match self.try_next(&waker, scan) {
                 Some(ev) => next = Some(ev),
                 None => break,
             }
@@ -274,9 +280,12 @@ impl Engine {
             Box::pin(self.relay_down(d, counted, sent, std::iter::empty())).await?;
         }
         if d.try_feed_raw(&run.frames)? {
-            for p in &run.payloads {
-                self.relayed(counted, sent, p.len());
-            }
+            let bytes = run
+                .payloads
+                .iter()
+                .map(ExactSizeIterator::len)
+                .sum::<usize>();
+            self.relayed_many(counted, sent, run.payloads.len(), bytes);
             counted.raw += run.payloads.len() as u64;
             return Ok(());
         }
@@ -311,12 +320,18 @@ impl Engine {
         })
     }
 
-    /// The next upstream event if one is ready (read without waiting).
-    fn try_next(&mut self, waker: &std::task::Waker) -> Option<PumpEvent> {
-        self.upstream
-            .as_mut()
-            .and_then(Pooled::conn_mut)
-            .and_then(|c| c.try_recv(waker))
+    /// The next upstream event if one is ready (read without waiting); with `scan`, a run
+    /// that filter takes is looked for first (see [`Engine::run_scan`]).
+    fn try_next(
+        &mut self,
+        waker: &std::task::Waker,
+        scan: Option<(usize, RunScan)>,
+    ) -> Option<PumpEvent> {
+        let conn = self.upstream.as_mut().and_then(Pooled::conn_mut)?;
+        match scan {
+            Some((room, mut scan)) => conn.try_recv_run(waker, room, &mut scan),
+            None => conn.try_recv(waker),
+        }
     }
 
     /// The turn in flight has shown the client output (so it cannot move to another account).
@@ -326,14 +341,28 @@ impl Engine {
 
     /// Counts one frame of `len` payload bytes queued for the client.
     fn relayed(&mut self, counted: &mut BatchCount, sent: &mut usize, len: usize) {
-        counted.frames += 1;
-        counted.bytes += len as u64;
-        *sent += 1;
+        self.relayed_many(counted, sent, 1, len);
+    }
+
+    /// Counts `frames` frames of `bytes` payload bytes in all queued for the client.
+    fn relayed_many(
+        &mut self,
+        counted: &mut BatchCount,
+        sent: &mut usize,
+        frames: usize,
+        bytes: usize,
+    ) {
+        if frames == 0 {
+            return;
+        }
+        counted.frames += frames as u64;
+        counted.bytes += bytes as u64;
+        *sent += frames;
         if let Some(t) = self.turn.as_mut() {
             if t.frames == 0 {
                 counted.first = Some(t.started.elapsed());
             }
-            t.frames += 1;
+            t.frames += frames as u64;
         }
     }
 

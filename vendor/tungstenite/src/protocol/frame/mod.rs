@@ -14,7 +14,7 @@ pub use self::{
 
 use crate::{
     error::{CapacityError, Error, ProtocolError, Result},
-    protocol::frame::{coding::OpCode, mask::apply_mask},
+    protocol::frame::mask::apply_mask,
     Message,
 };
 use bytes::BytesMut;
@@ -117,6 +117,28 @@ pub(super) struct FrameCodec {
     out_buffer_write_len: usize,
     /// Header and remaining size of the incoming packet being processed.
     header: Option<(FrameHeader, u64)>,
+}
+
+/// wsgate patch: a frame header read straight off `head` (its first two bytes at least):
+/// the header's length and the payload's declared length; `None` while the header is not all
+/// there.
+fn raw_header(head: &[u8]) -> Option<(usize, u64)> {
+    let second = *head.get(1)?;
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    let (extra, len) = match second & 0x7F {
+        126 => (2, u64::from(u16::from_be_bytes(*head.get(2..4)?.first_chunk()?))),
+        127 => (8, u64::from_be_bytes(*head.get(2..10)?.first_chunk()?)),
+        short => (0, u64::from(short)),
+    };
+    let header_len = 2 + extra + mask;
+    (head.len() >= header_len).then_some((header_len, len))
+}
+
+/// wsgate patch: the whole length (header and payload) of the frame `buf` starts with, once
+/// its header is all there.
+fn raw_frame_len(buf: &[u8]) -> Option<u64> {
+    let (header_len, len) = raw_header(buf)?;
+    (header_len as u64).checked_add(len)
 }
 
 impl FrameCodec {
@@ -298,7 +320,16 @@ impl FrameCodec {
             return Ok(false);
         }
         if !self.in_buffer.is_empty() {
-            return Ok(true);
+            // A frame the last read cut in two is completed by one more read here, so that
+            // the run starts with it (decoding it alone, then the rest as a run, cost a
+            // decode, an encode and a second copy into the client's buffer per read).
+            if raw_frame_len(&self.in_buffer).is_some_and(|n| n <= self.in_buffer.len() as u64) {
+                return Ok(true);
+            }
+            if self.in_buffer.capacity() - self.in_buffer.len() < self.in_buf_max_read {
+                self.in_buffer.reserve(self.in_buf_max_read);
+            }
+            return Ok(self.read_in(stream)? > 0);
         }
         let n = if self.in_buffer.capacity() == 0 {
             self.read_released(stream)?
@@ -329,19 +360,22 @@ impl FrameCodec {
         let buf = &self.in_buffer[..];
         let mut pos = 0;
         while payloads.len() < max_frames {
-            let mut cursor = Cursor::new(&buf[pos..]);
-            let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
-                break;
-            };
-            let plain = header.is_final
-                && !(header.rsv1 || header.rsv2 || header.rsv3)
-                && header.mask.is_none()
-                && header.opcode == OpCode::Data(crate::protocol::frame::coding::Data::Text);
-            if !plain || len > max_size as u64 {
+            // Read straight off the bytes: a plain text frame's first byte is 0x81 (final,
+            // no reserved bits, text) and its mask bit is clear.
+            let head = &buf[pos..];
+            if head.first() != Some(&0x81) || head.get(1).is_none_or(|b| b & 0x80 != 0) {
                 break;
             }
-            let start = pos + cursor.position() as usize;
-            let end = start + len as usize;
+            let Some((header_len, len)) = raw_header(head) else {
+                break;
+            };
+            if len > max_size as u64 {
+                break;
+            }
+            let start = pos + header_len;
+            let Some(end) = usize::try_from(len).ok().and_then(|l| start.checked_add(l)) else {
+                break;
+            };
             if end > buf.len() || !filter.accept(&buf[start..end]) {
                 break;
             }
@@ -379,8 +413,11 @@ impl FrameCodec {
                 bytes::Bytes::copy_from_slice(frames),
             ))));
         }
+        // A buffer allocated here has room for the batching target beyond these frames: a
+        // run that stays under the target is followed by another before the write, which
+        // would otherwise grow (and copy) the buffer once per write.
         let want = if self.out_buffer.capacity() == 0 {
-            frames.len().max(self.out_buffer_write_len.min(64 << 10))
+            frames.len() + self.out_buffer_write_len.min(64 << 10)
         } else {
             frames.len()
         };
