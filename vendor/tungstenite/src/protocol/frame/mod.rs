@@ -326,8 +326,17 @@ impl FrameCodec {
             if raw_frame_len(&self.in_buffer).is_some_and(|n| n <= self.in_buffer.len() as u64) {
                 return Ok(true);
             }
-            if self.in_buffer.capacity() - self.in_buffer.len() < self.in_buf_max_read {
-                self.in_buffer.reserve(self.in_buf_max_read);
+            // Room for a read's size in all while the cut frame is short: the buffer's own
+            // allocation then takes it (the frame moved to its front) instead of a new one
+            // per read. A longer remainder gets a full read's room beyond it.
+            let len = self.in_buffer.len();
+            let want = if len < self.in_buf_max_read / 2 {
+                self.in_buf_max_read - len
+            } else {
+                self.in_buf_max_read
+            };
+            if self.in_buffer.capacity() - len < want {
+                self.in_buffer.reserve(want);
             }
             return Ok(self.read_in(stream)? > 0);
         }
@@ -380,9 +389,10 @@ impl FrameCodec {
                 break;
             }
             if payloads.capacity() == 0 {
-                // One allocation for the run's ranges, made only once a run exists (growing
+                // One allocation for the run's ranges (a full batch of 64 by default, which a
+                // read of deltas nearly fills), made only once a run exists (growing
                 // from empty took three; reserving up front cost one per read with no run).
-                payloads.reserve(max_frames.min(32));
+                payloads.reserve(max_frames.min(64));
             }
             payloads.push(start..end);
             pos = end;
