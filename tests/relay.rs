@@ -488,6 +488,23 @@ async fn batching_gateway(name: &str) -> (MockUpstream, GatewayProcess, String, 
     (mock, gw, conv, c)
 }
 
+/// Sends a turn (`text` is the mock's script) and returns every frame the client got, up to
+/// and including `response.completed`.
+async fn completed_turn(c: &mut Client, conv: &str, text: &str) -> Vec<String> {
+    c.send_json(&create_body(Some(conv), text, None))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let text = c.recv_text().await.unwrap();
+        let done = text.contains("\"type\":\"response.completed\"");
+        got.push(text.to_string());
+        if done {
+            return got;
+        }
+    }
+}
+
 /// Deltas that arrive many per read are relayed as raw frame runs (with the items and parts
 /// around them): what the client receives is exactly what the upstream sent, frame for frame and
 /// byte for byte, in order, with the events the gateway reads (created, completed) handled one
@@ -500,22 +517,7 @@ async fn batched_deltas_reach_the_client_byte_for_byte() {
             .connections()
             .first()
             .map_or(0, |c| c.sent_frames().len());
-        c.send_json(&create_body(
-            Some(&conv),
-            "[[mock: deltas=2000, size=40]]",
-            None,
-        ))
-        .await
-        .unwrap();
-        let mut got = Vec::new();
-        loop {
-            let text = c.recv_text().await.unwrap();
-            let done = text.contains("\"type\":\"response.completed\"");
-            got.push(text.to_string());
-            if done {
-                break;
-            }
-        }
+        let got = completed_turn(&mut c, &conv, "[[mock: deltas=2000, size=40]]").await;
         let conns = mock.connections();
         assert_eq!(conns.len(), 1, "one pooled upstream connection");
         let sent = conns[0].sent_frames();
@@ -602,7 +604,7 @@ async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
     assert_eq!(raw, Some(relayed as f64), "frames relayed raw of {relayed}");
 }
 
-/// Frames larger than a read's share cut by nearly every socket read: the frame a read cut in
+/// Frames of ~360 bytes (3,000 deltas) cut by nearly every socket read: the frame a read cut in
 /// two is completed by the next read and opens the next raw run (counted by
 /// `wsgate_relay_raw_frames_total`), instead of being decoded and re-encoded alone once per
 /// read. Only the events the gateway reads itself (the terminal, which echoes the whole
@@ -610,23 +612,7 @@ async fn a_terminal_batched_with_its_deltas_ends_and_records_the_turn() {
 #[tokio::test]
 async fn frames_cut_by_reads_still_go_out_raw() {
     let (mock, gw, conv, mut c) = batching_gateway("raw-cut").await;
-    const DELTAS: usize = 3_000;
-    c.send_json(&create_body(
-        Some(&conv),
-        &format!("[[mock: deltas={DELTAS}, size=300]]"),
-        None,
-    ))
-    .await
-    .unwrap();
-    let mut got = Vec::new();
-    loop {
-        let text = c.recv_text().await.unwrap();
-        let done = text.contains("\"type\":\"response.completed\"");
-        got.push(text.to_string());
-        if done {
-            break;
-        }
-    }
+    let got = completed_turn(&mut c, &conv, "[[mock: deltas=3000, size=300]]").await;
     let conns = mock.connections();
     assert!(
         got == conns[0].sent_frames(),
