@@ -140,7 +140,7 @@ fn common_delta_types_are_parts_only_when_the_type_and_text_are() {
         assert_eq!(raw_kind(escaped.as_bytes(), true), None, "{ty}: escaped");
     }
     // A type that merely starts with a common one is read the general way (a plain part
-    // too), and a terminal named like one never becomes a part.
+    // too); a payload cut inside the type is nothing.
     let longer = br#"{"type":"response.output_text.delta.extra","delta":""}"#;
     assert_eq!(raw_kind(longer, false), Some(RawKind::Part));
     let unterminated = br#"{"type":"response.output_text.delta"#;
