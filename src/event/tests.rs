@@ -138,6 +138,13 @@ fn common_delta_types_are_parts_only_when_the_type_and_text_are() {
         assert_eq!(raw_kind(&bad, true), None, "{ty}: bad UTF-8");
         let escaped = format!(r#"{{"type":"{}\u0061","delta":""}}"#, &ty[..ty.len() - 1]);
         assert_eq!(raw_kind(escaped.as_bytes(), true), None, "{ty}: escaped");
+        // The whole type followed by an escape: only the closing quote tells it apart.
+        let continued = format!(r#"{{"type":"{ty}\u0021","delta":""}}"#);
+        assert_eq!(
+            raw_kind(continued.as_bytes(), true),
+            None,
+            "{ty}: continued"
+        );
     }
     // A type that merely starts with a common one is read the general way (a plain part
     // too); a payload cut inside the type is nothing.
