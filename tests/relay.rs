@@ -406,21 +406,16 @@ async fn one_runtime_worker_serves_concurrent_sessions() {
     );
 }
 
-/// Idle sessions hold no read or write buffers: with a 64 KiB read size, 300 sessions that each
-/// ran a turn and then idle (client socket and pooled upstream socket both waiting for bytes)
-/// would hold 2 x 64 KiB each if a waiting read allocated its buffer (37 MiB); they hold the
-/// session's own state only.
-#[tokio::test]
-async fn idle_sessions_hold_no_socket_buffers() {
-    init();
-    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+/// A gateway process with 64 KiB reads in front of `mock`, warmed up (allocator arenas, the
+/// first pooled connection), its freed pages returned to the kernel at once (jemalloc keeps
+/// them for reuse for 10 s by default, so the resident size is what sessions hold, not what
+/// turns freed); its warm-up client and its resident size after the warm-up.
+async fn rss_gateway(mock: &MockUpstream) -> (GatewayProcess, Client, u64) {
     let yaml = test_yaml(
         &mock.url(),
         &["acct-a"],
         "relay:\n  read_buffer_size: 64KiB\nlimits:\n  max_connections_per_client: 0\npool:\n  max_total: 1000\n  max_per_account: 1000\n",
     );
-    // Freed pages go back to the kernel at once (jemalloc keeps them for reuse for 10 s by
-    // default), so the resident size is what the sessions hold, not what turns freed.
     let gw = GatewayProcess::start_with_env(
         &yaml,
         &[
@@ -428,7 +423,6 @@ async fn idle_sessions_hold_no_socket_buffers() {
             ("_RJEM_MALLOC_CONF", "dirty_decay_ms:0"),
         ],
     );
-    // Warm the process up (allocator arenas, first pooled connection) before the baseline.
     let warm = unique("idle-warm");
     let mut w = gw.connect(&warm).await;
     assert!(
@@ -439,32 +433,74 @@ async fn idle_sessions_hold_no_socket_buffers() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let baseline = gw.rss_kib();
+    (gw, w, baseline)
+}
 
+/// Opens 300 sessions on `gw`, 50 at a time, each made ready by `ready` (given the client and
+/// its conversation), and returns the resident KiB each holds once all are open, with the
+/// clients (to keep them open until the caller closes them).
+async fn held_pairs_kib<F, Fut>(gw: &GatewayProcess, baseline: u64, ready: F) -> (u64, Vec<Client>)
+where
+    F: Fn(Client, String) -> Fut,
+    Fut: std::future::Future<Output = Client>,
+{
     const PAIRS: usize = 300;
     let mut held = Vec::with_capacity(PAIRS);
     for batch in 0..PAIRS / 50 {
-        let turns = (0..50).map(|i| {
+        let opened = (0..50).map(|i| {
             let conv = unique(&format!("idle-{batch}-{i}"));
-            let gw = &gw;
-            async move {
-                let mut c = gw.connect(&conv).await;
-                let t = c
-                    .turn(&create_body(Some(&conv), "[[mock: deltas=20]]", None))
-                    .await
-                    .unwrap();
-                assert!(t.is_completed(), "{:?}", t.terminal());
-                c
-            }
+            let ready = &ready;
+            async move { ready(gw.connect(&conv).await, conv).await }
         });
-        held.extend(futures::future::join_all(turns).await);
+        held.extend(futures::future::join_all(opened).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = gw.status().await;
     assert_eq!(status["sessions_active"], PAIRS + 1, "{status}");
     let per_pair_kib = gw.rss_kib().saturating_sub(baseline) / PAIRS as u64;
+    (per_pair_kib, held)
+}
+
+/// Idle sessions hold no read or write buffers: with a 64 KiB read size, 300 sessions that each
+/// ran a turn and then idle (client socket and pooled upstream socket both waiting for bytes)
+/// would hold 2 x 64 KiB each if a waiting read allocated its buffer (37 MiB); they hold the
+/// session's own state only.
+#[tokio::test]
+async fn idle_sessions_hold_no_socket_buffers() {
+    init();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let (gw, w, baseline) = rss_gateway(&mock).await;
+    let (per_pair_kib, held) = held_pairs_kib(&gw, baseline, |mut c, conv| async move {
+        let t = c
+            .turn(&create_body(Some(&conv), "[[mock: deltas=20]]", None))
+            .await
+            .unwrap();
+        assert!(t.is_completed(), "{:?}", t.terminal());
+        c
+    })
+    .await;
     assert!(
         per_pair_kib < 40,
         "{per_pair_kib} KiB per idle session pair (64 KiB reads): a waiting read holds a buffer"
+    );
+    for c in held {
+        c.close().await;
+    }
+    w.close().await;
+}
+
+/// A session whose client has not sent its first frame yet holds no read buffer either: the
+/// client socket's buffer starts released, as an idle one's. With a 64 KiB read size, 300 such
+/// sessions would hold 64 KiB each if the waiting first read zero-filled a buffer (19 MiB).
+#[tokio::test]
+async fn sessions_waiting_for_a_first_frame_hold_no_read_buffer() {
+    init();
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let (gw, w, baseline) = rss_gateway(&mock).await;
+    let (per_pair_kib, held) = held_pairs_kib(&gw, baseline, |c, _| async move { c }).await;
+    assert!(
+        per_pair_kib < 40,
+        "{per_pair_kib} KiB per session waiting for its first frame (64 KiB reads): the read holds a buffer"
     );
     for c in held {
         c.close().await;

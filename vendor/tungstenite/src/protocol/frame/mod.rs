@@ -145,7 +145,11 @@ impl FrameCodec {
     /// Create a new frame codec.
     pub(super) fn new(in_buf_len: usize) -> Self {
         Self {
-            in_buffer: BytesMut::with_capacity(in_buf_len),
+            // wsgate patch: the input buffer starts released, like an idle socket's: the first
+            // read goes through `read_released` (a per-thread scratch buffer, the buffer
+            // allocated only when bytes arrive) instead of zero-filling a full read's room on
+            // every poll until the client's first frame arrives.
+            in_buffer: BytesMut::new(),
             in_buf_max_read: in_buf_len.max(FrameHeader::MAX_SIZE),
             out_buffer: <_>::default(),
             max_out_buffer_len: usize::MAX,
@@ -156,8 +160,14 @@ impl FrameCodec {
 
     /// Create a new frame codec from partially read data.
     pub(super) fn from_partially_read(part: Vec<u8>, min_in_buf_len: usize) -> Self {
-        let mut in_buffer = BytesMut::from_iter(part);
-        in_buffer.reserve(min_in_buf_len.saturating_sub(in_buffer.len()));
+        // wsgate patch: as in `new`, no room is reserved ahead of the first read: with nothing
+        // left over from the handshake the buffer starts released, and bytes left over are
+        // kept as they are (the read that completes their frame makes room for itself).
+        let in_buffer = if part.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&part[..])
+        };
         Self {
             in_buffer,
             in_buf_max_read: min_in_buf_len.max(FrameHeader::MAX_SIZE),
