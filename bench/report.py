@@ -28,6 +28,18 @@ def med(workload, target, key, sub=None):
     return statistics.median(vals) if vals else None
 
 
+def by_repeat(workload, target, key, sub=None):
+    """{repeat: value} of one target's runs of a workload (the repeats' spread, beside the median)."""
+    vals = {}
+    for r in runs.get((workload, target), []):
+        v = r.get(key)
+        if sub is not None and isinstance(v, dict):
+            v = v.get(sub)
+        if isinstance(v, (int, float)):
+            vals[r["_rep"]] = v
+    return vals
+
+
 def errors(workload, target):
     return sum(r.get("errors", 0) for r in runs.get((workload, target), []))
 
@@ -184,6 +196,20 @@ informative = []
 if None not in (l50, ld50, ln50, l99, ln99):
     informative.append(f"(b) in lockstep (informative, not a target): wsgate adds {l50 - ld50:.0f} us at p50, nginx "
                        f"{ln50 - ld50:.0f} us; p99 {l99:,.0f} vs {ln99:,.0f} us ({l99 / ln99:.2f}x)")
+# The repeats behind the (a) and (b) medians, paired by repeat number (the targets of one
+# repeat run minutes apart at most, so a noisy stretch of the host shows in all of them).
+wa_r, na_r = by_repeat("a", "wsgate", "events_per_s"), by_repeat("a", "nginx", "events_per_s")
+reps = sorted(set(wa_r) & set(na_r), key=int)
+if len(reps) > 1:
+    informative.append("(a) per repeat (informative): wsgate vs nginx " + ", ".join(
+        f"{wa_r[r] / 1e6:.2f}M vs {na_r[r] / 1e6:.2f}M ({wa_r[r] / na_r[r]:.2f}x)" for r in reps))
+b_r = {t: by_repeat("b", t, "event_latency_us", "p50") for t in ("direct", "nginx", "tokiocopy", "wsgate")}
+reps = sorted(set.intersection(*(set(v) for v in b_r.values())), key=int)
+if reps:
+    added = {t: [b_r[t][r] - b_r["direct"][r] for r in reps] for t in ("nginx", "tokiocopy", "wsgate")}
+    informative.append("(b) added p50 per repeat (informative): wsgate vs nginx " + ", ".join(
+        f"{w:.0f} vs {n:.0f} us" for w, n in zip(added["wsgate"], added["nginx"]))
+        + "; the tokio byte proxy (`tokiocopy`) " + ", ".join(f"{x:.0f}" for x in added["tokiocopy"]) + " us")
 # (c): the speed-up in every repeat (same repeat number for both targets).
 per_rep = {}
 for t in ("wsgate", "nopool", "pooledcopy"):
