@@ -17,17 +17,6 @@ for path in glob.glob(os.path.join(runs_dir, "*.json")):
         runs.setdefault((workload, target), []).append(r)
 
 
-def med(workload, target, key, sub=None):
-    vals = []
-    for r in runs.get((workload, target), []):
-        v = r.get(key)
-        if sub is not None and isinstance(v, dict):
-            v = v.get(sub)
-        if isinstance(v, (int, float)):
-            vals.append(v)
-    return statistics.median(vals) if vals else None
-
-
 def by_repeat(workload, target, key, sub=None):
     """{repeat: value} of one target's runs of a workload (the repeats' spread, beside the median)."""
     vals = {}
@@ -38,6 +27,11 @@ def by_repeat(workload, target, key, sub=None):
         if isinstance(v, (int, float)):
             vals[r["_rep"]] = v
     return vals
+
+
+def med(workload, target, key, sub=None):
+    vals = list(by_repeat(workload, target, key, sub).values())
+    return statistics.median(vals) if vals else None
 
 
 def errors(workload, target):
