@@ -18,6 +18,7 @@
 //!   types of the events it received.
 
 pub mod script;
+mod stamped;
 mod turn;
 
 use std::collections::VecDeque;

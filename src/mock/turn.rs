@@ -3,7 +3,6 @@
 //! tool calls, failures, limits, the `[[mock: ...]]` hooks).
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::script::{self, CloseKind, Directives, Fixture, FixtureName, Phase, Vars};
+use super::stamped::{self, StampedDeltas};
 use super::{Limit, MockState};
 
 /// Whether a client frame is a `response.create`.
@@ -425,15 +425,17 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                 return r.clone();
             }
             if size == 0 {
-                format!("{id} delta {i}. ")
+                stamped::plain_delta(&id, i)
             } else {
                 let mut s = format!("{id}:{i:08}|");
                 s.extend(std::iter::repeat_n('x', size.saturating_sub(s.len())));
                 s
             }
         };
-        let total: usize = if size == 0 {
-            (0..deltas).map(|i| delta_text(i).len()).sum()
+        let total: usize = if let Some(r) = &reply {
+            r.len()
+        } else if size == 0 {
+            stamped::plain_total_len(&id, deltas)
         } else {
             deltas * size.max(1)
         };
@@ -453,6 +455,10 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
         ]);
         let vars = Vars(vars);
         let texts = vars.texts();
+        let stamped = state
+            .config
+            .speed
+            .then(|| StampedDeltas::new(&item_id, &id, reply.is_none() && size == 0));
         let f = Fixture::load(FixtureName::TextTurn);
         let mut ok = true;
         'events: for (i, ev) in f.events().iter().enumerate() {
@@ -522,20 +528,13 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                         return Outcome::Gone;
                     }
                 }
-                let sent = if state.config.speed {
+                let sent = if let Some(stamped) = &stamped {
                     // Hand-built frame with its send time, so clients can measure latency.
                     let ts = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos())
+                        .map(|d| d.as_nanos() as u64)
                         .unwrap_or(0);
-                    let delta = serde_json::to_string(&delta_text(n)).unwrap_or_default();
-                    // Sized up front: grown by `format!`, the frame took several reallocations.
-                    let mut text = String::with_capacity(160 + delta.len());
-                    let _ = write!(
-                        text,
-                        "{{\"type\":\"response.output_text.delta\",\"sequence_number\":{},\"item_id\":\"msg_{}_{}\",\"output_index\":0,\"content_index\":0,\"delta\":{delta},\"ts_ns\":{ts}}}",
-                        em.seq, conn.id, conn.next
-                    );
+                    let text = stamped.frame(em.seq, n, ts, delta_text);
                     em.seq += 1;
                     em.send_text(text, false).await
                 } else {
