@@ -358,10 +358,11 @@ pub struct RelayConfig {
     pub max_message_size: ByteSize,
     /// Largest single WebSocket frame. Default: same as `max_message_size`.
     pub max_frame_size: Option<ByteSize>,
-    /// Per-socket read buffer (also the write batching target). Default `8KiB`: allocated
-    /// per read and released once drained, so an idle session holds none; against `4KiB`,
-    /// workload (a) relays ~1.2x the events/s for ~0.6x the CPU per event (half the reads
-    /// and writes; bench/results/profile-stop35.md).
+    /// Per-socket read buffer (also the write batching target). Default `16KiB`: allocated
+    /// per read and released once drained, so an idle session holds none; a stream pays one
+    /// read (and one client write) per 16 KiB: against `8KiB`, workload (a) ~1.05x the
+    /// events/s at ~0.8x the CPU per event, (f) ~0.87x the CPU for ~2 MiB more peak RSS
+    /// (bench/results/profile-stop38.md; `4KiB` -> `8KiB`: profile-stop35.md).
     pub read_buffer_size: ByteSize,
     /// Client frames held while a turn is in flight before the session is closed (1008). Default 16.
     pub max_queued_frames: usize,
@@ -486,7 +487,7 @@ impl Default for RelayConfig {
             buffer_frames: 64,
             max_message_size: ByteSize::mib(32),
             max_frame_size: None,
-            read_buffer_size: ByteSize::kib(8),
+            read_buffer_size: ByteSize::kib(16),
             max_queued_frames: 16,
             client_write_timeout: Duration::from_secs(30),
             max_queued_bytes: ByteSize::mib(32),

@@ -9,6 +9,12 @@ fn defaults_are_valid_and_match_design() {
     assert_eq!(c.pool.idle_timeout, Duration::from_secs(600));
     assert_eq!(c.relay.buffer_frames, 64);
     assert_eq!(c.relay.max_message_size, ByteSize::mib(32));
+    // One read per 16 KiB of a stream (bench/results/profile-stop38.md); the shipped
+    // gateway.yaml says the same.
+    assert_eq!(c.relay.read_buffer_size, ByteSize::kib(16));
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.yaml"))
+        .expect("gateway.yaml ships with the crate");
+    assert!(shipped.contains("read_buffer_size: 16KiB"));
 }
 
 #[test]
