@@ -135,7 +135,8 @@ start_mock --speed
 start_proxies
 for r in $(seq "$REPEAT"); do
   for t in direct nginx haproxy tokiocopy wsgate; do
-    cpu=(); [ "$t" != direct ] && cpu=(--cpu-pid "$(pid_of "$t")")
+    # In the direct runs the CPU counted is the mock's (the upstream every target shares).
+    cpu=(--cpu-pid "$(pid_of "$t")")
     want a && run a "$t" "$r" --sessions 1 --turns 1 --deltas "$A_DELTAS" "${cpu[@]}"
     want b && run b "$t" "$r" --sessions "$B_SESSIONS" --turns "$B_TURNS" --deltas 5 --think "$B_THINK" --think-jitter 0.5 "${cpu[@]}"
     # The same with every pause exactly B_THINK: the sessions stay in lockstep and their turns

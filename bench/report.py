@@ -154,6 +154,9 @@ for t in ["nginx", "haproxy", "tokiocopy", "wsgate"]:
     split = f"{fmt(med('b', t, 'cpu_user_s_per_million_events'), 2)} / {fmt(med('b', t, 'cpu_system_s_per_million_events'), 2)}"
     p(f"| {t} | {fmt(med('a', t, 'cpu_s_per_million_events'), 2)} | {fmt(med('b', t, 'cpu_s_per_million_events'), 2)} | "
       f"{split} | {fmt(med('f', t, 'cpu_s_per_million_events'), 2)} |")
+mock_a, mock_b = med("a", "direct", "cpu_s_per_million_events"), med("b", "direct", "cpu_s_per_million_events")
+if mock_a is not None or mock_b is not None:
+    p(f"| (the mock upstream, in the direct runs) | {fmt(mock_a, 2)} | {fmt(mock_b, 2)} | - | - |")
 p("\n(User is the process's own code: its runtime, parsing, framing. System is the kernel's work on its")
 p("behalf: socket reads and writes, loopback delivery, epoll, wake-ups. Ticks of 10 ms, so small shares are coarse.)")
 
