@@ -15,6 +15,8 @@ use wsgate::event::{self, ClientEvent, Terminal};
 use wsgate::pump::PumpEvent;
 
 const DELTA: &str = r#"{"type":"response.output_text.delta","sequence_number":8,"item_id":"msg_01","output_index":1,"content_index":0,"delta":"There are two files: ","logprobs":[]}"#;
+/// A delta whose text is not all ASCII (the ASCII check cannot settle it).
+const DELTA_NON_ASCII: &str = r#"{"type":"response.output_text.delta","sequence_number":8,"item_id":"msg_01","output_index":1,"content_index":0,"delta":"Deux fichiers — café ","logprobs":[]}"#;
 /// The same delta with `type` not first (serde_json's alphabetical order; some proxies and
 /// SDKs reorder keys).
 const DELTA_TYPE_LAST: &str = r#"{"content_index":0,"delta":"There are two files: ","item_id":"msg_01","logprobs":[],"output_index":1,"sequence_number":8,"type":"response.output_text.delta"}"#;
@@ -162,6 +164,15 @@ fn upstream_fields(c: &mut Criterion) {
     });
     g.bench_function("delta UTF-8: simdutf8", |b| {
         b.iter(|| simdutf8::basic::from_utf8(black_box(DELTA.as_bytes())).is_ok())
+    });
+    g.bench_function("delta UTF-8: event::is_utf8 (ASCII words, then simdutf8)", |b| {
+        b.iter(|| event::is_utf8(black_box(DELTA.as_bytes())))
+    });
+    g.bench_function("non-ASCII delta UTF-8: simdutf8", |b| {
+        b.iter(|| simdutf8::basic::from_utf8(black_box(DELTA_NON_ASCII.as_bytes())).is_ok())
+    });
+    g.bench_function("non-ASCII delta UTF-8: event::is_utf8", |b| {
+        b.iter(|| event::is_utf8(black_box(DELTA_NON_ASCII.as_bytes())))
     });
     g.bench_function("delta UTF-8: std (before)", |b| {
         b.iter(|| std::str::from_utf8(black_box(DELTA.as_bytes())).is_ok())

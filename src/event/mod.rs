@@ -122,9 +122,7 @@ pub fn raw_kind(payload: &[u8], lifecycle: bool) -> Option<RawKind> {
         .strip_prefix(TYPE_PREFIX)
         .is_some_and(|rest| COMMON_PARTS.iter().any(|t| rest.starts_with(t)))
     {
-        return simdutf8::basic::from_utf8(payload)
-            .ok()
-            .map(|_| RawKind::Part);
+        return is_utf8(payload).then_some(RawKind::Part);
     }
     // The type is compared as bytes first: a frame that ends the run (a terminal, often the
     // whole response echoed) is refused without a UTF-8 pass its own read will make again.
@@ -139,7 +137,23 @@ pub fn raw_kind(payload: &[u8], lifecycle: bool) -> Option<RawKind> {
     } else {
         return None;
     };
-    simdutf8::basic::from_utf8(payload).ok().map(|_| kind)
+    is_utf8(payload).then_some(kind)
+}
+
+/// Whether a relayed frame's payload is valid UTF-8. Most of a stream's deltas are ASCII:
+/// an OR of the payload's 8-byte words settles those (~5 ns on a 150 B delta, where the SIMD
+/// validator takes ~13: it pays a dispatch and a padded tail per call); a payload with any
+/// byte of 128 or more is validated in full (`simdutf8`).
+pub fn is_utf8(payload: &[u8]) -> bool {
+    let (words, rest) = payload.as_chunks::<8>();
+    let mut high = 0u64;
+    for w in words {
+        high |= u64::from_ne_bytes(*w);
+    }
+    for &b in rest {
+        high |= u64::from(b);
+    }
+    high & 0x8080_8080_8080_8080 == 0 || simdutf8::basic::from_utf8(payload).is_ok()
 }
 
 /// The type of a frame payload written `type` first with a plain (unescaped) type of at most

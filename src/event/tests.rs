@@ -460,3 +460,30 @@ fn error_events() {
     assert_eq!(ev["error"]["code"], "upstream_closed");
     assert_eq!(ev["error"]["type"], "server_error");
 }
+
+/// The ASCII check in front of the full validation settles only all-ASCII payloads: a byte
+/// of 128 or more anywhere (in the 8-byte words or the tail after them) goes to the full
+/// validation, which refuses what is not UTF-8.
+#[test]
+fn a_relayed_payload_is_utf8_checked_in_every_position() {
+    let ascii = br#"{"type":"response.output_text.delta","delta":"plain text"}"#;
+    assert!(is_utf8(ascii));
+    assert!(is_utf8(b""));
+    for at in 0..ascii.len() {
+        let mut bad = ascii.to_vec();
+        bad[at] = 0xff;
+        assert!(!is_utf8(&bad), "0xff at {at}");
+        let mut lone = ascii.to_vec();
+        lone[at] = 0x80; // a continuation byte with no lead
+        assert!(!is_utf8(&lone), "0x80 at {at}");
+        let mut overlong = ascii.to_vec();
+        overlong.splice(at..at, [0xc0, 0xaf]); // "/" encoded in two bytes
+        assert!(!is_utf8(&overlong), "overlong at {at}");
+        let mut valid = ascii.to_vec();
+        valid.splice(at..at, "é😀".bytes());
+        assert!(is_utf8(&valid), "é😀 at {at}");
+        let mut cut = ascii[..at].to_vec();
+        cut.extend_from_slice(&"😀".as_bytes()[..3]); // a sequence cut short at the end
+        assert!(!is_utf8(&cut), "cut sequence after {at}");
+    }
+}
