@@ -165,9 +165,10 @@ fn upstream_fields(c: &mut Criterion) {
     g.bench_function("delta UTF-8: simdutf8", |b| {
         b.iter(|| simdutf8::basic::from_utf8(black_box(DELTA.as_bytes())).is_ok())
     });
-    g.bench_function("delta UTF-8: event::is_utf8 (ASCII words, then simdutf8)", |b| {
-        b.iter(|| event::is_utf8(black_box(DELTA.as_bytes())))
-    });
+    g.bench_function(
+        "delta UTF-8: event::is_utf8 (ASCII words, then simdutf8)",
+        |b| b.iter(|| event::is_utf8(black_box(DELTA.as_bytes()))),
+    );
     g.bench_function("non-ASCII delta UTF-8: simdutf8", |b| {
         b.iter(|| simdutf8::basic::from_utf8(black_box(DELTA_NON_ASCII.as_bytes())).is_ok())
     });
