@@ -55,17 +55,22 @@ impl StampedDeltas {
         text: impl FnOnce(usize) -> String,
     ) -> String {
         let mut num = itoa::Buffer::new();
-        let mut out = String::with_capacity(HEAD.len() + self.item.len() + 96);
+        // Another text is escaped first, so the frame is sized for it (a sized delta is KiBs).
+        let escaped = self
+            .open
+            .is_none()
+            .then(|| serde_json::Value::from(text(n)).to_string());
+        let text_len = escaped.as_ref().map_or(0, String::len);
+        let mut out = String::with_capacity(HEAD.len() + self.item.len() + text_len + 96);
         out.push_str(HEAD);
         out.push_str(num.format(seq));
         out.push_str(&self.item);
-        match &self.open {
-            Some(open) => {
-                out.push_str(open);
-                out.push_str(num.format(n));
-                out.push_str(". \"");
-            }
-            None => out.push_str(&serde_json::Value::from(text(n)).to_string()),
+        if let Some(escaped) = &escaped {
+            out.push_str(escaped);
+        } else if let Some(open) = &self.open {
+            out.push_str(open);
+            out.push_str(num.format(n));
+            out.push_str(". \"");
         }
         out.push_str(STAMP);
         out.push_str(num.format(ts_ns));
