@@ -22,7 +22,7 @@ mod stats;
 mod think;
 
 use crate::event;
-pub use procfs::{CpuTimes, cpu_times, rss_kib};
+pub use procfs::{CpuTimes, HostTicks, cpu_times, host_ticks, rss_kib};
 pub use stats::Percentiles;
 use stats::{Stats, percentiles};
 use think::think_time;
@@ -93,6 +93,10 @@ pub struct Report {
     /// The user-space and kernel shares of `cpu_s`, per million events received.
     pub cpu_user_s_per_million_events: Option<f64>,
     pub cpu_system_s_per_million_events: Option<f64>,
+    /// The share of the machine's CPU time its hypervisor gave to other guests during the
+    /// run, percent (`/proc/stat` steal; Linux). A run with a large share measured the
+    /// neighbours as much as the target (bench/compare.sh runs it again).
+    pub host_steal_pct: Option<f64>,
     /// The mock upstream's counters after the run.
     pub mock: Option<Value>,
     /// Upstream connections the mock accepted during this run.
@@ -388,6 +392,7 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         None => None,
     };
     let cpu_before = cfg.cpu_pid.and_then(cpu_times);
+    let host_before = host_ticks();
     // Streaming runs with `rss_pid`: sample the target's memory while the load runs.
     let rss_peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = match (cfg.rss_pid, cfg.idle_hold) {
@@ -428,6 +433,9 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         }
     }
     let elapsed = started.elapsed();
+    let host_steal_pct = host_before
+        .zip(host_ticks())
+        .and_then(|(before, after)| after.steal_pct_since(before));
     for s in done {
         stats.merge(s);
     }
@@ -435,6 +443,7 @@ pub async fn run(cfg: LoadgenConfig) -> Report {
         label: cfg.label.clone(),
         sessions: cfg.sessions,
         elapsed_s: elapsed.as_secs_f64(),
+        host_steal_pct,
         ..Report::default()
     };
     if let Some(s) = sampler {
@@ -504,6 +513,9 @@ pub fn table(r: &Report) -> String {
         s.push_str(&format!("first error         {e}\n"));
     }
     s.push_str(&format!("elapsed             {:.3} s\n", r.elapsed_s));
+    if let Some(pct) = r.host_steal_pct {
+        s.push_str(&format!("host steal          {pct:.1}% of the CPU time\n"));
+    }
     s.push_str(&format!("turns/s             {:.1}\n", r.turns_per_s));
     s.push_str(&format!("events/s            {:.0}\n", r.events_per_s));
     s.push_str(&format!("first event (ms)    {}\n", p(&r.ttfe_ms)));
@@ -587,5 +599,9 @@ mod tests {
             (user + system - total).abs() < 1e-6,
             "user {user} + system {system} != total {total}"
         );
+        // The host's share stolen by its hypervisor is reported beside (Linux: /proc/stat).
+        let steal = report.host_steal_pct.expect("host steal measured");
+        assert!((0.0..=100.0).contains(&steal), "{steal}");
+        assert!(table(&report).contains("host steal"));
     }
 }

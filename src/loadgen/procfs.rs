@@ -1,5 +1,7 @@
 //! What the load generator reads of another process from /proc (Linux): its CPU time and
-//! resident memory, its descendants' included (nginx's workers, for one).
+//! resident memory, its descendants' included (nginx's workers, for one); and of the host,
+//! the CPU time its hypervisor took from it (steal), which a run on a shared VM reports so
+//! that a run disturbed by a neighbour can be told from one that measured the targets.
 
 /// CPU seconds a process spent in user space and in the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -45,6 +47,49 @@ fn parse_stat_times(stat: &str) -> Option<CpuTimes> {
     Some(CpuTimes {
         user: ticks(14)? as f64 / 100.0,
         system: ticks(15)? as f64 / 100.0,
+    })
+}
+
+/// The machine's CPU time so far, all CPUs (`/proc/stat`'s `cpu` line, in USER_HZ ticks):
+/// every state's ticks, and those the hypervisor gave to another guest (steal).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostTicks {
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl HostTicks {
+    /// Steal's share of the machine's CPU time between `before` and now, in percent (`None`
+    /// when no time passed).
+    pub fn steal_pct_since(&self, before: HostTicks) -> Option<f64> {
+        let total = self.total.saturating_sub(before.total);
+        let steal = self.steal.saturating_sub(before.steal);
+        (total > 0).then(|| steal as f64 * 100.0 / total as f64)
+    }
+}
+
+/// The host's CPU ticks (Linux; `None` elsewhere or if `/proc/stat` is unreadable).
+pub fn host_ticks() -> Option<HostTicks> {
+    parse_host_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The `cpu` line of `/proc/stat`: user nice system idle iowait irq softirq steal guest
+/// guest_nice. Guest time is already counted in user and nice, so it is left out of the
+/// total; a kernel that shows no steal column counts none.
+fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    if fields.len() < 4 {
+        return None;
+    }
+    Some(HostTicks {
+        total: fields.iter().take(8).sum(),
+        steal: fields.get(7).copied().unwrap_or(0),
     })
 }
 
@@ -112,6 +157,34 @@ mod tests {
         );
         assert_eq!(parse_stat_times("4242 (x) S 1"), None);
         assert_eq!(parse_stat_times("no parenthesis"), None);
+    }
+
+    #[test]
+    fn host_steal_is_a_share_of_every_cpu_state() {
+        let before =
+            parse_host_ticks("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+                .unwrap();
+        assert_eq!(
+            before,
+            HostTicks {
+                total: 1000,
+                steal: 35
+            }
+        );
+        // 200 ticks later, 30 of them stolen: 15%.
+        let after = parse_host_ticks("cpu  150 0 60 900 10 0 5 65 7 0\n").unwrap();
+        assert_eq!(after.total, 1190, "guest time is not counted twice");
+        let pct = after.steal_pct_since(before).unwrap();
+        assert!((pct - 30.0 * 100.0 / 190.0).abs() < 1e-9, "{pct}");
+        assert_eq!(before.steal_pct_since(before), None, "no time passed");
+        // An old kernel without the steal column; lines that are not the total.
+        assert_eq!(
+            parse_host_ticks("cpu  1 2 3 4\n").map(|t| (t.total, t.steal)),
+            Some((10, 0))
+        );
+        assert_eq!(parse_host_ticks("cpu0 1 2 3 4\nintr 5\n"), None);
+        assert_eq!(parse_host_ticks("cpu  1 x 3 4\n"), None);
+        assert_eq!(parse_host_ticks("cpu  1 2\n"), None);
     }
 
     #[test]
