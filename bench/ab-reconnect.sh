@@ -65,21 +65,25 @@ def row(t, r):
                  f"first error {on.get('first_error')})")
     return dict(off=off["elapsed_s"], on=on["elapsed_s"], ratio=off["elapsed_s"] / on["elapsed_s"],
                 user=user * per_turn, system=system * per_turn, cpu=(user + system) * per_turn,
-                errors=off["errors"] + on["errors"])
+                errors=off["errors"] + on["errors"],
+                steal=max((x["host_steal_pct"] for x in (on, off) if x.get("host_steal_pct") is not None), default=None))
 rows = {t: [row(t, r) for r in range(1, rounds + 1)] for t in "AB"}
 print()
+# Host steal: the larger of the two runs' (pooled, no pooling) share of the CPU time the
+# hypervisor gave other guests (a round above ~1% measured the neighbours; README "Performance").
+steal = lambda x: "-" if x["steal"] is None else f"{x['steal']:.1f}"
 print("| round | A pooled / no pooling (s) | A speed-up | A CPU per reconnect, user / system (us) "
-      "| B pooled / no pooling (s) | B speed-up | B CPU per reconnect, user / system (us) |")
-print("|---:|---|---:|---|---|---:|---|")
+      "| B pooled / no pooling (s) | B speed-up | B CPU per reconnect, user / system (us) | host steal A / B (%) |")
+print("|---:|---|---:|---|---|---:|---|---|")
 for r in range(rounds):
     a, b = rows["A"][r], rows["B"][r]
     print(f"| {r + 1} | {a['on']:.3f} / {a['off']:.3f} | {a['ratio']:.2f}x | {a['user']:.0f} / {a['system']:.0f} "
-          f"| {b['on']:.3f} / {b['off']:.3f} | {b['ratio']:.2f}x | {b['user']:.0f} / {b['system']:.0f} |")
+          f"| {b['on']:.3f} / {b['off']:.3f} | {b['ratio']:.2f}x | {b['user']:.0f} / {b['system']:.0f} | {steal(a)} / {steal(b)} |")
 print()
 for k, name in (("on", "pooled run (s)"), ("off", "no-pooling run (s)"), ("ratio", "speed-up"),
                 ("cpu", "gateway CPU per pooled reconnect (us)"), ("user", "of which user (us)")):
     a = statistics.median(x[k] for x in rows["A"]); b = statistics.median(x[k] for x in rows["B"])
-    print(f"median {name}: A {a:.3f}, B {b:.3f}, B/A {b / a:.3f}")
+    print(f"median {name}: A {a:.3f}, B {b:.3f}, B/A {b / a:.3f}" if a else f"median {name}: A {a}, B {b}")
 for t in "AB":
     met = sum(x["ratio"] >= 5 for x in rows[t])
     print(f"{t}: speed-up >= 5x in {met} of {rounds} rounds (min {min(x['ratio'] for x in rows[t]):.2f}x)")

@@ -64,15 +64,19 @@ def row(t, r):
                  f"must report them; {d['events']} events, first error {d.get('first_error')})")
     user, system = (x * events_per_turn for x in split)
     lat = d["event_latency_us"]
-    return dict(p50=lat["p50"], p99=lat["p99"], user=user, system=system, cpu=user + system, errors=d["errors"])
+    return dict(p50=lat["p50"], p99=lat["p99"], user=user, system=system, cpu=user + system, errors=d["errors"],
+                steal=d.get("host_steal_pct"))
 rows = {t: [row(t, r) for r in range(1, rounds + 1)] for t in "AB"}
 print()
-print("| round | A p50 / p99 (us) | A CPU per turn, user / system (us) | B p50 / p99 (us) | B CPU per turn, user / system (us) |")
-print("|---:|---|---|---|---|")
+# Host steal: the CPU time the hypervisor gave other guests during the run (a round with
+# more than ~1% measured the neighbours as much as the builds; README "Performance").
+steal = lambda x: "-" if x["steal"] is None else f"{x['steal']:.1f}"
+print("| round | A p50 / p99 (us) | A CPU per turn, user / system (us) | B p50 / p99 (us) | B CPU per turn, user / system (us) | host steal A / B (%) |")
+print("|---:|---|---|---|---|---|")
 for r in range(rounds):
     a, b = rows["A"][r], rows["B"][r]
     print(f"| {r + 1} | {a['p50']:.0f} / {a['p99']:.0f} | {a['user']:.1f} / {a['system']:.1f} "
-          f"| {b['p50']:.0f} / {b['p99']:.0f} | {b['user']:.1f} / {b['system']:.1f} |")
+          f"| {b['p50']:.0f} / {b['p99']:.0f} | {b['user']:.1f} / {b['system']:.1f} | {steal(a)} / {steal(b)} |")
 med = {t: {k: statistics.median(x[k] for x in rows[t]) for k in ("p50", "p99", "user", "system", "cpu")} for t in "AB"}
 print()
 for k, name in (("cpu", "CPU per turn"), ("user", "user CPU per turn"), ("p50", "event latency p50"), ("p99", "event latency p99")):
