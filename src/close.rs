@@ -43,6 +43,8 @@ pub mod client {
     pub const PROTOCOL: u16 = 1002;
     /// Client sent a binary frame.
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text frame that is not valid UTF-8 (RFC 6455 §7.4.1).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// Too many frames queued behind an in-flight turn.
     pub const POLICY: u16 = 1008;
     /// Frame or message over `relay.max_message_size`.

@@ -465,7 +465,8 @@ async fn close_code_after(addr: std::net::SocketAddr, frame: &[u8]) -> u16 {
 
 /// A text frame that is not UTF-8 gets the 1007 close RFC 6455 §7.4.1 names, wherever the
 /// bad byte sits (the vendored tungstenite checks with SIMD in 64-byte blocks: a bad byte
-/// after a long valid prefix, or a sequence cut at the end, must still be found).
+/// after a long valid prefix, or a sequence cut at the end, must still be found), and is
+/// counted like every other client violation (`errors_total{kind="client_invalid_utf8"}`).
 #[tokio::test]
 async fn text_that_is_not_utf8_gets_a_1007_close_frame() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
@@ -481,6 +482,14 @@ async fn text_that_is_not_utf8_gets_a_1007_close_frame() {
             "{bad:?}"
         );
     }
+    // The recorder is the process's: no other test of this binary sends such a frame.
+    let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
+    let counted = prom_value(
+        &metrics,
+        "wsgate_errors_total",
+        &[("kind", "client_invalid_utf8")],
+    );
+    assert_eq!(counted, Some(3.0), "{metrics}");
     gw.assert_quiescent("invalid UTF-8").await;
     gw.stop().await;
 }

@@ -351,18 +351,13 @@ impl Session {
     /// The first-frame or turn-idle deadline passed (or a stale one: re-armed).
     async fn on_timer(&mut self) -> Flow {
         if !self.got_frame {
-            crate::metrics::error("first_frame_timeout");
             let reason = format!(
                 "no request within {:?} (limits.first_frame_timeout)",
                 self.gw.config().limits.first_frame_timeout
             );
-            Box::pin(close_client(
-                &mut self.client,
-                close::client::POLICY,
-                &reason,
-            ))
-            .await;
-            return Flow::Stop;
+            return self
+                .refuse("first_frame_timeout", close::client::POLICY, &reason)
+                .await;
         }
         match self.engine.idle_deadline() {
             None => Flow::Continue,
@@ -384,18 +379,13 @@ impl Session {
     async fn check_partial_frame(&mut self) -> Flow {
         let pending = self.read.load(Ordering::Relaxed) > self.read_at_message;
         if pending && self.partial {
-            crate::metrics::error("client_frame_timeout");
             let reason = format!(
                 "a frame did not complete within {:?} (limits.frame_timeout)",
                 self.gw.config().limits.frame_timeout
             );
-            Box::pin(close_client(
-                &mut self.client,
-                close::client::POLICY,
-                &reason,
-            ))
-            .await;
-            return Flow::Stop;
+            return self
+                .refuse("client_frame_timeout", close::client::POLICY, &reason)
+                .await;
         }
         self.partial = pending;
         Flow::Continue
@@ -412,27 +402,19 @@ impl Session {
                 self.client_text(text).await
             }
             Some(Ok(Message::Binary(_))) => {
-                crate::metrics::error("client_binary_frame");
-                Box::pin(close_client(
-                    &mut self.client,
+                self.refuse(
+                    "client_binary_frame",
                     close::client::UNSUPPORTED_DATA,
                     "binary frames are not supported; send JSON text frames",
-                ))
-                .await;
-                Flow::Stop
+                )
+                .await
             }
             Some(Ok(Message::Close(_))) | None => Flow::Stop,
             Some(Ok(_)) => Flow::Continue, // ping/pong: tungstenite answers pings
             Some(Err(tungstenite::Error::Capacity(e))) => {
-                crate::metrics::error("client_message_too_big");
                 let reason = format!("message too big: {e}");
-                Box::pin(close_client(
-                    &mut self.client,
-                    close::client::TOO_BIG,
-                    &reason,
-                ))
-                .await;
-                Flow::Stop
+                self.refuse("client_message_too_big", close::client::TOO_BIG, &reason)
+                    .await
             }
             Some(Err(tungstenite::Error::Protocol(
                 tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
@@ -444,36 +426,27 @@ impl Session {
             }
             Some(Err(tungstenite::Error::Protocol(e))) => {
                 // RFC 6455 §7.4.1: 1002 for a protocol error, while a close frame can be sent.
-                crate::metrics::error("client_protocol_error");
                 let reason = format!("protocol error: {e}");
-                Box::pin(close_client(
-                    &mut self.client,
-                    close::client::PROTOCOL,
-                    &reason,
-                ))
-                .await;
-                Flow::Stop
+                self.refuse("client_protocol_error", close::client::PROTOCOL, &reason)
+                    .await
             }
             Some(Err(tungstenite::Error::Utf8(_))) => {
-                Box::pin(close_client(
-                    &mut self.client,
-                    1007,
+                self.refuse(
+                    "client_invalid_utf8",
+                    close::client::INVALID_PAYLOAD,
                     "text frame is not valid UTF-8",
-                ))
-                .await;
-                Flow::Stop
+                )
+                .await
             }
             Some(Err(tungstenite::Error::Io(e)))
                 if e.get_ref().is_some_and(|e| e.is::<OverBudget>()) =>
             {
-                crate::metrics::error("buffer_budget_exhausted");
-                Box::pin(close_client(
-                    &mut self.client,
+                self.refuse(
+                    "buffer_budget_exhausted",
                     close::client::TRY_AGAIN,
                     &OverBudget.to_string(),
-                ))
-                .await;
-                Flow::Stop
+                )
+                .await
             }
             Some(Err(e)) => {
                 debug!(error = %e, "client connection failed");
@@ -523,24 +496,19 @@ impl Session {
             if self.held.len() >= max_queued
                 || self.held_bytes + text.len() > relay.max_queued_bytes.as_u64() as usize
             {
-                crate::metrics::error("client_queue_full");
-                Box::pin(close_client(
-                    &mut self.client,
-                    close::client::POLICY,
-                    "too many frames or bytes queued behind the response in flight",
-                ))
-                .await;
-                return Flow::Stop;
+                return self
+                    .refuse(
+                        "client_queue_full",
+                        close::client::POLICY,
+                        "too many frames or bytes queued behind the response in flight",
+                    )
+                    .await;
             }
             let Some(lease) = self.gw.buffered.take(text.len()) else {
-                crate::metrics::error("buffer_budget_exhausted");
-                Box::pin(close_client(
-                    &mut self.client,
-                    close::client::TRY_AGAIN,
-                    "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again",
-                ))
-                .await;
-                return Flow::Stop;
+                let reason = "the gateway's buffer budget is exhausted (limits.max_buffered_bytes); try again";
+                return self
+                    .refuse("buffer_budget_exhausted", close::client::TRY_AGAIN, reason)
+                    .await;
             };
             self.held_bytes += text.len();
             self.held.push_back((text, lease));
@@ -552,14 +520,13 @@ impl Session {
                 .start_turn(down, text, previous, cache_key)
                 .await
         } else if self.engine.outstanding() >= max_queued {
-            crate::metrics::error("client_queue_full");
-            Box::pin(close_client(
-                &mut self.client,
-                close::client::POLICY,
-                "too many events awaiting an upstream answer",
-            ))
-            .await;
-            return Flow::Stop;
+            return self
+                .refuse(
+                    "client_queue_full",
+                    close::client::POLICY,
+                    "too many events awaiting an upstream answer",
+                )
+                .await;
         } else {
             self.engine.forward_side(down, kind, text).await
         };
@@ -567,6 +534,14 @@ impl Session {
             self.timer.as_mut().reset(due);
         }
         flow
+    }
+
+    /// The client broke a rule of the session: counted as `kind` (`errors_total`), closed with
+    /// `code` and `reason`, and the session ends.
+    async fn refuse(&mut self, kind: &'static str, code: u16, reason: &str) -> Flow {
+        crate::metrics::error(kind);
+        Box::pin(close_client(&mut self.client, code, reason)).await;
+        Flow::Stop
     }
 
     async fn local_error(&mut self, status: u16, code: &str, message: &str) -> Flow {
