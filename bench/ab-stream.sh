@@ -40,15 +40,7 @@ fi
 PORT[tokiocopy]=$(free_port)
 "$BYTE_PROXY" "127.0.0.1:${PORT[tokiocopy]}" "127.0.0.1:$MOCK_PORT" >"$TMP/byte_proxy.log" 2>&1 &
 PID[tokiocopy]=$!; PIDS+=("${PID[tokiocopy]}"); TARGETS="$TARGETS tokiocopy"
-for t in A B; do
-  PORT[$t]=$(free_port)
-  bench_gateway_config "$t" "${PORT[$t]}" "$MOCK_PORT" >/dev/null
-done
-"$A" --config "$TMP/config-A/gateway.yaml" run >"$TMP/A.log" 2>&1 &
-PID[A]=$!; PIDS+=("${PID[A]}")
-# shellcheck disable=SC2086 # ENV_B is a list of NAME=value words
-env $ENV_B "$B" --config "$TMP/config-B/gateway.yaml" run >"$TMP/B.log" 2>&1 &
-PID[B]=$!; PIDS+=("${PID[B]}")
+start_ab_gateways "$MOCK_PORT"
 TARGETS="$TARGETS A B"
 for t in $TARGETS; do wait_port "${PORT[$t]}"; done
 

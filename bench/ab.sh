@@ -25,16 +25,7 @@ MOCK_PORT=$(free_port)
 PIDS+=($!); wait_port "$MOCK_PORT"
 
 declare -A PORT PID
-for t in A B; do
-  PORT[$t]=$(free_port)
-  bench_gateway_config "$t" "${PORT[$t]}" "$MOCK_PORT" >/dev/null
-done
-"$A" --config "$TMP/config-A/gateway.yaml" run >"$TMP/A.log" 2>&1 &
-PID[A]=$!; PIDS+=("${PID[A]}")
-# shellcheck disable=SC2086 # ENV_B is a list of NAME=value words
-env $ENV_B "$B" --config "$TMP/config-B/gateway.yaml" run >"$TMP/B.log" 2>&1 &
-PID[B]=$!; PIDS+=("${PID[B]}")
-wait_port "${PORT[A]}"; wait_port "${PORT[B]}"
+start_ab_gateways "$MOCK_PORT"
 
 echo "A: $A"
 echo "B: $B${ENV_B:+ (with $ENV_B)}"

@@ -69,7 +69,7 @@ http {
 EOF
 }
 
-# The two builds of an A/B script (bench/ab.sh, bench/ab-reconnect.sh): sets A and B to the
+# The two builds of an A/B script (bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh): sets A and B to the
 # binaries given (resolved where the script was started), or prints the script's header
 # comment and exits; then moves to the repository root.
 ab_builds() {
@@ -79,4 +79,22 @@ ab_builds() {
   fi
   A=$(realpath "$1"); B=$(realpath "$2")
   cd "$(dirname "$0")/.."
+}
+
+# Starts the two builds of an A/B script as gateways behind the mock on MOCK_PORT (pooling on,
+# ENV_B's NAME=value words in B's environment only) and waits for both: sets PORT[A], PORT[B],
+# PID[A], PID[B] in the caller's associative arrays PORT and PID (declared with `declare -A`).
+# Usage: start_ab_gateways MOCK_PORT
+start_ab_gateways() {
+  local t
+  for t in A B; do
+    PORT[$t]=$(free_port)
+    bench_gateway_config "$t" "${PORT[$t]}" "$1" >/dev/null
+  done
+  "$A" --config "$TMP/config-A/gateway.yaml" run >"$TMP/A.log" 2>&1 &
+  PID[A]=$!; PIDS+=("${PID[A]}")
+  # shellcheck disable=SC2086 # ENV_B is a list of NAME=value words
+  env ${ENV_B:-} "$B" --config "$TMP/config-B/gateway.yaml" run >"$TMP/B.log" 2>&1 &
+  PID[B]=$!; PIDS+=("${PID[B]}")
+  wait_port "${PORT[A]}"; wait_port "${PORT[B]}"
 }
