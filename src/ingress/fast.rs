@@ -260,6 +260,50 @@ mod tests {
         assert!(parse_head(HEAD.as_bytes(), &paths(), HEAD.len() - 1).is_none());
     }
 
+    proptest::proptest! {
+        /// Any first read, from any client before it is admitted: the parse never panics, and
+        /// a head it takes is a GET for one of the paths that ends within the bytes read and
+        /// within `limits.max_header_size`.
+        #[test]
+        fn any_first_read_is_parsed_safely(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            max in 0usize..4096,
+        ) {
+            if let Some(head) = parse_head(&bytes, &paths(), max) {
+                proptest::prop_assert!(head.len <= bytes.len() && head.len <= max);
+                proptest::prop_assert!(bytes.starts_with(b"GET /"));
+                proptest::prop_assert!(head.headers.contains_key(header::UPGRADE));
+            }
+        }
+
+        /// The real handshake with bytes changed, cut or put in: the same holds, and the
+        /// head is taken only where the change left a plain handshake.
+        #[test]
+        fn a_damaged_handshake_is_parsed_safely(
+            edits in proptest::collection::vec(
+                (0usize..HEAD.len(), proptest::prelude::any::<u8>(), 0u8..3),
+                1..6,
+            ),
+        ) {
+            let mut bytes = HEAD.as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let at = at.min(bytes.len());
+                match how {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, byte),
+                }
+            }
+            if let Some(head) = parse_head(&bytes, &paths(), 32 << 10) {
+                proptest::prop_assert!(head.len <= bytes.len());
+                proptest::prop_assert!(bytes.starts_with(b"GET /"));
+                proptest::prop_assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+            }
+        }
+    }
+
     #[test]
     fn headers_are_written_as_http_lines() {
         let mut h = HeaderMap::new();
