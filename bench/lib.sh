@@ -1,5 +1,5 @@
-# Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh, bench/instructions.sh and
-# bench/path.sh: a scratch directory and the processes a run starts (append their pids to
+# Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh,
+# bench/instructions.sh and bench/path.sh: a scratch directory and the processes a run starts (append their pids to
 # PIDS), both cleaned up when the script exits; a free port on 127.0.0.1, a bounded wait for a
 # port to open, the benchmark gateway's config and nginx's.
 TMP=$(mktemp -d)
@@ -69,9 +69,9 @@ http {
 EOF
 }
 
-# The two builds of an A/B script (bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh): sets A and B to the
-# binaries given (resolved where the script was started), or prints the script's header
-# comment and exits; then moves to the repository root.
+# The two builds of an A/B script (bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh):
+# sets A and B to the binaries given (resolved where the script was started), or prints the
+# script's header comment and exits; then moves to the repository root.
 ab_builds() {
   if [ $# -ne 2 ]; then
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
