@@ -260,6 +260,21 @@ mod tests {
         assert!(parse_head(HEAD.as_bytes(), &paths(), HEAD.len() - 1).is_none());
     }
 
+    /// The bytes from the request line on: like hyper, httparse skips empty lines before it
+    /// (RFC 9112 §2.2).
+    fn request_line(bytes: &[u8]) -> &[u8] {
+        let start = bytes.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+        &bytes[start.unwrap_or(bytes.len())..]
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_are_skipped() {
+        let head = format!("\r\n{HEAD}");
+        let taken = parse_head(head.as_bytes(), &paths(), 32 << 10).expect("fast");
+        assert_eq!(taken.len, head.len());
+        assert!(request_line(head.as_bytes()).starts_with(b"GET /"));
+    }
+
     proptest::proptest! {
         /// Any first read, from any client before it is admitted: the parse never panics, and
         /// a head it takes is a GET for one of the paths that ends within the bytes read and
@@ -271,7 +286,7 @@ mod tests {
         ) {
             if let Some(head) = parse_head(&bytes, &paths(), max) {
                 proptest::prop_assert!(head.len <= bytes.len() && head.len <= max);
-                proptest::prop_assert!(bytes.starts_with(b"GET /"));
+                proptest::prop_assert!(request_line(&bytes).starts_with(b"GET /"));
                 proptest::prop_assert!(head.headers.contains_key(header::UPGRADE));
             }
         }
@@ -298,7 +313,7 @@ mod tests {
             }
             if let Some(head) = parse_head(&bytes, &paths(), 32 << 10) {
                 proptest::prop_assert!(head.len <= bytes.len());
-                proptest::prop_assert!(bytes.starts_with(b"GET /"));
+                proptest::prop_assert!(request_line(&bytes).starts_with(b"GET /"));
                 proptest::prop_assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
             }
         }
