@@ -51,7 +51,8 @@ for d in $DELTAS; do
   echo "workload: 1 session x 1 turn of $d deltas, $ROUNDS rounds"
   # One short stream each first: every middle has dialled the mock before the first round.
   for t in $TARGETS; do
-    "$A" loadgen --url "ws://127.0.0.1:${PORT[$t]}/v1/responses" --sessions 1 --turns 1 --deltas 1000 >/dev/null 2>&1
+    "$A" loadgen --url "ws://127.0.0.1:${PORT[$t]}/v1/responses" --sessions 1 --turns 1 --deltas 1000 \
+      >"$TMP/loadgen.log" 2>&1 || { echo "warm-up stream through $t failed:" >&2; cat "$TMP/loadgen.log" >&2; exit 1; }
   done
   for r in $(seq "$ROUNDS"); do
     n=${#ORDER[@]}
