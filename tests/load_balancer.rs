@@ -83,6 +83,12 @@ async fn trees_stick(
             turn(&mut agent).await;
             agent.close().await;
         }
+        // A decision line reaches the captured stderr a moment after the turn's answer (the
+        // log writer and the pipe's reader are threads of their own): wait for all three.
+        wait_until(Duration::from_secs(5), || {
+            served(a, &session) + served(b, &session) >= 3
+        })
+        .await;
         let (on_a, on_b) = (served(a, &session), served(b, &session));
         assert!(
             (on_a, on_b) == (3, 0) || (on_a, on_b) == (0, 3),
