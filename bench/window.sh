@@ -50,6 +50,9 @@ python3 - "$TMP/trace.txt" "$TMP/run.json" "$TOP" <<'PY'
 import collections, json, re, statistics, sys
 trace, run, top = sys.argv[1], sys.argv[2], int(sys.argv[3])
 LINE = re.compile(r"\s*(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)")
+# The syscall that opens each window (an answer's size) and the one that closes it.
+OPENS = {"syscalls:sys_exit_recvfrom": "before", "syscalls:sys_exit_sendto": "after"}
+CLOSES = {"syscalls:sys_enter_sendto": "before", "syscalls:sys_enter_epoll_wait": "after"}
 state, start = {}, {}
 samples = {"before": collections.Counter(), "after": collections.Counter()}
 lengths = {"before": [], "after": []}
@@ -65,17 +68,11 @@ for line in open(trace):
     if not m:
         continue
     tid, ts, event, rest = m.group(1), float(m.group(2)), m.group(3), m.group(4)
-    if event == "syscalls:sys_exit_recvfrom" and 2000 <= ret(rest) < 100000:
-        state[tid], start[tid] = "before", ts
-    elif event == "syscalls:sys_enter_sendto":
-        if state.get(tid) == "before":
-            lengths["before"].append(ts - start[tid])
-        state[tid] = None
-    elif event == "syscalls:sys_exit_sendto" and 2000 <= ret(rest) < 100000:
-        state[tid], start[tid] = "after", ts
-    elif event == "syscalls:sys_enter_epoll_wait":
-        if state.get(tid) == "after":
-            lengths["after"].append(ts - start[tid])
+    if event in OPENS and 2000 <= ret(rest) < 100000:
+        state[tid], start[tid] = OPENS[event], ts
+    elif event in CLOSES:
+        if state.get(tid) == CLOSES[event]:
+            lengths[CLOSES[event]].append(ts - start[tid])
         state[tid] = None
     elif event == "cpu-clock" and state.get(tid):
         parts = rest.split(None, 1)
