@@ -83,7 +83,7 @@ for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     load "$t" 3 # connections open, the pool warm
     perf record -q -e "$EVENTS" -p "${PID[$t]}" -o "$TMP/perf.data" >/dev/null 2>&1 &
-    rec=$!
+    rec=$!; PIDS+=("$rec") # stopped with the rest if a load run fails
     sleep 0.5
     load "$t" "$TURNS"
     kill -INT "$rec"; wait "$rec" || true
@@ -91,7 +91,7 @@ for r in $(seq "$ROUNDS"); do
     cp "$TMP/run.json" "$TMP/run-$t-$r.json"
     # The reader's side, system-wide.
     perf record -q -a "${WAKE_EVENTS[@]}" -o "$TMP/perf.data" >/dev/null 2>&1 &
-    rec=$!
+    rec=$!; PIDS+=("$rec") # stopped with the rest if a load run fails
     sleep 0.5
     load "$t" "$TURNS"
     kill -INT "$rec"; wait "$rec" || true

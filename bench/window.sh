@@ -39,7 +39,7 @@ load() {
 load 3 # connections open, the pool warm
 EVENTS=syscalls:sys_enter_epoll_wait,syscalls:sys_exit_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_exit_sendto
 perf record -q -e "$EVENTS" -e cpu-clock -c "$SAMPLE_NS" -p "$GW" -o "$TMP/perf.data" >/dev/null 2>&1 &
-rec=$!
+rec=$!; PIDS+=("$rec") # stopped with the rest if a load run fails
 sleep 0.5
 load "$TURNS"
 kill -INT "$rec"; wait "$rec" || true
