@@ -20,6 +20,8 @@ const DELTA_NON_ASCII: &str = r#"{"type":"response.output_text.delta","sequence_
 /// The same delta with `type` not first (serde_json's alphabetical order; some proxies and
 /// SDKs reorder keys).
 const DELTA_TYPE_LAST: &str = r#"{"content_index":0,"delta":"There are two files: ","item_id":"msg_01","logprobs":[],"output_index":1,"sequence_number":8,"type":"response.output_text.delta"}"#;
+/// The mock's `response.completed` of a workload (b) turn (five deltas echoed in the output).
+const MOCK_COMPLETED: &str = r#"{"type":"response.completed","sequence_number":12,"response":{"id":"resp_1_1","object":"response","status":"completed","model":"gpt-5.5","output":[{"content":[{"annotations":[],"text":"resp_1_1 delta 0. resp_1_1 delta 1. resp_1_1 delta 2. resp_1_1 delta 3. resp_1_1 delta 4. ","type":"output_text"}],"id":"msg_1_1","role":"assistant","status":"completed","type":"message"}],"usage":{"input_tokens":27,"input_tokens_details":{"cached_tokens":0},"output_tokens":22,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":49}}}"#;
 const COMPLETED: &str = r#"{"type":"response.completed","sequence_number":13,"response":{"id":"resp_B2","object":"response","status":"completed","output":[],"usage":{"input_tokens":6230,"input_tokens_details":{"cached_tokens":6016},"output_tokens":41,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":6271}}}"#;
 
 fn create_body() -> String {
@@ -147,11 +149,16 @@ fn upstream_fields(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for (name, text) in [
         ("small completed", COMPLETED),
+        ("mock's (b) completed", MOCK_COMPLETED),
         ("Codex-sized completed", &completed),
     ] {
         g.bench_function(format!("{name}: scan (Terminal::inspect)"), |b| {
             b.iter(|| Terminal::inspect("response.completed", black_box(text)))
         });
+        g.bench_function(
+            format!("{name}: one walk of the whole event (stops 26-41)"),
+            |b| b.iter(|| event::reference::inspect_walked("response.completed", black_box(text))),
+        );
         g.bench_function(format!("{name}: serde parse (before)"), |b| {
             b.iter(|| event::reference::inspect("response.completed", black_box(text)))
         });

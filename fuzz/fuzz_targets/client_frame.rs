@@ -13,6 +13,8 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(ev) = ClientEvent::parse(text) {
             let _ = (ev.is_create(), ev.is_continuation(), Sent::from_type(ev.kind()));
         }
+        // Any text as a turn's usual terminal too: read from its two ends, or walked whole.
+        let _ = Terminal::inspect("response.completed", text);
         if let Some(ty) = event::sniff_type(text) {
             if event::is_terminal(&ty) {
                 let _ = Terminal::inspect(&ty, text);

@@ -239,7 +239,8 @@ pub struct Terminal {
     /// `response.id` of any `response.*` terminal (the ledger matches it to the running
     /// response).
     pub response_id: Option<String>,
-    /// `response.incomplete_details.reason` is `steered` (the turn goes on in a successor).
+    /// A `response.incomplete` whose `incomplete_details.reason` is `steered` (the turn goes on
+    /// in a successor).
     pub steered: bool,
     /// The account is rate- or usage-limited (status 429 or a limit code), account-wide: a
     /// refusal of this one request (a request larger than the limit) does not count.
@@ -256,51 +257,25 @@ impl Terminal {
     /// Inspects a terminal event of type `ty`: only the fields named above are read, found by
     /// a structural scan (see [`scan`]); the rest of the event (the real upstream echoes the
     /// whole response: instructions, tools, output) is skipped, never parsed. A field of the
-    /// wrong type is ignored on its own.
+    /// wrong type is ignored on its own. A `response.completed`, a turn's usual end, is read
+    /// from its two ends (see [`completed_ends`]): the echo in between is not walked at all.
     pub fn inspect(ty: &str, text: &str) -> Terminal {
+        Terminal::read(ty, text, true)
+    }
+
+    /// [`Terminal::inspect`], a `response.completed` read `from_the_ends` or walked whole.
+    fn read(ty: &str, text: &str, from_the_ends: bool) -> Terminal {
         let mut t = Terminal {
             kind: ty.to_string(),
             ..Terminal::default()
         };
-        let (mut status, mut error) = (None, None);
-        let (mut id, mut usage, mut response_error, mut incomplete) = (None, None, None, None);
-        // One pass: the response object is walked where it stands, not skipped and rescanned.
-        let mut seen_response = false;
-        let mut top = scan::members(text);
-        while let Some((key, at)) = top.next_key() {
-            if key == b"response" && !seen_response && text.as_bytes().get(at) == Some(&b'{') {
-                seen_response = true;
-                let mut r = scan::members_at(text, at);
-                while let Some((key, at)) = r.next_key() {
-                    let Some(value) = r.value(at) else { break };
-                    match key {
-                        b"id" => _ = id.get_or_insert(value),
-                        b"usage" => _ = usage.get_or_insert(value),
-                        b"error" => _ = response_error.get_or_insert(value),
-                        b"incomplete_details" => _ = incomplete.get_or_insert(value),
-                        _ => {}
-                    }
-                }
-                match r.end() {
-                    Some(end) => top.resume(end),
-                    None => break,
-                }
-                continue;
-            }
-            let Some(value) = top.value(at) else { break };
-            match key {
-                b"status" => _ = status.get_or_insert(value),
-                b"error" => _ = error.get_or_insert(value),
-                b"response" => seen_response = true,
-                _ => {}
-            }
-        }
-        t.response_id = id.and_then(scan::string).map(Cow::into_owned);
-        t.steered = incomplete
-            .and_then(|d| scan::members(d).find("reason"))
-            .and_then(scan::string)
-            .is_some_and(|r| r == "steered");
         if ty == "response.completed" {
+            let ends = from_the_ends.then(|| completed_ends(text)).flatten();
+            let (id, usage) = ends.unwrap_or_else(|| {
+                let f = Fields::walk(text);
+                (f.id, f.usage)
+            });
+            t.response_id = id.and_then(scan::string).map(Cow::into_owned);
             t.completed_response_id = t.response_id.clone();
             t.usage = usage.filter(|u| u.starts_with('{')).map(|u| {
                 let input = scan::members(u).find("input_tokens");
@@ -312,12 +287,20 @@ impl Terminal {
             });
             return t;
         }
+        let f = Fields::walk(text);
+        t.response_id = f.id.and_then(scan::string).map(Cow::into_owned);
+        t.steered = ty == "response.incomplete"
+            && f.incomplete
+                .and_then(|d| scan::members(d).find("reason"))
+                .and_then(scan::string)
+                .is_some_and(|r| r == "steered");
         // Failures are rare and their error objects small: parsed whole.
         let parse = |v: &str| serde_json::from_str::<Option<ErrorBody>>(v).ok().flatten();
-        let err = error
+        let err = f
+            .error
             .and_then(parse)
-            .or_else(|| response_error.and_then(parse));
-        t.failure(status.and_then(scan::unsigned), err.unwrap_or_default());
+            .or_else(|| f.response_error.and_then(parse));
+        t.failure(f.status.and_then(scan::unsigned), err.unwrap_or_default());
         t
     }
 
@@ -335,6 +318,120 @@ impl Terminal {
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(|s| std::time::Duration::from_secs_f64(s.min(7.0 * 86400.0)));
     }
+}
+
+/// The values a terminal's inspection reads, as written (see [`Terminal::inspect`]).
+#[derive(Default)]
+struct Fields<'a> {
+    /// Top level: `status` and `error` (an `error` event).
+    status: Option<&'a str>,
+    error: Option<&'a str>,
+    /// In `response`: its `id`, `usage`, `error` and `incomplete_details`.
+    id: Option<&'a str>,
+    usage: Option<&'a str>,
+    response_error: Option<&'a str>,
+    incomplete: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    /// One pass over the whole event: the response object is walked where it stands, not
+    /// skipped and rescanned.
+    fn walk(text: &'a str) -> Self {
+        let mut f = Fields::default();
+        let mut seen_response = false;
+        let mut top = scan::members(text);
+        while let Some((key, at)) = top.next_key() {
+            if key == b"response" && !seen_response && text.as_bytes().get(at) == Some(&b'{') {
+                seen_response = true;
+                let mut r = scan::members_at(text, at);
+                while let Some((key, at)) = r.next_key() {
+                    let Some(value) = r.value(at) else { break };
+                    match key {
+                        b"id" => _ = f.id.get_or_insert(value),
+                        b"usage" => _ = f.usage.get_or_insert(value),
+                        b"error" => _ = f.response_error.get_or_insert(value),
+                        b"incomplete_details" => _ = f.incomplete.get_or_insert(value),
+                        _ => {}
+                    }
+                }
+                match r.end() {
+                    Some(end) => top.resume(end),
+                    None => break,
+                }
+                continue;
+            }
+            let Some(value) = top.value(at) else { break };
+            match key {
+                b"status" => _ = f.status.get_or_insert(value),
+                b"error" => _ = f.error.get_or_insert(value),
+                b"response" => seen_response = true,
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+/// A `response.completed`'s `response.id` and `response.usage`, read from the event's two
+/// ends: the id from the front (the upstream writes it first in the response), the usage from
+/// the back (it writes the usage last but for `user` and `metadata`, and puts the response
+/// last in the event but for scalars such as `sequence_number`). Between them lies the echo of
+/// the request and the output, tens of kilobytes for a Codex turn, which is never walked.
+///
+/// From the back, the event's last member whose value is an object is taken for the response
+/// (the members after it must be scalars or strings; an array there, or no `usage` found in
+/// that object, and `None` sends the caller to the one-pass walk of the whole event). So the
+/// usage is the one the last object of the event holds at its top level; a usage written
+/// twice counts from its last writing; the id is the response's first (the same as the
+/// one-pass walk, on every event the upstream writes).
+fn completed_ends(text: &str) -> Option<(Option<&str>, Option<&str>)> {
+    let b = text.as_bytes();
+    // The response's opening brace, from the front (after the type and the sequence number).
+    let mut top = scan::members(text);
+    let at = loop {
+        let (key, at) = top.next_key()?;
+        if key == b"response" {
+            break at;
+        }
+        top.value(at)?;
+    };
+    if b.get(at) != Some(&b'{') {
+        return None;
+    }
+    // Its closing brace and usage, from the back.
+    let mut tail = scan::members_rev(text, scan::last_non_ws(b, b.len())?);
+    let close = loop {
+        let last = tail.next_value_end()?;
+        match b[last] {
+            b'}' => break last,
+            b']' => return None,
+            _ => _ = tail.member(last)?,
+        }
+    };
+    let mut back = scan::members_rev(text, close);
+    let mut back_id = None;
+    let (usage, usage_at) = loop {
+        let (key, value) = back.next()?;
+        match key {
+            b"usage" => break (value, back.position()?),
+            b"id" => back_id = Some(value),
+            _ => {}
+        }
+    };
+    // The id from the front, up to the usage's member (the ones after it were read above).
+    let mut front = scan::members_at(text, at);
+    while let Some((key, value_at)) = front.next_key() {
+        if value_at >= usage_at {
+            break;
+        }
+        let Some(value) = front.value(value_at) else {
+            break;
+        };
+        if key == b"id" {
+            return Some((Some(value), Some(usage)));
+        }
+    }
+    Some((back_id, Some(usage)))
 }
 
 /// The error object of a failed turn (`error`, or `response.error`).

@@ -1,12 +1,14 @@
 //! Structural scanning of upstream JSON events: the few values the gateway reads (the event
 //! type, a response's id, usage, error and incomplete details) are found by key without
 //! parsing anything else. Strings are skipped with `memchr` (SIMD), containers by depth;
-//! nothing is allocated unless a wanted string has escapes.
+//! nothing is allocated unless a wanted string has escapes. An object can also be walked from
+//! its end ([`MembersRev`]), for a value the upstream writes last (a response's usage).
 //!
 //! The upstream's text is not validated here (it is relayed as it came, and was checked to
 //! be UTF-8); a scan of malformed text ends early and finds less, never panics, and is linear
 //! in the text's length. Keys are compared as written: an escaped key (`"\u0069d"`) is not the
-//! key it spells, which the real upstream never writes. Where a key repeats, the first wins.
+//! key it spells, which the real upstream never writes. Where a key repeats, the first wins
+//! (walking from the end, the last).
 
 use std::borrow::Cow;
 
@@ -223,6 +225,138 @@ impl<'a> Iterator for Members<'a> {
     }
 }
 
+/// Index of the last byte before `end` that is not JSON whitespace.
+pub fn last_non_ws(b: &[u8], end: usize) -> Option<usize> {
+    b.get(..end)?
+        .iter()
+        .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// Index of the quote that opens the string whose closing quote is at `close`: the nearest
+/// quote before it that no odd run of backslashes precedes (JSON has no backslash outside a
+/// string, and inside one a quote is escaped exactly when an odd run precedes it).
+fn string_start(b: &[u8], close: usize) -> Option<usize> {
+    let mut end = close;
+    loop {
+        let at = memchr::memrchr(b'"', b.get(..end)?)?;
+        let backslashes = b[..at].iter().rev().take_while(|&&c| c == b'\\').count();
+        if backslashes % 2 == 0 {
+            return Some(at);
+        }
+        end = at;
+    }
+}
+
+/// Index of the first byte of the value whose last byte is at `last`, read backward: a string
+/// to its opening quote, an object or array to the bracket that opens it (strings inside
+/// skipped whole), anything else back to the delimiter before it.
+fn value_start(b: &[u8], last: usize) -> Option<usize> {
+    match *b.get(last)? {
+        b'"' => string_start(b, last),
+        b'}' | b']' => {
+            let mut depth = 0usize;
+            let mut j = last;
+            loop {
+                match *b.get(j)? {
+                    b'"' => j = string_start(b, j)?,
+                    b'}' | b']' => depth += 1,
+                    b'{' | b'[' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j);
+                        }
+                    }
+                    _ => {}
+                }
+                j = j.checked_sub(1)?;
+            }
+        }
+        _ => {
+            let n = b[..=last]
+                .iter()
+                .rev()
+                .position(|c| matches!(c, b',' | b':' | b'[' | b'{' | b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(last + 1);
+            (n > 0).then_some(last + 1 - n)
+        }
+    }
+}
+
+/// The members of a JSON object walked from its end, last member first: what the upstream
+/// writes last (a response's usage) is read without skipping everything written before it.
+/// A caller can take each member whole ([`Iterator::next`]) or look at where the next value
+/// ends first ([`MembersRev::next_value_end`]) and decide whether to read it
+/// ([`MembersRev::member`]); a large value it does not want is then never walked.
+pub struct MembersRev<'a> {
+    text: &'a str,
+    /// Just past the members still to walk (the previous key's opening quote, at first the
+    /// closing brace); `None` once ended.
+    end: Option<usize>,
+    first: bool,
+}
+
+/// The members of the object whose closing brace is at `close`, from the last.
+pub fn members_rev(text: &str, close: usize) -> MembersRev<'_> {
+    MembersRev {
+        text,
+        end: (text.as_bytes().get(close) == Some(&b'}')).then_some(close),
+        first: true,
+    }
+}
+
+impl<'a> MembersRev<'a> {
+    /// Index of the last byte of the next member's value (walking backward); `None` at the
+    /// object's opening brace or at anything that is not a member.
+    pub fn next_value_end(&mut self) -> Option<usize> {
+        let b = self.text.as_bytes();
+        let mut i = last_non_ws(b, self.end.take()?)?;
+        if b[i] == b'{' {
+            return None;
+        }
+        if !self.first {
+            if b[i] != b',' {
+                return None;
+            }
+            i = last_non_ws(b, i)?;
+        }
+        self.first = false;
+        Some(i)
+    }
+
+    /// The key and the text of the member whose value ends at `last` (from
+    /// [`MembersRev::next_value_end`]); the walk goes on before its key.
+    pub fn member(&mut self, last: usize) -> Option<(&'a [u8], &'a str)> {
+        let b = self.text.as_bytes();
+        let start = value_start(b, last)?;
+        let colon = last_non_ws(b, start)?;
+        if b[colon] != b':' {
+            return None;
+        }
+        let quote = last_non_ws(b, colon)?;
+        if b[quote] != b'"' {
+            return None;
+        }
+        let open = string_start(b, quote)?;
+        self.end = Some(open);
+        Some((&b[open + 1..quote], self.text.get(start..=last)?))
+    }
+
+    /// Where the walk stands: just past the members still to walk (the last member taken
+    /// starts here).
+    pub fn position(&self) -> Option<usize> {
+        self.end
+    }
+}
+
+impl<'a> Iterator for MembersRev<'a> {
+    type Item = (&'a [u8], &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let last = self.next_value_end()?;
+        self.member(last)
+    }
+}
+
 /// The value at `path` (keys of nested objects), reading nothing after it: the value of
 /// `path[0]` is entered in place rather than skipped.
 pub fn find<'a>(text: &'a str, path: &[&str]) -> Option<&'a str> {
@@ -316,6 +450,89 @@ mod tests {
         }
         // Closing brackets of the wrong kind still balance the depth (not validated).
         assert_eq!(members(r#"{"a":[1},"b":2}"#).nth(1), Some((&b"b"[..], "2")));
+    }
+
+    /// Walked from the end, an object's members are its members in reverse, whatever ends
+    /// its strings (escaped quotes, escaped backslashes) and however its values nest.
+    #[test]
+    fn members_from_the_end_are_the_members_in_reverse() {
+        let pieces: [&str; 7] = ["a", "\\\"", "\\\\", "\\n", "é", "}", "[,:"];
+        let seed = std::cell::Cell::new(11u64);
+        let next = |n: usize| {
+            seed.set(
+                seed.get()
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407),
+            );
+            (seed.get() >> 33) as usize % n
+        };
+        let mut texts = vec![
+            r#" { "a" : 1 , "b":{"x":[1,"]}",{"y":"\"}"}]},"c":"s\"q","d":null,"e":[],"f":-2.5e3 } "#
+                .to_string(),
+            "{}".to_string(),
+            " {\n}\t".to_string(),
+            r#"{"k":"\\"}"#.to_string(),
+            r#"{"k\\":"\\\"","l":true}"#.to_string(),
+        ];
+        for _ in 0..2000 {
+            let members: Vec<String> = (0..next(5))
+                .map(|_| {
+                    let string = || {
+                        let s: String = (0..next(6)).map(|_| pieces[next(pieces.len())]).collect();
+                        format!("\"{s}\"")
+                    };
+                    let key = string();
+                    let value = match next(5) {
+                        0 => string(),
+                        1 => format!("{{\"n\":[{},{{}}],\"m\":{}}}", string(), string()),
+                        2 => format!("[{}, [], {{\"x\" : {}}}]", string(), string()),
+                        3 => "-12.5".to_string(),
+                        _ => "null".to_string(),
+                    };
+                    let ws = [" ", "", "\n "][next(3)];
+                    format!("{ws}{key}{ws}:{ws}{value}{ws}")
+                })
+                .collect();
+            texts.push(format!("{{{}}}", members.join(",")));
+        }
+        for text in &texts {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(text).is_ok(),
+                "{text}"
+            );
+            let close = last_non_ws(text.as_bytes(), text.len()).unwrap();
+            let forward: Vec<_> = members(text).collect();
+            let mut backward: Vec<_> = members_rev(text, close).collect();
+            backward.reverse();
+            assert_eq!(forward, backward, "{text}");
+        }
+    }
+
+    #[test]
+    fn malformed_text_ends_the_walk_from_the_end_without_panicking() {
+        for text in [
+            r#"{"a":"#,
+            r#""a":1}"#,
+            r#"{"a":"unterminated}"#,
+            r#"{"a":{"b":[1,2}}"#,
+            r#"{"a" 1}"#,
+            r#"{"a":1 "b":2}"#,
+            r#"{a:1}"#,
+            r#"{"a":\"}"#,
+            "{\"é\":é}",
+            r#"{"a":}"#,
+            r#"{,"a":1}"#,
+            r#"}"#,
+            r#"{"a":"\\\"}"#,
+            "",
+        ] {
+            let b = text.as_bytes();
+            for close in 0..=b.len() {
+                let n = members_rev(text, close).count();
+                assert!(n <= 2, "{text}: {n}");
+            }
+            assert_eq!(last_non_ws(b, b.len() + 1), None);
+        }
     }
 
     #[test]
