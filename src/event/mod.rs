@@ -383,7 +383,8 @@ impl<'a> Fields<'a> {
 /// that object, and `None` sends the caller to the one-pass walk of the whole event). So the
 /// usage is the one the last object of the event holds at its top level; a usage written
 /// twice counts from its last writing; the id is the response's first (the same as the
-/// one-pass walk, on every event the upstream writes).
+/// one-pass walk, on every event the upstream writes). A front walk that reaches the
+/// response's end before the usage's member knows that object was another one: `None`.
 fn completed_ends(text: &str) -> Option<(Option<&str>, Option<&str>)> {
     let b = text.as_bytes();
     // The response's opening brace, from the front (after the type and the sequence number).
@@ -430,6 +431,10 @@ fn completed_ends(text: &str) -> Option<(Option<&str>, Option<&str>)> {
         if key == b"id" {
             return Some((Some(value), Some(usage)));
         }
+    }
+    // The response closed before the usage's member: that object was not the response.
+    if front.end().is_some() {
+        return None;
     }
     Some((back_id, Some(usage)))
 }

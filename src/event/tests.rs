@@ -277,6 +277,12 @@ fn a_completed_event_is_read_from_its_two_ends() {
             (Some((3, 0)), Some("r"))
         );
     }
+    // A front walk that reaches the response's end before the usage's member: the usage (and
+    // the id after it) were another object's, and the whole event is walked.
+    let other = r#"{"type":"response.completed","response":{"output":[],"usage":{"input_tokens":3}},"note":{"usage":{"input_tokens":9},"id":"x"}}"#;
+    assert_eq!(completed_ends(other), None);
+    let t = Terminal::inspect("response.completed", other);
+    assert_eq!((t.usage, t.response_id), (Some((3, 0)), None));
 }
 
 /// Generated well-formed events: any key order, whitespace, escapes in strings and keys'
