@@ -285,6 +285,41 @@ fn a_completed_event_is_read_from_its_two_ends() {
     assert_eq!((t.usage, t.response_id), (Some((3, 0)), None));
 }
 
+/// Hostile shapes at the event's end, where the backward walk starts: a long run of escaped
+/// quotes and backslashes, brackets nested 100,000 deep, a long scalar. Each is read in
+/// linear time without recursion (a quadratic walk of these ~1 MB would not finish), and
+/// what is found agrees with the whole walk. (Well-formed, but nested deeper than serde's
+/// recursion limit, so not checked against the serde parse.)
+#[test]
+fn hostile_ends_of_a_completed_event_are_read_in_one_pass() {
+    let escapes = "\\\"\\\\".repeat(100_000);
+    let nested = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let objects = format!("{}1{}", r#"{"a":"#.repeat(50_000), "}".repeat(50_000));
+    let long = "9".repeat(300_000);
+    for tail in [
+        format!(r#""note":"{escapes}""#),
+        format!(r#""note":{nested}"#),
+        format!(r#""note":{objects}"#),
+        format!(r#""note":{long}"#),
+    ] {
+        for text in [
+            format!(
+                r#"{{"type":"response.completed","response":{{"id":"r","usage":{{"input_tokens":3}},{tail}}}}}"#
+            ),
+            format!(
+                r#"{{"type":"response.completed","response":{{"id":"r","usage":{{"input_tokens":3}}}},{tail}}}"#
+            ),
+        ] {
+            let t = Terminal::inspect("response.completed", &text);
+            assert_eq!(t, reference::inspect_walked("response.completed", &text));
+            assert_eq!(
+                (t.usage, t.response_id.as_deref()),
+                (Some((3, 0)), Some("r"))
+            );
+        }
+    }
+}
+
 /// Generated well-formed events: any key order, whitespace, escapes in strings and keys'
 /// neighbours, fields present, null or absent, nested filler that looks like the wanted
 /// keys. The scan and the parse agree on every one.
