@@ -1,7 +1,8 @@
 # Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh,
-# bench/instructions.sh, bench/path.sh and bench/window.sh: a scratch directory and the processes a run starts (append their pids to
-# PIDS), both cleaned up when the script exits; a free port on 127.0.0.1, a bounded wait for a
-# port to open, the benchmark gateway's config and nginx's.
+# bench/instructions.sh, bench/path.sh and bench/window.sh: a scratch directory and the
+# processes a run starts (append their pids to PIDS), both cleaned up when the script exits; a
+# free port on 127.0.0.1, a bounded wait for a port to open, the benchmark gateway's config
+# and nginx's.
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }

@@ -1,7 +1,9 @@
-//! The previous way of reading upstream events: a serde parse of the whole event into structs
-//! holding the wanted fields. Kept as the reference the structural scan ([`super::scan`]) is
-//! tested against (it must agree on every well-formed event) and benchmarked against
-//! (`benches/hot_path.rs`); nothing on the relay path calls it.
+//! The previous ways of reading upstream events: a serde parse of the whole event into structs
+//! holding the wanted fields, and (for a terminal) the structural scan's one walk of the whole
+//! event that a `response.completed` took before it was read from its two ends. Kept as the
+//! references the structural scan ([`super::scan`]) is tested against (it must agree on every
+//! well-formed event) and benchmarked against (`benches/hot_path.rs`); nothing on the relay
+//! path calls them.
 
 use serde::Deserialize;
 
