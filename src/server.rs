@@ -104,8 +104,11 @@ pub async fn serve(
         }
         None => {
             // Events are small and latency-sensitive: no Nagle on client sockets.
-            let listener = listener.tap_io(|tcp: &mut tokio::net::TcpStream| {
-                let _ = tcp.set_nodelay(true);
+            let inherited = crate::listener::no_delay_on_accept(&listener);
+            let listener = listener.tap_io(move |tcp: &mut tokio::net::TcpStream| {
+                if !inherited {
+                    let _ = tcp.set_nodelay(true);
+                }
             });
             serve_http(listener, app, limits, connections, fast, stop_accepting).await;
         }
