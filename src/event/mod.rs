@@ -19,6 +19,17 @@ pub fn is_terminal(event_type: &str) -> bool {
     is_terminal_type(event_type.as_bytes())
 }
 
+/// A terminal's type as [`Terminal::kind`]: the four of DESIGN §1 without an allocation.
+fn kind_name(ty: &str) -> Cow<'static, str> {
+    match ty {
+        "response.completed" => Cow::Borrowed("response.completed"),
+        "response.failed" => Cow::Borrowed("response.failed"),
+        "response.incomplete" => Cow::Borrowed("response.incomplete"),
+        "error" => Cow::Borrowed("error"),
+        other => Cow::Owned(other.to_owned()),
+    }
+}
+
 pub fn is_terminal_type(ty: &[u8]) -> bool {
     matches!(
         ty,
@@ -231,11 +242,9 @@ const RATE_LIMIT_CODES: &[&str] = &[
 #[derive(Debug, Default, PartialEq)]
 pub struct Terminal {
     /// The event type (`response.completed`, `error`, ...).
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     /// `usage.input_tokens` and `usage.input_tokens_details.cached_tokens` of a completed turn.
     pub usage: Option<(u64, u64)>,
-    /// `response.id` of a `response.completed` (it can be continued on this connection).
-    pub completed_response_id: Option<String>,
     /// `response.id` of any `response.*` terminal (the ledger matches it to the running
     /// response).
     pub response_id: Option<String>,
@@ -263,10 +272,17 @@ impl Terminal {
         Terminal::read(ty, text, true)
     }
 
+    /// `response.id` of a `response.completed` (it can be continued on this connection).
+    pub fn completed_response_id(&self) -> Option<&str> {
+        (self.kind == "response.completed")
+            .then_some(self.response_id.as_deref())
+            .flatten()
+    }
+
     /// [`Terminal::inspect`], a `response.completed` read `from_the_ends` or walked whole.
     fn read(ty: &str, text: &str, from_the_ends: bool) -> Terminal {
         let mut t = Terminal {
-            kind: ty.to_string(),
+            kind: kind_name(ty),
             ..Terminal::default()
         };
         if ty == "response.completed" {
@@ -276,7 +292,6 @@ impl Terminal {
                 (f.id, f.usage)
             });
             t.response_id = id.and_then(scan::string).map(Cow::into_owned);
-            t.completed_response_id = t.response_id.clone();
             t.usage = usage.filter(|u| u.starts_with('{')).map(|u| {
                 let input = scan::members(u).find("input_tokens");
                 let cached = scan::find(u, &["input_tokens_details", "cached_tokens"]);

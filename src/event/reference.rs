@@ -50,18 +50,17 @@ pub fn inspect(ty: &str, text: &str) -> Terminal {
     }
     let ev: Event = serde_json::from_str(text).unwrap_or_default();
     let mut t = Terminal {
-        kind: ty.to_string(),
+        kind: ty.to_string().into(),
         ..Terminal::default()
     };
     let response = ev.response.unwrap_or_default();
-    t.response_id = response.id.clone();
+    t.response_id = response.id;
     t.steered = ty == "response.incomplete"
         && response
             .incomplete_details
             .and_then(|d| d.reason)
             .is_some_and(|r| r == "steered");
     if ty == "response.completed" {
-        t.completed_response_id = response.id;
         t.usage = response.usage.map(|u| {
             (
                 u.input_tokens,

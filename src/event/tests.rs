@@ -197,7 +197,7 @@ fn terminal_inspection() {
         "response.completed",
         r#"{"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":80}}}}"#,
     );
-    assert_eq!(t.completed_response_id.as_deref(), Some("resp_1"));
+    assert_eq!(t.completed_response_id(), Some("resp_1"));
     assert_eq!(t.usage, Some((100, 80)));
     let t = Terminal::inspect(
         "error",
@@ -209,7 +209,7 @@ fn terminal_inspection() {
         "response.failed",
         r#"{"type":"response.failed","response":{"id":"r","error":{"code":"rate_limit_exceeded","message":"try again"}}}"#,
     );
-    assert!(t.rate_limited && t.retry_after.is_none() && t.completed_response_id.is_none());
+    assert!(t.rate_limited && t.retry_after.is_none() && t.completed_response_id().is_none());
     let t = Terminal::inspect(
         "error",
         r#"{"type":"error","status":429,"error":{"code":"rate_limit_exceeded","message":"Request too large for gpt-5 in organization org-x on tokens per min (TPM): Limit 30000, Requested 52000."}}"#,
@@ -256,13 +256,11 @@ fn a_completed_event_is_read_from_its_two_ends() {
     let t = Terminal::inspect("response.completed", &text);
     assert_eq!(t, reference::inspect("response.completed", &text));
     assert_eq!(t.usage, Some((120, 64)));
-    assert_eq!(t.completed_response_id.as_deref(), Some("resp_9"));
+    assert_eq!(t.completed_response_id(), Some("resp_9"));
     // An id written after the usage is found from the back.
     let late = r#"{"type":"response.completed","response":{"output":[],"usage":{"input_tokens":5},"id":"resp_late"}}"#;
     assert_eq!(
-        Terminal::inspect("response.completed", late)
-            .completed_response_id
-            .as_deref(),
+        Terminal::inspect("response.completed", late).completed_response_id(),
         Some("resp_late")
     );
     // No usage in the event's last object, or an array after it: the whole event is walked.

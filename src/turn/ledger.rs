@@ -118,14 +118,15 @@ impl Ledger {
         let verdict = match ty {
             "response.created" => self.created(text),
             "response.completed" | "response.failed" | "response.incomplete" => {
-                let (id, steered) = match inspected {
-                    Some(t) => (t.response_id.clone(), t.steered),
+                let read;
+                let t = match inspected {
+                    Some(t) => t,
                     None => {
-                        let t = Terminal::inspect(ty, text);
-                        (t.response_id, t.steered)
+                        read = Terminal::inspect(ty, text);
+                        &read
                     }
                 };
-                self.response_end(ty, id, steered)
+                self.response_end(ty, t.response_id.as_deref(), t.steered)
             }
             "error" => self.error(),
             "response.steer.accepted" | "response.steer.pending" | "response.steer.failed" => {
@@ -195,22 +196,22 @@ impl Ledger {
         Attribution::Unattributed
     }
 
-    fn response_end(&mut self, ty: &str, id: Option<String>, steered: bool) -> Attribution {
-        match self.active.clone() {
-            Some(active) if id.as_deref() == Some(&*active) => {
-                self.active = None;
-                if ty == "response.incomplete" && steered && self.steer_accepted {
-                    self.awaiting_successor = true;
-                    self.steer_accepted = false;
-                    return Attribution::Part;
-                }
+    fn response_end(&mut self, ty: &str, id: Option<&str>, steered: bool) -> Attribution {
+        if self.active.as_deref().is_some_and(|a| id == Some(a)) {
+            self.active = None;
+            if ty == "response.incomplete" && steered && self.steer_accepted {
+                self.awaiting_successor = true;
                 self.steer_accepted = false;
-                Attribution::Terminal
+                return Attribution::Part;
             }
-            // Ended before it said `response.created`: the create's own answer.
-            None if !self.awaiting_successor && self.take_create() => Attribution::Terminal,
-            _ => Attribution::Unattributed,
+            self.steer_accepted = false;
+            return Attribution::Terminal;
         }
+        // Ended before it said `response.created`: the create's own answer.
+        if self.active.is_none() && !self.awaiting_successor && self.take_create() {
+            return Attribution::Terminal;
+        }
+        Attribution::Unattributed
     }
 
     fn error(&mut self) -> Attribution {

@@ -526,7 +526,7 @@ impl Engine {
             }
             if let Some(conn) = up.conn_mut() {
                 conn.count_turn();
-                if let Some(id) = &terminal.completed_response_id {
+                if let Some(id) = terminal.completed_response_id() {
                     conn.record_response(id);
                     if self.gw.cluster.enabled() {
                         let lane = self.route.lane.as_ref().map(|l| l.as_str()).unwrap_or("");
