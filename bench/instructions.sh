@@ -19,6 +19,10 @@
 #        KEEP=DIR bench/instructions.sh ...           keep callgrind's output files (cg-N.out) in DIR
 #        RECONNECT=1 bench/instructions.sh ...        workload (c)'s shape: a new client connection
 #                                                     every turn (pooled upstream), counted per turn
+#        bench/instructions.sh BIN pooledcopy         `pooledcopy` (examples/pooled_relay.rs, the
+#                                                     least a pooled middle does) as a target too
+#                                                     (its `memset` of three 8 KiB buffers counts
+#                                                     ~24k: callgrind counts `rep stosb` per byte)
 set -euo pipefail
 if [ $# -lt 1 ]; then
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
@@ -26,13 +30,19 @@ if [ $# -lt 1 ]; then
 fi
 command -v valgrind >/dev/null || { echo "valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
 BINS=()
-for b in "$@"; do BINS+=("$(realpath "$b")"); done
+for b in "$@"; do
+  if [ "$b" = pooledcopy ]; then BINS+=(pooledcopy); else BINS+=("$(realpath "$b")"); fi
+done
 cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}; DELTAS=${DELTAS:-5}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 TOOLS=${BINS[0]}
+[ "$TOOLS" != pooledcopy ] || { echo "the first target must be a wsgate binary (its mock and load generator are used)" >&2; exit 2; }
+if printf '%s\n' "${BINS[@]}" | grep -qx pooledcopy; then
+  cargo build --release --quiet --example pooled_relay
+fi
 
 MOCK_PORT=$(free_port)
 "$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
@@ -45,9 +55,13 @@ echo "|---|---:|---:|---:|"
 for i in "${!BINS[@]}"; do
   bin=${BINS[$i]}
   port=$(free_port)
-  conf=$(bench_gateway_config "gw-$i" "$port" "$MOCK_PORT")
+  if [ "$bin" = pooledcopy ]; then
+    cmd=(target/release/examples/pooled_relay "127.0.0.1:$port" "127.0.0.1:$MOCK_PORT")
+  else
+    cmd=("$bin" --config "$(bench_gateway_config "gw-$i" "$port" "$MOCK_PORT")" run)
+  fi
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/cg-$i.out" \
-    "$bin" --config "$conf" run >"$TMP/gw-$i.log" 2>&1 &
+    "${cmd[@]}" >"$TMP/gw-$i.log" 2>&1 &
   gw=$!; PIDS+=("$gw")
   for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   load() {
@@ -60,7 +74,9 @@ for i in "${!BINS[@]}"; do
   callgrind_control -i on "$gw" >/dev/null 2>&1
   load "$TURNS"
   callgrind_control -i off "$gw" >/dev/null 2>&1
-  kill -INT "$gw"; wait "$gw" 2>/dev/null || true
+  # wsgate drains on SIGINT; the copier has no handler (and a background job ignores SIGINT)
+  if [ "$bin" = pooledcopy ]; then kill -TERM "$gw"; else kill -INT "$gw"; fi
+  wait "$gw" 2>/dev/null || true
   [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$TMP/cg-$i.out" "$KEEP/"
   python3 - "$TMP/cg-$i.out" "$TMP/run-$i.json" "$bin" <<'PY'
 import json, sys
