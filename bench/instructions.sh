@@ -29,24 +29,15 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 command -v valgrind >/dev/null || { echo "valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
-BINS=()
-for b in "$@"; do
-  if [ "$b" = pooledcopy ]; then BINS+=(pooledcopy); else BINS+=("$(realpath "$b")"); fi
-done
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+middle_targets "$@"
 cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}; DELTAS=${DELTAS:-5}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
-# shellcheck source=bench/lib.sh
-source bench/lib.sh
+BINS=("${MIDDLES[@]}")
 TOOLS=${BINS[0]}
-[ "$TOOLS" != pooledcopy ] || { echo "the first target must be a wsgate binary (its mock and load generator are used)" >&2; exit 2; }
-if printf '%s\n' "${BINS[@]}" | grep -qx pooledcopy; then
-  cargo build --release --quiet --example pooled_relay
-fi
-
-MOCK_PORT=$(free_port)
-"$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
-PIDS+=($!); wait_port "$MOCK_PORT"
+start_mock "$TOOLS"
 
 echo "workload: $SESSIONS sessions x $TURNS turns, $DELTAS deltas (mock pause between deltas: $INTERVAL), think 20ms${RECONNECT:+, a new client connection every turn} (after a warm-up of 5 turns each)"
 echo
@@ -55,13 +46,9 @@ echo "|---|---:|---:|---:|"
 for i in "${!BINS[@]}"; do
   bin=${BINS[$i]}
   port=$(free_port)
-  if [ "$bin" = pooledcopy ]; then
-    cmd=(target/release/examples/pooled_relay "127.0.0.1:$port" "127.0.0.1:$MOCK_PORT")
-  else
-    cmd=("$bin" --config "$(bench_gateway_config "gw-$i" "$port" "$MOCK_PORT")" run)
-  fi
+  middle_cmd "$bin" "gw-$i" "$port" "$MOCK_PORT"
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/cg-$i.out" \
-    "${cmd[@]}" >"$TMP/gw-$i.log" 2>&1 &
+    "${MIDDLE_CMD[@]}" >"$TMP/gw-$i.log" 2>&1 &
   gw=$!; PIDS+=("$gw")
   for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   load() {

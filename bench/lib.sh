@@ -1,8 +1,8 @@
 # Sourced by bench/compare.sh, bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh,
-# bench/instructions.sh, bench/path.sh and bench/window.sh: a scratch directory and the
-# processes a run starts (append their pids to PIDS), both cleaned up when the script exits; a
-# free port on 127.0.0.1, a bounded wait for a port to open, the benchmark gateway's config
-# and nginx's.
+# bench/instructions.sh, bench/syscalls.sh, bench/path.sh and bench/window.sh: a scratch
+# directory and the processes a run starts (append their pids to PIDS), both cleaned up when
+# the script exits; a free port on 127.0.0.1, a bounded wait for a port to open, the mock, the
+# benchmark gateway's config and nginx's, and the middles a per-target script measures.
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
@@ -10,6 +10,48 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+# Starts BIN's mock upstream (`--speed`, plus any further arguments) on a free port, which it
+# puts in MOCK_PORT, and waits until it listens.
+# Usage: start_mock BIN [ARG ...]
+start_mock() {
+  MOCK_PORT=$(free_port)
+  "$1" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed "${@:2}" >"$TMP/mock.log" 2>&1 &
+  PIDS+=($!); wait_port "$MOCK_PORT"
+}
+
+# The middles a per-target script measures, from its arguments, in MIDDLES: wsgate binaries
+# (as absolute paths: call it before leaving the caller's directory) and `pooledcopy`
+# (examples/pooled_relay.rs, built here if named), the first a wsgate binary (its mock and
+# load generator are used).
+# Usage: middle_targets ARG ...
+middle_targets() {
+  MIDDLES=()
+  local t
+  for t in "$@"; do
+    if [ "$t" = pooledcopy ]; then MIDDLES+=(pooledcopy); else MIDDLES+=("$(realpath "$t")"); fi
+  done
+  if [ "${MIDDLES[0]}" = pooledcopy ]; then
+    echo "the first target must be a wsgate binary (its mock and load generator are used)" >&2
+    exit 2
+  fi
+  if printf '%s\n' "${MIDDLES[@]}" | grep -qx pooledcopy; then
+    cargo build --release --quiet --example pooled_relay \
+      --manifest-path "$(dirname "${BASH_SOURCE[0]}")/../Cargo.toml"
+  fi
+}
+
+# The command line of middle TARGET (from MIDDLES) listening on 127.0.0.1:PORT in front of the
+# mock, in MIDDLE_CMD; a gateway's config is written under NAME (see bench_gateway_config).
+# Run from the repository root.
+# Usage: middle_cmd TARGET NAME PORT MOCK_PORT
+middle_cmd() {
+  if [ "$1" = pooledcopy ]; then
+    MIDDLE_CMD=(target/release/examples/pooled_relay "127.0.0.1:$3" "127.0.0.1:$4")
+  else
+    MIDDLE_CMD=("$1" --config "$(bench_gateway_config "$2" "$3" "$4")" run)
+  fi
+}
 
 # The benchmark gateway's gateway.yaml: listen on 127.0.0.1:$2, the mock on 127.0.0.1:$3 as
 # the upstream, pooling $4 (true unless given), no client keys, pool and per-client limits out

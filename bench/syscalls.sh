@@ -19,35 +19,22 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 command -v strace >/dev/null || { echo "strace is not installed (Debian: apt-get install strace)" >&2; exit 1; }
-TOOLS=$(realpath "$1")
-TARGETS=()
-for t in "$@"; do
-  if [ "$t" = pooledcopy ]; then TARGETS+=(pooledcopy); else TARGETS+=("$(realpath "$t")"); fi
-done
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+middle_targets "$@"
 cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
-# shellcheck source=bench/lib.sh
-source bench/lib.sh
-if printf '%s\n' "${TARGETS[@]}" | grep -qx pooledcopy; then
-  cargo build --release --quiet --example pooled_relay
-fi
-
-MOCK_PORT=$(free_port)
-"$TOOLS" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --speed >"$TMP/mock.log" 2>&1 &
-PIDS+=($!); wait_port "$MOCK_PORT"
+TOOLS=${MIDDLES[0]}
+start_mock "$TOOLS"
 
 echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas, think 20ms${RECONNECT:+, a new client connection every turn} (after a warm-up of 5 turns each); syscalls per turn"
 echo
-for i in "${!TARGETS[@]}"; do
-  t=${TARGETS[$i]}
+for i in "${!MIDDLES[@]}"; do
+  t=${MIDDLES[$i]}
   port=$(free_port)
-  if [ "$t" = pooledcopy ]; then
-    target/release/examples/pooled_relay "127.0.0.1:$port" "127.0.0.1:$MOCK_PORT" >"$TMP/mid-$i.log" 2>&1 &
-  else
-    conf=$(bench_gateway_config "mid-$i" "$port" "$MOCK_PORT")
-    "$t" --config "$conf" run >"$TMP/mid-$i.log" 2>&1 &
-  fi
+  middle_cmd "$t" "mid-$i" "$port" "$MOCK_PORT"
+  "${MIDDLE_CMD[@]}" >"$TMP/mid-$i.log" 2>&1 &
   mid=$!; PIDS+=("$mid"); wait_port "$port"
   load() {
     "$TOOLS" loadgen --url "ws://127.0.0.1:$port/v1/responses" --label "x" \
