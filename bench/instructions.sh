@@ -24,15 +24,10 @@
 #                                                     (its `memset` of three 8 KiB buffers counts
 #                                                     ~24k: callgrind counts `rep stosb` per byte)
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
-  exit 2
-fi
 command -v valgrind >/dev/null || { echo "valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 middle_targets "$@"
-cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}; DELTAS=${DELTAS:-5}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
 BINS=("${MIDDLES[@]}")

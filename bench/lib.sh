@@ -20,12 +20,14 @@ start_mock() {
   PIDS+=($!); wait_port "$MOCK_PORT"
 }
 
-# The middles a per-target script measures, from its arguments, in MIDDLES: wsgate binaries
-# (as absolute paths: call it before leaving the caller's directory) and `pooledcopy`
-# (examples/pooled_relay.rs, built here if named), the first a wsgate binary (its mock and
-# load generator are used).
+# The middles a per-target script (bench/instructions.sh, bench/syscalls.sh) measures, from
+# its arguments, in MIDDLES: wsgate binaries (resolved where the script was started) and
+# `pooledcopy` (examples/pooled_relay.rs, built here if named), the first a wsgate binary (its
+# mock and load generator are used); none prints the script's usage. Then moves to the
+# repository root.
 # Usage: middle_targets ARG ...
 middle_targets() {
+  [ $# -ge 1 ] || usage
   MIDDLES=()
   local t
   for t in "$@"; do
@@ -39,6 +41,7 @@ middle_targets() {
     cargo build --release --quiet --example pooled_relay \
       --manifest-path "$(dirname "${BASH_SOURCE[0]}")/../Cargo.toml"
   fi
+  cd "$(dirname "$0")/.."
 }
 
 # The command line of middle TARGET (from MIDDLES) listening on 127.0.0.1:PORT in front of the
@@ -112,14 +115,17 @@ http {
 EOF
 }
 
+# Prints the calling script's header comment (its usage) and exits with 2.
+usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+  exit 2
+}
+
 # The two builds of an A/B script (bench/ab.sh, bench/ab-reconnect.sh, bench/ab-stream.sh):
 # sets A and B to the binaries given (resolved where the script was started), or prints the
 # script's header comment and exits; then moves to the repository root.
 ab_builds() {
-  if [ $# -ne 2 ]; then
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
-    exit 2
-  fi
+  [ $# -eq 2 ] || usage
   A=$(realpath "$1"); B=$(realpath "$2")
   cd "$(dirname "$0")/.."
 }

@@ -14,15 +14,10 @@
 #        SESSIONS=16 TURNS=50 bench/syscalls.sh ...   the workload (defaults; 5 turns of warm-up
 #                                                      each, not counted)
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
-  exit 2
-fi
 command -v strace >/dev/null || { echo "strace is not installed (Debian: apt-get install strace)" >&2; exit 1; }
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 middle_targets "$@"
-cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
 TOOLS=${MIDDLES[0]}
