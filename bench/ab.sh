@@ -12,12 +12,16 @@
 #        ROUNDS=5 bench/ab.sh ...             rounds (default 5)
 #        ENV_B="TOKIO_WORKER_THREADS=1" ...   environment for B only (a knob instead of a build)
 #        SESSIONS=64 TURNS=200 THINK=20ms ... the workload (defaults: compare.sh's full (b))
+#        DELTAS=5 ...                         deltas per turn (default 5; SESSIONS=1 TURNS=1
+#                                             DELTAS=300000 THINK=0s is workload (a)'s stream)
+#        HTTP=1 bench/ab.sh ...               through the HTTP ingress (POST + SSE, workload (e))
 # The load generator and mock are BIN_A's.
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 ab_builds "$@"
 ROUNDS=${ROUNDS:-5}; SESSIONS=${SESSIONS:-64}; TURNS=${TURNS:-200}; THINK=${THINK:-20ms}
+DELTAS=${DELTAS:-5}; INGRESS=(); [ -n "${HTTP:-}" ] && INGRESS=(--http)
 ENV_B=${ENV_B:-}
 
 MOCK_PORT=$(free_port)
@@ -29,14 +33,14 @@ start_ab_gateways "$MOCK_PORT"
 
 echo "A: $A"
 echo "B: $B${ENV_B:+ (with $ENV_B)}"
-echo "workload: $SESSIONS sessions x $TURNS turns, 5 deltas, think $THINK (x[0.5, 1.5]), $ROUNDS rounds"
+echo "workload: $SESSIONS sessions x $TURNS turns, $DELTAS deltas, think $THINK (x[0.5, 1.5]), $ROUNDS rounds${HTTP:+, HTTP ingress (POST + SSE)}"
 for r in $(seq "$ROUNDS"); do
   order="A B"; [ $((r % 2)) = 0 ] && order="B A"
   for t in $order; do
     "$A" loadgen --url "ws://127.0.0.1:${PORT[$t]}/v1/responses" --label "$t" \
       --mock-url "ws://127.0.0.1:$MOCK_PORT/v1/responses" --json "$TMP/$t-$r.json" \
-      --sessions "$SESSIONS" --turns "$TURNS" --deltas 5 --think "$THINK" --think-jitter 0.5 \
-      --cpu-pid "${PID[$t]}" >"$TMP/loadgen.log" 2>&1 || { cat "$TMP/loadgen.log" >&2; exit 1; }
+      --sessions "$SESSIONS" --turns "$TURNS" --deltas "$DELTAS" --think "$THINK" --think-jitter 0.5 \
+      "${INGRESS[@]}" --cpu-pid "${PID[$t]}" >"$TMP/loadgen.log" 2>&1 || { cat "$TMP/loadgen.log" >&2; exit 1; }
   done
 done
 
@@ -56,7 +60,7 @@ def row(t, r):
     user, system = (x * events_per_turn for x in split)
     lat = d["event_latency_us"]
     return dict(p50=lat["p50"], p99=lat["p99"], user=user, system=system, cpu=user + system, errors=d["errors"],
-                steal=d.get("host_steal_pct"))
+                steal=d.get("host_steal_pct"), eps=d["events_per_s"])
 rows = {t: [row(t, r) for r in range(1, rounds + 1)] for t in "AB"}
 print()
 # Host steal: the CPU time the hypervisor gave other guests during the run (a round with
@@ -68,9 +72,10 @@ for r in range(rounds):
     a, b = rows["A"][r], rows["B"][r]
     print(f"| {r + 1} | {a['p50']:.0f} / {a['p99']:.0f} | {a['user']:.1f} / {a['system']:.1f} "
           f"| {b['p50']:.0f} / {b['p99']:.0f} | {b['user']:.1f} / {b['system']:.1f} | {steal(a)} / {steal(b)} |")
-med = {t: {k: statistics.median(x[k] for x in rows[t]) for k in ("p50", "p99", "user", "system", "cpu")} for t in "AB"}
+med = {t: {k: statistics.median(x[k] for x in rows[t]) for k in ("p50", "p99", "user", "system", "cpu", "eps")} for t in "AB"}
 print()
-for k, name in (("cpu", "CPU per turn"), ("user", "user CPU per turn"), ("p50", "event latency p50"), ("p99", "event latency p99")):
+for k, name in (("cpu", "CPU per turn"), ("user", "user CPU per turn"), ("p50", "event latency p50"), ("p99", "event latency p99"),
+                ("eps", "events/s")):
     a, b = med["A"][k], med["B"][k]
     print(f"median {name}: A {a:.1f}, B {b:.1f}, B/A {b / a:.3f}" if a else f"median {name}: A {a}, B {b}")
 cheaper = sum(rows["B"][r]["cpu"] < rows["A"][r]["cpu"] for r in range(rounds))
