@@ -74,18 +74,7 @@ impl SseDown {
     }
 
     fn push_event(&mut self, text: &str) {
-        if let Some(ty) = event::sniff_type(text) {
-            self.buf.extend_from_slice(b"event: ");
-            self.buf.extend_from_slice(ty.as_bytes());
-            self.buf.extend_from_slice(b"\n");
-        }
-        // A frame is one JSON text; should it hold raw line breaks, each line is a data line.
-        for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
-            self.buf.extend_from_slice(b"data: ");
-            self.buf.extend_from_slice(line.as_bytes());
-            self.buf.extend_from_slice(b"\n");
-        }
-        self.buf.extend_from_slice(b"\n");
+        encode_event(&mut self.buf, event::sniff_type(text).as_deref(), text);
     }
 
     async fn send_buf(&mut self) -> Result<(), ClientGone> {
@@ -124,6 +113,33 @@ impl SseDown {
     }
 }
 
+/// Appends one server-sent event to `buf`: `event: <ty>` when the frame has a type, then the
+/// frame as `data:` lines, then the blank line that ends the event. A frame is one JSON text
+/// and the upstream writes none with a raw line break (JSON escapes them in strings), so the
+/// common case is one `data:` line, found by one `memchr` pass; should a frame hold raw line
+/// breaks between its tokens, each non-empty line is a `data:` line of its own.
+fn encode_event(buf: &mut BytesMut, ty: Option<&str>, text: &str) {
+    const EVENT: &[u8] = b"event: ";
+    const DATA: &[u8] = b"data: ";
+    buf.reserve(EVENT.len() + ty.map_or(0, str::len) + DATA.len() + text.len() + 3);
+    if let Some(ty) = ty {
+        buf.extend_from_slice(EVENT);
+        buf.extend_from_slice(ty.as_bytes());
+        buf.extend_from_slice(b"\n");
+    }
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for end in memchr::memchr2_iter(b'\n', b'\r', bytes).chain([bytes.len()]) {
+        if end > start {
+            buf.extend_from_slice(DATA);
+            buf.extend_from_slice(&bytes[start..end]);
+            buf.extend_from_slice(b"\n");
+        }
+        start = end + 1;
+    }
+    buf.extend_from_slice(b"\n");
+}
+
 impl Downstream for SseDown {
     async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
         let ty = event::sniff_type(&text);
@@ -134,11 +150,11 @@ impl Downstream for SseDown {
             return Ok(());
         }
         if ty.as_deref() == Some("response.created") {
-            let v: Value = serde_json::from_str(&text).unwrap_or_default();
-            self.response_id = v["response"]["id"].as_str().map(str::to_string);
+            // Read no further than the id: the upstream echoes the whole request after it.
+            self.response_id = event::response_id(&text);
         }
         self.start()?;
-        self.push_event(&text);
+        encode_event(&mut self.buf, ty.as_deref(), &text);
         Ok(())
     }
 
@@ -206,5 +222,38 @@ impl HttpDown for SseDown {
         }
         let _ = self.send_buf().await;
         // Dropping the sender ends the body.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(ty: Option<&str>, text: &str) -> String {
+        let mut buf = BytesMut::new();
+        encode_event(&mut buf, ty, text);
+        String::from_utf8(buf.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn frames_become_one_event_each() {
+        let delta = r#"{"type":"response.output_text.delta","delta":"a\nb"}"#;
+        assert_eq!(
+            encoded(Some("response.output_text.delta"), delta),
+            format!("event: response.output_text.delta\ndata: {delta}\n\n")
+        );
+        // No type: data only.
+        assert_eq!(encoded(None, "{}"), "data: {}\n\n");
+        // Raw line breaks between tokens: each non-empty line is a data line of its own.
+        assert_eq!(
+            encoded(Some("x"), "{\r\n\"type\":\"x\",\n\n\"a\":1\r}"),
+            "event: x\ndata: {\ndata: \"type\":\"x\",\ndata: \"a\":1\ndata: }\n\n"
+        );
+        assert_eq!(encoded(None, "\n{}\n"), "data: {}\n\n");
+        // Events follow each other in one buffer.
+        let mut buf = BytesMut::new();
+        encode_event(&mut buf, Some("a"), "{}");
+        encode_event(&mut buf, Some("b"), "[]");
+        assert_eq!(&buf[..], b"event: a\ndata: {}\n\nevent: b\ndata: []\n\n");
     }
 }
