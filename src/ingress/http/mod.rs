@@ -32,7 +32,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info_span};
 
-use crate::event;
 use crate::gateway::{Gateway, Shared};
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ids::{ConversationId, Ingress};
@@ -40,9 +39,11 @@ use crate::ingress::admit::{Admitted, admit};
 use crate::server::json_error;
 use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 
+mod create;
 mod json;
 mod sse;
 
+use create::parse_create;
 use json::JsonDown;
 use sse::SseDown;
 
@@ -58,81 +59,6 @@ enum Reply {
         headers: Vec<(HeaderName, HeaderValue)>,
         body: mpsc::Receiver<Bytes>,
     },
-}
-
-/// The fields of a create request the gateway acts on.
-struct CreateRequest {
-    /// The `response.create` frame.
-    frame: Utf8Bytes,
-    stream: bool,
-    previous: Option<String>,
-    cache_key: Option<String>,
-}
-
-fn invalid(message: impl Into<String>) -> Response {
-    json_error(
-        StatusCode::BAD_REQUEST,
-        "invalid_request_error",
-        &message.into(),
-    )
-}
-
-/// Validates a Responses create body and turns it into one `response.create` frame.
-#[allow(clippy::result_large_err)] // the refusal is the handler's answer, returned at once
-fn parse_create(body: &[u8], max_frame: usize) -> Result<CreateRequest, Response> {
-    let text = std::str::from_utf8(body).map_err(|_| invalid("the body is not UTF-8 JSON"))?;
-    let mut v: serde_json::Map<String, Value> = serde_json::from_str(text)
-        .map_err(|e| invalid(format!("the body is not a JSON object: {e}")))?;
-    if !v.get("model").is_some_and(Value::is_string) {
-        return Err(invalid("`model` (a string) is required"));
-    }
-    if v.get("input").is_none_or(Value::is_null) {
-        return Err(invalid("`input` is required"));
-    }
-    if v.get("background").and_then(Value::as_bool) == Some(true) {
-        return Err(invalid(
-            "`background: true` is not supported by this gateway (its upstream is WebSocket mode)",
-        ));
-    }
-    let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
-    let previous = v
-        .get("previous_response_id")
-        .and_then(Value::as_str)
-        .filter(|p| !p.is_empty())
-        .map(str::to_string);
-    let cache_key = v
-        .get("prompt_cache_key")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    // The body goes upstream as it is, behind the event type: spliced, not re-serialized,
-    // unless it names a type of its own.
-    let frame = if v.contains_key("type") {
-        v.insert("type".into(), json!(event::RESPONSE_CREATE));
-        Value::Object(v).to_string()
-    } else {
-        let rest = text.trim_start().strip_prefix('{').unwrap_or_default();
-        let sep = if rest.trim_start().starts_with('}') {
-            ""
-        } else {
-            ","
-        };
-        format!("{{\"type\":\"{}\"{sep}{rest}", event::RESPONSE_CREATE)
-    };
-    if frame.len() > max_frame {
-        return Err(json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            &format!(
-                "the request is larger than the upstream accepts ({max_frame} bytes, relay.max_message_size)"
-            ),
-        ));
-    }
-    Ok(CreateRequest {
-        frame: frame.into(),
-        stream,
-        previous,
-        cache_key,
-    })
 }
 
 /// `POST` on a Responses path.
@@ -390,41 +316,6 @@ fn copy_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn create_bodies_become_one_frame() {
-        let c = parse_create(br#"{"model":"m","input":"hi","stream":true}"#, 1 << 20).unwrap();
-        assert_eq!(
-            &*c.frame,
-            r#"{"type":"response.create","model":"m","input":"hi","stream":true}"#
-        );
-        assert!(c.stream);
-        let c = parse_create(
-            br#"{"type":"x","model":"m","input":[],"previous_response_id":"r1"}"#,
-            1 << 20,
-        )
-        .unwrap();
-        let v: Value = serde_json::from_str(&c.frame).unwrap();
-        assert_eq!(v["type"], "response.create");
-        assert_eq!(c.previous.as_deref(), Some("r1"));
-        assert!(!c.stream);
-        for bad in [
-            &br#"[1]"#[..],
-            br#"{"input":"x"}"#,
-            br#"{"model":"m"}"#,
-            br#"{"model":"m","input":"x","background":true}"#,
-            b"not json",
-        ] {
-            assert!(parse_create(bad, 1 << 20).is_err());
-        }
-        assert_eq!(
-            parse_create(br#"{"model":"m","input":"hi"}"#, 10)
-                .err()
-                .unwrap()
-                .status(),
-            413
-        );
-    }
 
     #[test]
     fn upstream_errors_become_http_errors() {
