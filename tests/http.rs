@@ -93,6 +93,62 @@ async fn a_streamed_post_relays_every_upstream_frame_byte_for_byte() {
     gw.stop().await;
 }
 
+/// With the upstream's answers arriving many frames per read (the mock at speed), the SSE
+/// stream takes the runs of frames a read left buffered without decoding them one by one
+/// (counted by `wsgate_relay_raw_frames_total`, in a gateway process of its own) and still
+/// relays every frame byte for byte, in order, one event each, and ends each turn.
+#[tokio::test]
+async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
+    let mock = MockUpstream::start(MockConfig {
+        speed: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
+    let thread = unique("sse-runs");
+    let mut relayed = 0;
+    for directive in [
+        "[[mock: deltas=5]]",
+        "[[mock: deltas=40, custom]]",
+        "[[mock: deltas=3, incomplete]]",
+    ] {
+        let before = mock
+            .connections()
+            .first()
+            .map_or(0, |c| c.sent_frames().len());
+        let r = http_request(
+            gw.addr,
+            "POST",
+            SSE,
+            &codex(&thread),
+            http_body(directive, true, json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{directive}: {}", r.text());
+        let conns = mock.connections();
+        assert_eq!(
+            conns.len(),
+            1,
+            "{directive}: one pooled upstream connection"
+        );
+        let frames = conns[0].sent_frames();
+        assert_eq!(
+            r.text(),
+            sse_of(&frames[before..]),
+            "{directive}: byte for byte, in order"
+        );
+        relayed += frames.len() - before;
+    }
+    let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
+    let raw = prom_value(&metrics, "wsgate_relay_raw_frames_total", &[]);
+    assert_eq!(
+        raw,
+        Some(relayed as f64),
+        "frames relayed in runs of {relayed}"
+    );
+}
+
 #[tokio::test]
 async fn posts_of_one_lane_ride_one_upstream_connection_and_share_it_with_websocket_sessions() {
     let mock = mock().await;

@@ -26,6 +26,7 @@ use super::wake::WakeFlag;
 use crate::close;
 use crate::event::{ClientEvent, ClientFrameError};
 use crate::gateway::Shared;
+use crate::pump::RawRun;
 use crate::turn::Sent;
 use crate::turn::engine::{ClientGone, Downstream, Engine, EngineStart, Flow};
 
@@ -166,12 +167,14 @@ impl Downstream for WsDown<'_> {
         true
     }
 
-    fn try_feed_raw(&mut self, frames: &[u8]) -> Result<bool, ClientGone> {
+    fn try_feed_run(&mut self, run: &RawRun) -> Result<bool, ClientGone> {
         use futures::Sink;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let queued = match std::pin::Pin::new(&mut *self.0).poll_ready(&mut cx) {
             std::task::Poll::Pending => return Ok(false),
-            std::task::Poll::Ready(ready) => ready.and_then(|()| self.0.start_send_raw(frames)),
+            std::task::Poll::Ready(ready) => {
+                ready.and_then(|()| self.0.start_send_raw(&run.frames))
+            }
         };
         match queued {
             Ok(()) => Ok(true),

@@ -233,7 +233,7 @@ async fn drive<D: HttpDown>(shared: Arc<Shared>, mut engine: Engine, mut down: D
                 debug!("HTTP client went away mid-turn");
                 Flow::Stop
             }
-            ev = engine.next_upstream(false) => engine.upstream_event(&mut down, ev).await,
+            ev = engine.next_upstream(down.raw_frames()) => engine.upstream_event(&mut down, ev).await,
             _ = tokio::time::sleep_until(idle) => {
                 if engine.idle_deadline().is_some_and(|d| Instant::now() >= d) {
                     engine.turn_idle_expired(&mut down).await

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{BODY_CHUNKS, HttpDown, Reply, copy_headers, error_response};
 use crate::event;
+use crate::pump::RawRun;
 use crate::server::json_error;
 use crate::turn::engine::{ClientGone, Downstream};
 
@@ -74,7 +75,12 @@ impl SseDown {
     }
 
     fn push_event(&mut self, text: &str) {
-        encode_event(&mut self.buf, event::sniff_type(text).as_deref(), text);
+        let ty = event::sniff_type(text);
+        encode_event(
+            &mut self.buf,
+            ty.as_deref().map(str::as_bytes),
+            text.as_bytes(),
+        );
     }
 
     async fn send_buf(&mut self) -> Result<(), ClientGone> {
@@ -118,21 +124,20 @@ impl SseDown {
 /// and the upstream writes none with a raw line break (JSON escapes them in strings), so the
 /// common case is one `data:` line, found by one `memchr` pass; should a frame hold raw line
 /// breaks between its tokens, each non-empty line is a `data:` line of its own.
-fn encode_event(buf: &mut BytesMut, ty: Option<&str>, text: &str) {
+fn encode_event(buf: &mut BytesMut, ty: Option<&[u8]>, text: &[u8]) {
     const EVENT: &[u8] = b"event: ";
     const DATA: &[u8] = b"data: ";
-    buf.reserve(EVENT.len() + ty.map_or(0, str::len) + DATA.len() + text.len() + 3);
+    buf.reserve(EVENT.len() + ty.map_or(0, <[u8]>::len) + DATA.len() + text.len() + 3);
     if let Some(ty) = ty {
         buf.extend_from_slice(EVENT);
-        buf.extend_from_slice(ty.as_bytes());
+        buf.extend_from_slice(ty);
         buf.extend_from_slice(b"\n");
     }
-    let bytes = text.as_bytes();
     let mut start = 0;
-    for end in memchr::memchr2_iter(b'\n', b'\r', bytes).chain([bytes.len()]) {
+    for end in memchr::memchr2_iter(b'\n', b'\r', text).chain([text.len()]) {
         if end > start {
             buf.extend_from_slice(DATA);
-            buf.extend_from_slice(&bytes[start..end]);
+            buf.extend_from_slice(&text[start..end]);
             buf.extend_from_slice(b"\n");
         }
         start = end + 1;
@@ -154,8 +159,38 @@ impl Downstream for SseDown {
             self.response_id = event::response_id(&text);
         }
         self.start()?;
-        encode_event(&mut self.buf, ty.as_deref(), &text);
+        encode_event(
+            &mut self.buf,
+            ty.as_deref().map(str::as_bytes),
+            text.as_bytes(),
+        );
         Ok(())
+    }
+
+    fn raw_frames(&self) -> bool {
+        true
+    }
+
+    /// Each payload of the run as an event, its type read raw (a run's frames are written
+    /// `type` first with a plain type, their payloads checked UTF-8 when the run was taken).
+    /// Before the stream has started, a run holding an `error` goes frame by frame instead:
+    /// that error may still become the HTTP status ([`Downstream::feed`]).
+    fn try_feed_run(&mut self, run: &RawRun) -> Result<bool, ClientGone> {
+        let payloads = || run.payloads.iter().map(|r| &run.frames[r.clone()]);
+        if self.reply.is_some() && payloads().any(|p| event::raw_type(p) == Some(b"error")) {
+            return Ok(false);
+        }
+        self.start()?;
+        for payload in payloads() {
+            let ty = event::raw_type(payload);
+            if ty == Some(b"response.created") {
+                self.response_id = std::str::from_utf8(payload)
+                    .ok()
+                    .and_then(event::response_id);
+            }
+            encode_event(&mut self.buf, ty, payload);
+        }
+        Ok(true)
     }
 
     async fn flush(&mut self) -> Result<(), ClientGone> {
@@ -231,7 +266,7 @@ mod tests {
 
     fn encoded(ty: Option<&str>, text: &str) -> String {
         let mut buf = BytesMut::new();
-        encode_event(&mut buf, ty, text);
+        encode_event(&mut buf, ty.map(str::as_bytes), text.as_bytes());
         String::from_utf8(buf.to_vec()).unwrap()
     }
 
@@ -252,8 +287,8 @@ mod tests {
         assert_eq!(encoded(None, "\n{}\n"), "data: {}\n\n");
         // Events follow each other in one buffer.
         let mut buf = BytesMut::new();
-        encode_event(&mut buf, Some("a"), "{}");
-        encode_event(&mut buf, Some("b"), "[]");
+        encode_event(&mut buf, Some(b"a"), b"{}");
+        encode_event(&mut buf, Some(b"b"), b"[]");
         assert_eq!(&buf[..], b"event: a\ndata: {}\n\nevent: b\ndata: []\n\n");
     }
 }

@@ -39,7 +39,7 @@ use crate::gateway::Shared;
 use crate::headers::{ForwardHeaders, HeaderIds};
 use crate::ids::{ConversationId, Ingress, Route};
 use crate::pool::{EvictReason, NewReason, PoolKey, Pooled};
-use crate::pump::PumpEvent;
+use crate::pump::{PumpEvent, RawRun};
 use crate::turn::{Ledger, Sent};
 use crate::upstream::UpstreamConn;
 
@@ -62,14 +62,15 @@ pub(crate) struct ClientGone;
 pub(crate) trait Downstream: Send {
     /// Queues one upstream frame, verbatim (written out by [`Downstream::flush`]).
     fn feed(&mut self, text: Utf8Bytes) -> impl Future<Output = Result<(), ClientGone>> + Send;
-    /// Whether frames already encoded by the upstream can be queued verbatim
-    /// ([`Downstream::try_feed_raw`]): a WebSocket client.
+    /// Whether runs of frames taken from the upstream's buffer undecoded can be queued
+    /// ([`Downstream::try_feed_run`]): a WebSocket client (the frames verbatim) and a
+    /// server-sent event stream (each frame's payload as an event).
     fn raw_frames(&self) -> bool {
         false
     }
-    /// Queues upstream frames verbatim (headers included) if that needs no waiting; `false`
+    /// Queues a run of upstream frames (see [`RawRun`]) if that needs no waiting; `false`
     /// when they have to go one by one through [`Downstream::feed`].
-    fn try_feed_raw(&mut self, _frames: &[u8]) -> Result<bool, ClientGone> {
+    fn try_feed_run(&mut self, _run: &RawRun) -> Result<bool, ClientGone> {
         Ok(false)
     }
     /// Writes out what was queued.

@@ -1,6 +1,7 @@
 //! The downstream relay (issue 14): a batch of ready upstream frames is attributed (ledger,
 //! terminal inspection, no-output holding), written to the client and flushed once; runs of
-//! plain parts (deltas, ...) a socket read left buffered go to a WebSocket client as raw bytes.
+//! plain parts (deltas, ...) a socket read left buffered go to a WebSocket client as raw bytes
+//! (to a server-sent event stream as one event per payload), without a decode per frame.
 //! A terminal that arrives once the turn has shown output is relayed first (ending a raw run
 //! if it is in one) and inspected and attributed after the batch's flush. A read that holds
 //! a turn's whole answer is relayed before any frame of it is decoded: the run may open with
@@ -279,7 +280,7 @@ impl Engine {
         if self.turn.as_ref().is_some_and(|t| !t.quiet.is_empty()) {
             Box::pin(self.relay_down(d, counted, sent, std::iter::empty())).await?;
         }
-        if d.try_feed_raw(&run.frames)? {
+        if d.try_feed_run(&run)? {
             let bytes = run
                 .payloads
                 .iter()
