@@ -17,6 +17,18 @@ async fn mock() -> MockUpstream {
 
 const SSE: &str = "/v1/responses";
 
+/// A streamed `POST` of a Codex-like client on `thread`, the mock's script `directive`.
+async fn post_sse(addr: std::net::SocketAddr, thread: &str, directive: &str) -> HttpReply {
+    http_request(
+        addr,
+        "POST",
+        SSE,
+        &codex(thread),
+        http_body(directive, true, json!({})),
+    )
+    .await
+}
+
 /// Codex-like headers for `thread`.
 fn codex(thread: &str) -> Vec<(&str, &str)> {
     vec![
@@ -47,14 +59,7 @@ async fn a_streamed_post_relays_every_upstream_frame_byte_for_byte() {
         ("[[mock: deltas=3, incomplete]]", "response.incomplete"),
     ] {
         let thread = unique("sse");
-        let r = http_request(
-            gw.addr,
-            "POST",
-            SSE,
-            &codex(&thread),
-            http_body(directive, true, json!({})),
-        )
-        .await;
+        let r = post_sse(gw.addr, &thread, directive).await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.headers["content-type"], "text/event-stream");
         assert_eq!(
@@ -99,12 +104,7 @@ async fn a_streamed_post_relays_every_upstream_frame_byte_for_byte() {
 /// relays every frame byte for byte, in order, one event each, and ends each turn.
 #[tokio::test]
 async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
-    let mock = MockUpstream::start(MockConfig {
-        speed: true,
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = speed_mock().await;
     let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
     let thread = unique("sse-runs");
     let mut relayed = 0;
@@ -117,14 +117,7 @@ async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
             .connections()
             .first()
             .map_or(0, |c| c.sent_frames().len());
-        let r = http_request(
-            gw.addr,
-            "POST",
-            SSE,
-            &codex(&thread),
-            http_body(directive, true, json!({})),
-        )
-        .await;
+        let r = post_sse(gw.addr, &thread, directive).await;
         assert_eq!(r.status, 200, "{directive}: {}", r.text());
         let conns = mock.connections();
         assert_eq!(

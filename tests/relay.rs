@@ -515,12 +515,7 @@ async fn sessions_waiting_for_a_first_frame_hold_no_read_buffer() {
 /// read, so the relay takes raw runs), and a client of a fresh conversation named `name-...`.
 async fn batching_gateway(name: &str) -> (MockUpstream, GatewayProcess, String, Client) {
     init();
-    let mock = MockUpstream::start(MockConfig {
-        speed: true,
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = speed_mock().await;
     let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
     let conv = unique(name);
     let c = gw.connect(&conv).await;

@@ -103,6 +103,17 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A mock upstream that writes each turn's events at once (`speed`): many frames per read at
+/// the gateway, so its relay takes raw runs.
+pub async fn speed_mock() -> MockUpstream {
+    MockUpstream::start(wsgate::mock::MockConfig {
+        speed: true,
+        ..wsgate::mock::MockConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// The test config as YAML: the mock as upstream, one client key (`TEST_CLIENT_KEY`),
 /// `accounts` (keys from `KEY_<ACCOUNT>`), then the top-level sections in `extra`.
 pub fn test_yaml(upstream_url: &str, accounts: &[&str], extra: &str) -> String {
