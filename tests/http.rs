@@ -140,6 +140,22 @@ async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
         Some(relayed as f64),
         "frames relayed in runs of {relayed}"
     );
+    // A stream cut after its `response.created` went out in a run: the one synthetic
+    // `response.failed` names the created's response id.
+    let cut = post_sse(
+        gw.addr,
+        &unique("sse-runs-cut"),
+        "[[mock: deltas=4, close=1011@mid]]",
+    )
+    .await;
+    let events = cut.events();
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "response.created")
+        .unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.failed", "{events:?}");
+    assert_eq!(last["response"]["id"], created["response"]["id"]);
 }
 
 #[tokio::test]
@@ -287,14 +303,7 @@ async fn failures_before_and_after_the_first_byte() {
     gw.gateway.enable_account("acct-b");
     // Upstream 1011 after two deltas: one response.failed stream_disconnected, then the end.
     let thread = unique("http-1011");
-    let r = http_request(
-        gw.addr,
-        "POST",
-        SSE,
-        &codex(&thread),
-        http_body("[[mock: deltas=4, close=1011@mid]]", true, json!({})),
-    )
-    .await;
+    let r = post_sse(gw.addr, &thread, "[[mock: deltas=4, close=1011@mid]]").await;
     assert_eq!(r.status, 200);
     let events = r.events();
     let created = events

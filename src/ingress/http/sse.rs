@@ -83,6 +83,19 @@ impl SseDown {
         );
     }
 
+    /// An upstream frame of type `ty` as an event, once the stream has started (one frame of
+    /// [`Downstream::feed`] or of a run alike); a `response.created` gives the `response.id` a
+    /// later synthetic `response.failed` names, read no further than the id (the upstream
+    /// echoes the whole request after it).
+    fn push_frame(&mut self, ty: Option<&[u8]>, payload: &[u8]) {
+        if ty == Some(b"response.created") {
+            self.response_id = std::str::from_utf8(payload)
+                .ok()
+                .and_then(event::response_id);
+        }
+        encode_event(&mut self.buf, ty, payload);
+    }
+
     async fn send_buf(&mut self) -> Result<(), ClientGone> {
         if self.buf.is_empty() {
             return Ok(());
@@ -154,16 +167,8 @@ impl Downstream for SseDown {
             self.pending_error = Some((v, Some(text)));
             return Ok(());
         }
-        if ty.as_deref() == Some("response.created") {
-            // Read no further than the id: the upstream echoes the whole request after it.
-            self.response_id = event::response_id(&text);
-        }
         self.start()?;
-        encode_event(
-            &mut self.buf,
-            ty.as_deref().map(str::as_bytes),
-            text.as_bytes(),
-        );
+        self.push_frame(ty.as_deref().map(str::as_bytes), text.as_bytes());
         Ok(())
     }
 
@@ -182,13 +187,7 @@ impl Downstream for SseDown {
         }
         self.start()?;
         for payload in payloads() {
-            let ty = event::raw_type(payload);
-            if ty == Some(b"response.created") {
-                self.response_id = std::str::from_utf8(payload)
-                    .ok()
-                    .and_then(event::response_id);
-            }
-            encode_event(&mut self.buf, ty, payload);
+            self.push_frame(event::raw_type(payload), payload);
         }
         Ok(true)
     }
