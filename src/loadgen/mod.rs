@@ -27,6 +27,10 @@ pub use stats::Percentiles;
 use stats::{Stats, percentiles};
 use think::think_time;
 
+/// The longest server-sent event the load generator holds while it arrives (tungstenite's
+/// default largest WebSocket message, the WebSocket client's bound).
+const MAX_SSE_EVENT: usize = 64 << 20;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
@@ -248,6 +252,13 @@ impl Ctx {
                 }
             }
             pending.drain(..at);
+            // What is left is one event still arriving: bounded as a WebSocket message is.
+            if pending.len() > MAX_SSE_EVENT {
+                return Err(format!(
+                    "an SSE event longer than {} MiB",
+                    MAX_SSE_EVENT >> 20
+                ));
+            }
         }
         id.map(Some)
             .ok_or_else(|| "the stream ended without response.completed".into())
