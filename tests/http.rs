@@ -98,6 +98,19 @@ async fn a_streamed_post_relays_every_upstream_frame_byte_for_byte() {
     gw.stop().await;
 }
 
+/// The events of a stream cut mid-turn end with one synthetic `response.failed` that names
+/// the turn's `response.created` response id; returns it.
+fn ends_failed_naming_its_response(events: &[Value]) -> &Value {
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "response.created")
+        .unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.failed", "{events:?}");
+    assert_eq!(last["response"]["id"], created["response"]["id"]);
+    last
+}
+
 /// With the upstream's answers arriving many frames per read (the mock at speed), the SSE
 /// stream takes the runs of frames a read left buffered without decoding them one by one
 /// (counted by `wsgate_relay_raw_frames_total`, in a gateway process of its own) and still
@@ -148,14 +161,7 @@ async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
         "[[mock: deltas=4, close=1011@mid]]",
     )
     .await;
-    let events = cut.events();
-    let created = events
-        .iter()
-        .find(|e| e["type"] == "response.created")
-        .unwrap();
-    let last = events.last().unwrap();
-    assert_eq!(last["type"], "response.failed", "{events:?}");
-    assert_eq!(last["response"]["id"], created["response"]["id"]);
+    ends_failed_naming_its_response(&cut.events());
 }
 
 #[tokio::test]
@@ -306,14 +312,8 @@ async fn failures_before_and_after_the_first_byte() {
     let r = post_sse(gw.addr, &thread, "[[mock: deltas=4, close=1011@mid]]").await;
     assert_eq!(r.status, 200);
     let events = r.events();
-    let created = events
-        .iter()
-        .find(|e| e["type"] == "response.created")
-        .unwrap();
-    let last = events.last().unwrap();
-    assert_eq!(last["type"], "response.failed", "{events:?}");
+    let last = ends_failed_naming_its_response(&events);
     assert_eq!(last["response"]["error"]["code"], "stream_disconnected");
-    assert_eq!(last["response"]["id"], created["response"]["id"]);
     assert!(events.iter().all(|e| e["type"] != "response.completed"));
     assert_eq!(
         events
