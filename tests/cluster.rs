@@ -43,6 +43,22 @@ fn accounts_in(p: &GatewayProcess, needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// `p`'s pool decisions for lines containing `needle`, once `done` holds of them (waiting at
+/// most 10 s): the log reaches the test through a pipe read by another thread, so a decision
+/// written before a turn's answer can be read after the answer.
+async fn decisions(
+    p: &GatewayProcess,
+    needle: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    wait_until(Duration::from_secs(10), || done(&accounts_in(p, needle))).await;
+    accounts_in(p, needle)
+}
+
+fn made_one(d: &[String]) -> bool {
+    !d.is_empty()
+}
+
 async fn one_turn(url: &str, headers: &[(&str, &str)], conv: &str) -> Value {
     let mut c = Client::connect(url, headers).await.expect("connect");
     let t = c
@@ -85,10 +101,9 @@ async fn a_conversation_keeps_its_account_on_every_instance() {
         let h = ws_headers(&conv);
         one_turn(&a.url(), &borrowed(&h), &conv).await;
         one_turn(&b.url(), &borrowed(&h), &conv).await;
-        let (on_a, on_b) = (
-            accounts_in(&a, &format!("conversation={conv} ")),
-            accounts_in(&b, &format!("conversation={conv} ")),
-        );
+        let needle = format!("conversation={conv} ");
+        let on_a = decisions(&a, &needle, made_one).await;
+        let on_b = decisions(&b, &needle, made_one).await;
         assert_eq!(on_a.len(), 1);
         assert_eq!(on_a, on_b, "conversation {i}: B uses A's account");
     }
@@ -117,6 +132,10 @@ async fn a_conversation_keeps_its_account_on_every_instance() {
         t.await.unwrap();
     }
     let needle = format!("affinity={shared}");
+    wait_until(Duration::from_secs(10), || {
+        accounts_in(&a, &needle).len() + accounts_in(&b, &needle).len() >= 50
+    })
+    .await;
     let mut all = accounts_in(&a, &needle);
     all.extend(accounts_in(&b, &needle));
     assert_eq!(all.len(), 50, "every request made one decision");
@@ -139,7 +158,7 @@ async fn a_rate_limit_seen_by_one_instance_stops_the_others_within_a_second() {
     let h = ws_headers(&conv);
     one_turn(&a.url(), &borrowed(&h), &conv).await;
     one_turn(&b.url(), &borrowed(&h), &conv).await;
-    let x = accounts_in(&b, &format!("conversation={conv} "))[0].clone();
+    let x = decisions(&b, &format!("conversation={conv} "), made_one).await[0].clone();
     let y = if x == "acct-a" { "acct-b" } else { "acct-a" };
 
     // A hits the account-wide limit on X: its turn moves to Y (issue 11) and X cools.
@@ -182,12 +201,15 @@ async fn a_rate_limit_seen_by_one_instance_stops_the_others_within_a_second() {
     for i in 0..4 {
         let other = unique(&format!("new{i}"));
         one_turn(&b.url(), &borrowed(&ws_headers(&other)), &other).await;
-        assert_eq!(accounts_in(&b, &format!("conversation={other} ")), [y]);
+        let on_b = decisions(&b, &format!("conversation={other} "), made_one).await;
+        assert_eq!(on_b, [y]);
     }
     one_turn(&b.url(), &borrowed(&h), &conv).await;
     one_turn(&a.url(), &borrowed(&h), &conv).await;
-    let on_b = accounts_in(&b, &format!("conversation={conv} "));
-    let on_a = accounts_in(&a, &format!("conversation={conv} "));
+    let needle = format!("conversation={conv} ");
+    let moved = |d: &[String]| d.last().map(String::as_str) == Some(y);
+    let on_b = decisions(&b, &needle, moved).await;
+    let on_a = decisions(&a, &needle, moved).await;
     assert_eq!(on_b.last().map(String::as_str), Some(y), "{on_b:?}");
     assert_eq!(on_a.last().map(String::as_str), Some(y), "{on_a:?}");
 }

@@ -290,8 +290,12 @@ async fn codex_survives_a_gateway_restart_during_a_tool_run() {
     assert_tool_answer(&out, &stdout, &stderr);
     let status = a.wait_exit(Duration::from_secs(20)).await.expect("A exits");
     assert!(status.success(), "A exits 0: {status:?}");
+    // The log reaches the test through a pipe read by another thread: wait for the line.
     assert!(
-        b.stderr_text().contains("pool decision"),
+        wait_until(Duration::from_secs(10), || b
+            .stderr_text()
+            .contains("pool decision"))
+        .await,
         "the follow-up was served by the replacement"
     );
 }
@@ -365,6 +369,8 @@ async fn codex_behind_nginx_finishes_on_the_other_instance_when_its_instance_dra
     let (home, work) = (codex_home(lb_addr), tempfile::tempdir().unwrap());
     let run = start_tool_run(&codex, home.path(), work.path(), &mock).await;
     let decided = |p: &GatewayProcess| p.stderr_text().contains("pool decision");
+    // The log reaches the test through a pipe read by another thread: wait for the line.
+    wait_until(Duration::from_secs(10), || decided(&a) || decided(&b)).await;
     let (mut drained, other) = match (decided(&a), decided(&b)) {
         (true, false) => (a, b),
         (false, true) => (b, a),
@@ -388,7 +394,7 @@ async fn codex_behind_nginx_finishes_on_the_other_instance_when_its_instance_dra
     let (out, stdout, stderr) = finished(run).await;
     assert_tool_answer(&out, &stdout, &stderr);
     assert!(
-        decided(&other),
+        wait_until(Duration::from_secs(10), || decided(&other)).await,
         "the next turn ran on the other instance: {}",
         other.stderr_text()
     );

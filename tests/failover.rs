@@ -337,8 +337,14 @@ async fn a_replacement_takes_over_the_address_while_the_old_process_drains() {
     assert_eq!(t.delta_count(), 60);
     let status = a.wait_exit(Duration::from_secs(20)).await.expect("A exits");
     assert!(status.success(), "A exits 0: {status:?}");
+    // The log reaches the test through a pipe read by another thread: wait for the lines.
     assert!(
-        b.stderr_text().matches("pool decision").count() >= 10,
+        wait_until(Duration::from_secs(10), || b
+            .stderr_text()
+            .matches("pool decision")
+            .count()
+            >= 10)
+        .await,
         "B served the new clients"
     );
     assert!(

@@ -152,6 +152,8 @@ async fn nginx_keeps_a_codex_process_tree_on_one_instance_and_drains_to_the_othe
     assert_eq!(closed.close_code(), Some(1012), "{closed}");
     let mut again = connect(&lb.url(), &headers).await;
     turn(&mut again).await;
+    // The log reaches the test through a pipe read by another thread: wait for the line.
+    wait_until(Duration::from_secs(10), || served(&other, &session) > 0).await;
     let on_other: Vec<String> = other
         .stderr_text()
         .lines()
