@@ -450,6 +450,11 @@ async fn a_redis_that_stops_answering_costs_a_request_at_most_the_call_timeout()
             "turn {i} waited at most the call timeout (250ms) for Redis: {took:?}"
         );
     }
+    assert!(
+        logged(&a, "cluster degraded", Duration::from_secs(3)).await,
+        "{}",
+        a.stderr_text()
+    );
     assert_eq!(count(&a, "cluster degraded"), 1, "{}", a.stderr_text());
     assert!(
         logged(&a, "cluster recovered", Duration::from_secs(8)).await,
