@@ -310,6 +310,64 @@ for name, measured, ok in checks:
     ref_text = "-" if ref is None else f"{ref[0]}: {'met' if ref[1] else 'NO'}"
     p(f"| {name} | {measured} | {'yes' if ok else 'NO'} | {ref_text} |")
 p("\n(Control: `tokiocopy` in (a) and (b), `pooledcopy` in (c); informative, not a target.)")
+
+
+def turn_cpu(w, t):
+    """Median CPU per turn of target `t` in workload `w`, user and total, in us (None without it)."""
+    rs = runs.get((w, t), [])
+    tot = [c for c in map(cpu_per_turn, rs) if c is not None]
+    user = [r["cpu_user_s_per_million_events"] * r["events"] / r["turns_ok"] for r in rs
+            if r.get("cpu_user_s_per_million_events") is not None and r.get("turns_ok")]
+    return (statistics.median(user) if user else None, statistics.median(tot) if tot else None)
+
+
+def cpu_text(w, targets):
+    parts = []
+    for t in targets:
+        user, tot = turn_cpu(w, t)
+        if tot is not None:
+            parts.append(f"{t} {tot:.0f} us" + (f" (user {user:.0f})" if user is not None else ""))
+    return ", ".join(parts) or "-"
+
+
+def steal_text(w, t):
+    rs = sorted(runs.get((w, t), []), key=lambda r: int(r["_rep"]))
+    st = [r["host_steal_pct"] for r in rs if r.get("host_steal_pct") is not None]
+    return "-" if not st else ", ".join(f"{x:.1f}%" for x in st)
+
+
+def why_missed(name):
+    """What this run's own figures say about a missed target, and the profile that explains it
+    (README "Where the goals stand" has the reading over every saved run)."""
+    ctl = control.get(name)
+    ctl_text = "" if ctl is None else f" The control in this run: {ctl[0]} ({'met' if ctl[1] else 'missed'})."
+    if name.startswith("(a)"):
+        cpu = ", ".join(f"{t} {fmt(med('a', t, 'cpu_s_per_million_events'), 2)}" for t in ("wsgate", "nginx", "tokiocopy"))
+        return (f"CPU seconds per million events: {cpu}; host steal in wsgate's repeats {steal_text('a', 'wsgate')}."
+                f"{ctl_text} One stream keeps the mock, the middle and the load generator busy on two cores, so its "
+                "speed is set by the three's CPU per event together, and a median of three repeats of a middle "
+                "costing about nginx's falls on either side of 1.0x ([profile-stop40.md](profile-stop40.md)).")
+    if name.startswith("(b) added"):
+        return (f"CPU per (b) turn: {cpu_text('b', ('wsgate', 'nginx', 'tokiocopy'))}.{ctl_text} The gap is wsgate's "
+                "own work per turn between the answer's read and its write, and after the write on the thread a "
+                "reader on the same machine waits for ([profile-stop41.md](profile-stop41.md)).")
+    if name.startswith("(b) latency p99"):
+        return (f"Host steal in wsgate's (b) repeats {steal_text('b', 'wsgate')}, nginx's {steal_text('b', 'nginx')}; "
+                f"CPU per (b) turn: {cpu_text('b', ('wsgate', 'nginx', 'tokiocopy'))}.{ctl_text} A tail is set by the "
+                "host's stalls and by queueing behind other turns, which grows with the middle's CPU per turn "
+                "([profile-stop39.md](profile-stop39.md), and the (b) p99 per repeat below).")
+    if name.startswith("(c)"):
+        return (f"CPU per reconnect turn: {cpu_text('c', ('wsgate', 'pooledcopy', 'nginx'))}.{ctl_text} A pooled "
+                "repeat lasts ~0.2 s, so one stall of the host costs it 5-20%; the difference to the copier is "
+                "wsgate's user time per turn ([profile-stop43.md](profile-stop43.md)).")
+    return f"{ctl_text.strip()}" or "-"
+
+
+missed = [(name, measured) for name, measured, ok in checks if not ok]
+if missed:
+    p("\n#### What explains each miss (this run's figures, and the profile behind them)\n")
+    for name, measured in missed:
+        p(f"- **{name}** ({measured}): {why_missed(name)}")
 for line in informative:
     p(f"\n{line}")
 print("\n".join(out))

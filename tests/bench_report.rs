@@ -24,9 +24,10 @@ fn write(dir: &Path, name: &str, value: serde_json::Value) {
     std::fs::write(dir.join(format!("{name}.json")), value.to_string()).unwrap();
 }
 
-/// Three repeats of (a), (b) and (c) in which wsgate meets every target and the control
-/// misses (a), (b)'s p99 and (c) but meets (b)'s p50.
-fn synthetic_runs(dir: &Path) {
+/// Three repeats of (a), (b) and (c) in which wsgate meets every target but (b)'s p99 when
+/// `wsgate_p99` is above 650 us, and the control misses (a), (b)'s p99 and (c) but meets (b)'s
+/// p50. (b)'s runs carry the middle's CPU (8 events per turn).
+fn synthetic_runs(dir: &Path, wsgate_p99: u64) {
     let events = [
         ("direct", 3.0e6),
         ("nginx", 2.0e6),
@@ -39,8 +40,14 @@ fn synthetic_runs(dir: &Path) {
         ("nginx", 80, 500),
         ("haproxy", 90, 600),
         ("tokiocopy", 90, 700),
-        ("wsgate", 100, 600),
+        ("wsgate", 100, wsgate_p99),
     ];
+    // CPU seconds per million events, user and system.
+    let cpu = |t: &str| match t {
+        "wsgate" => (2.5, 3.0),
+        "nginx" => (1.0, 4.0),
+        _ => (0.5, 4.0),
+    };
     let elapsed = [
         ("direct", 1.0),
         ("nginx", 1.1),
@@ -59,10 +66,14 @@ fn synthetic_runs(dir: &Path) {
         }
         for (t, p50, p99) in latency {
             let lat = json!({"p50": p50, "p99": p99, "p999": p99 * 2});
+            let (user, system) = cpu(t);
             write(
                 dir,
                 &format!("b-{t}-{r}"),
-                json!({"event_latency_us": lat, "errors": 0}),
+                json!({"event_latency_us": lat, "errors": 0, "events": 80_000, "turns_ok": 10_000,
+                       "cpu_user_s_per_million_events": user,
+                       "cpu_system_s_per_million_events": system,
+                       "host_steal_pct": f64::from(r) / 10.0}),
             );
         }
         for (t, s) in elapsed {
@@ -90,6 +101,21 @@ fn run(python: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+fn report(python: &str, runs: &Path) -> String {
+    run(
+        python,
+        &[
+            "bench/report.py",
+            runs.to_str().unwrap(),
+            "50ms",
+            "100",
+            "20ms",
+            "scale",
+            "1",
+        ],
+    )
+}
+
 fn target_row<'a>(report: &'a str, target: &str) -> &'a str {
     report
         .lines()
@@ -103,18 +129,11 @@ fn the_report_judges_the_control_by_its_own_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
     std::fs::create_dir(&runs).unwrap();
-    synthetic_runs(&runs);
-    let report = run(
-        python,
-        &[
-            "bench/report.py",
-            runs.to_str().unwrap(),
-            "50ms",
-            "100",
-            "20ms",
-            "scale",
-            "1",
-        ],
+    synthetic_runs(&runs, 600);
+    let report = report(python, &runs);
+    assert!(
+        !report.contains("What explains each miss"),
+        "every target met, nothing to explain:\n{report}"
     );
 
     let a = target_row(&report, "(a) throughput");
@@ -174,4 +193,38 @@ fn the_report_judges_the_control_by_its_own_runs() {
     );
     assert!(control.contains("all four 0 of 2"), "{control}");
     assert!(record.contains("| stop1-run2.md | yes 1.10x | yes +20 us | yes 1.20x | yes 6.00x | NO 0.95x | yes +10 us"), "{record}");
+}
+
+#[test]
+fn a_missed_target_is_explained_by_the_runs_own_figures() {
+    let Some(python) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic_runs(tmp.path(), 800);
+    let report = report(python, tmp.path());
+    let b99 = target_row(&report, "(b) latency p99");
+    assert!(b99.contains("800 vs 500 us (1.60x) | NO |"), "{b99}");
+    let (_, why) = report
+        .split_once("#### What explains each miss")
+        .unwrap_or_else(|| panic!("a miss is explained:\n{report}"));
+    let items: Vec<&str> = why.lines().filter(|l| l.starts_with("- **")).collect();
+    assert_eq!(items.len(), 1, "only the missed target: {items:?}");
+    let item = items[0];
+    assert!(
+        item.starts_with("- **(b) latency p99 <= 1.3x nginx's** (800 vs 500 us (1.60x)):"),
+        "{item}"
+    );
+    // (user + system) x 8 events per turn, from each target's own runs; steal per repeat.
+    assert!(
+        item.contains("wsgate 44 us (user 20), nginx 40 us (user 8), tokiocopy 36 us (user 4)"),
+        "{item}"
+    );
+    assert!(
+        item.contains("wsgate's (b) repeats 0.1%, 0.2%, 0.3%"),
+        "{item}"
+    );
+    assert!(
+        item.contains("The control in this run: 700 vs 500 us (1.40x) (missed)."),
+        "{item}"
+    );
+    assert!(item.contains("(profile-stop39.md)"), "{item}");
 }
