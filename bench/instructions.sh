@@ -21,6 +21,8 @@
 #                                                     every turn (pooled upstream), counted per turn
 #        HTTP=1 bench/instructions.sh ...             through the HTTP ingress: every turn a POST
 #                                                     answered with server-sent events (workload (e))
+#        HTTP=json bench/instructions.sh ...          the same, non-streaming: every turn a POST with
+#                                                     `stream: false`, answered with one JSON body
 #        bench/instructions.sh BIN pooledcopy         `pooledcopy` (examples/pooled_relay.rs, the
 #                                                     least a pooled middle does) as a target too
 #                                                     (its `memset` of three 8 KiB buffers counts
@@ -33,11 +35,12 @@ middle_targets "$@"
 SESSIONS=${SESSIONS:-16}; TURNS=${TURNS:-50}; INTERVAL=${INTERVAL:-0s}; DELTAS=${DELTAS:-5}
 SHAPE=(); [ -n "${RECONNECT:-}" ] && SHAPE=(--reconnect-every-turn)
 [ -n "${HTTP:-}" ] && SHAPE+=(--http)
+[ "${HTTP:-}" = json ] && SHAPE+=(--http-json)
 BINS=("${MIDDLES[@]}")
 TOOLS=${BINS[0]}
 start_mock "$TOOLS"
 
-echo "workload: $SESSIONS sessions x $TURNS turns, $DELTAS deltas (mock pause between deltas: $INTERVAL), think 20ms${RECONNECT:+, a new client connection every turn}${HTTP:+, HTTP ingress (POST + SSE)} (after a warm-up of 5 turns each)"
+echo "workload: $SESSIONS sessions x $TURNS turns, $DELTAS deltas (mock pause between deltas: $INTERVAL), think 20ms${RECONNECT:+, a new client connection every turn}${HTTP:+, HTTP ingress (POST, $([ "$HTTP" = json ] && echo "one JSON body" || echo SSE))} (after a warm-up of 5 turns each)"
 echo
 echo "| build | instructions per turn | turns | errors |"
 echo "|---|---:|---:|---:|"

@@ -63,6 +63,9 @@ struct LoadgenArgs {
     /// path (`ws://` in --url is read as `http://`).
     #[arg(long)]
     http: bool,
+    /// With --http: non-streaming POSTs (`stream: false`), one JSON body per turn.
+    #[arg(long, requires = "http")]
+    http_json: bool,
     /// Reconnect (new socket, full request) before every turn, like Codex reconnecting.
     #[arg(long)]
     reconnect_every_turn: bool,
@@ -305,6 +308,7 @@ async fn loadgen(a: LoadgenArgs) -> ExitCode {
         label: a.label,
         run_id,
         http: a.http,
+        http_json: a.http_json,
     };
     let report = wsgate::loadgen::run(cfg).await;
     print!("{}", wsgate::loadgen::table(&report));

@@ -164,6 +164,71 @@ async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
     ends_failed_naming_its_response(&cut.events());
 }
 
+/// The JSON body a non-streaming POST should get from the upstream `frames` of its turn: the
+/// terminal's `response`, its `output` filled from the `output_item.done` items when empty.
+fn json_of(frames: &[String]) -> Value {
+    let frames: Vec<Value> = frames
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    let mut response = frames.last().unwrap()["response"].clone();
+    if response["output"].as_array().is_none_or(Vec::is_empty) {
+        response["output"] = frames
+            .iter()
+            .filter(|f| f["type"] == "response.output_item.done")
+            .map(|f| f["item"].clone())
+            .collect();
+    }
+    response
+}
+
+/// A non-streaming POST takes the runs of frames a read left buffered as the SSE stream does
+/// (counted by `wsgate_relay_raw_frames_total`, in a gateway process of its own), keeping only
+/// the items and the terminal, and builds the body the frames call for: the terminal's
+/// response, its `output` filled from the items when the upstream's is empty.
+#[tokio::test]
+async fn a_non_streaming_post_takes_runs_of_frames_and_builds_the_same_body() {
+    let mock = speed_mock().await;
+    let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
+    let thread = unique("json-runs");
+    let mut relayed = 0;
+    for directive in [
+        "[[mock: deltas=40, empty_output]]",
+        "[[mock: deltas=40, custom]]",
+        "[[mock: deltas=30, incomplete, empty_output]]",
+        "[[mock: deltas=30, tool]]",
+    ] {
+        let before = mock
+            .connections()
+            .first()
+            .map_or(0, |c| c.sent_frames().len());
+        let r = http_request(
+            gw.addr,
+            "POST",
+            SSE,
+            &codex(&thread),
+            http_body(directive, false, json!({})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{directive}: {}", r.text());
+        let frames = mock.connections()[0].sent_frames();
+        let expected = json_of(&frames[before..]);
+        assert!(
+            !expected["output"].as_array().unwrap().is_empty(),
+            "{directive}: the turn has output"
+        );
+        assert_eq!(r.json(), expected, "{directive}");
+        relayed += frames.len() - before;
+    }
+    let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
+    let raw = prom_value(&metrics, "wsgate_relay_raw_frames_total", &[]);
+    assert_eq!(
+        raw,
+        Some(relayed as f64),
+        "frames relayed in runs of {relayed}"
+    );
+}
+
 #[tokio::test]
 async fn posts_of_one_lane_ride_one_upstream_connection_and_share_it_with_websocket_sessions() {
     let mock = mock().await;

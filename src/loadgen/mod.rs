@@ -66,6 +66,9 @@ pub struct LoadgenConfig {
     /// HTTP ingress: every turn is a `POST` (SSE) on a kept-alive HTTP/1.1 connection to the
     /// same path (`ws://` -> `http://`), instead of a frame on a WebSocket.
     pub http: bool,
+    /// With `http`: non-streaming POSTs (`stream: false`), one JSON body per turn, counted as
+    /// one event (the body's arrival is the turn's first event; no per-event latency).
+    pub http_json: bool,
 }
 
 /// A run's result.
@@ -191,6 +194,9 @@ impl Ctx {
         let mut body = create_body(Some(conversation), &text, prev);
         if let Some(o) = body.as_object_mut() {
             o.remove("type");
+            if self.cfg.http_json {
+                o.insert("stream".into(), Value::Bool(false));
+            }
         }
         let uri: http::Uri = self.cfg.url.parse().map_err(|e| format!("{e}"))?;
         let mut req = http::Request::post(uri.path())
@@ -213,6 +219,9 @@ impl Ctx {
             .map_err(|e| e.to_string())?;
         if resp.status() != 200 {
             return Err(format!("HTTP {}", resp.status()));
+        }
+        if self.cfg.http_json {
+            return Self::json_reply(resp.into_body(), sent, stats).await;
         }
         let mut body = resp.into_body();
         let mut first = true;
@@ -262,6 +271,31 @@ impl Ctx {
         }
         id.map(Some)
             .ok_or_else(|| "the stream ended without response.completed".into())
+    }
+
+    /// A non-streaming reply: the whole body (at most [`MAX_SSE_EVENT`] bytes, within 120 s),
+    /// a completed response; returns its id.
+    async fn json_reply(
+        body: hyper::body::Incoming,
+        sent: Instant,
+        stats: &mut Stats,
+    ) -> Result<Option<String>, String> {
+        use http_body_util::BodyExt;
+        let whole = tokio::time::timeout(
+            Duration::from_secs(120),
+            http_body_util::Limited::new(body, MAX_SSE_EVENT).collect(),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+        stats.first_event(sent);
+        stats.event("");
+        let v: Value = serde_json::from_slice(&whole).map_err(|e| e.to_string())?;
+        if v["status"] != "completed" {
+            return Err(String::from_utf8_lossy(&whole).chars().take(200).collect());
+        }
+        Ok(v["id"].as_str().map(str::to_string))
     }
 
     async fn http_connect(&self) -> Result<HttpSender, String> {
@@ -600,6 +634,7 @@ mod tests {
             label: "cpu".into(),
             run_id: "cpu-split".into(),
             http: false,
+            http_json: false,
         })
         .await;
         assert_eq!(report.errors, 0, "{:?}", report.first_error);

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{HttpDown, Reply, copy_headers, error_response};
 use crate::event;
+use crate::pump::RawRun;
 use crate::server::json_error;
 use crate::turn::engine::{ClientGone, Downstream};
 
@@ -101,14 +102,15 @@ impl JsonDown {
     }
 }
 
-impl Downstream for JsonDown {
-    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
-        let ty = event::sniff_type(&text).unwrap_or_default();
-        let keep = ty == "response.output_item.done" || event::is_terminal(&ty);
-        if !keep {
+impl JsonDown {
+    /// Keeps one upstream frame if the body is built from it (an `output_item.done`, the
+    /// terminal), within `http.max_response_size` and the gateway-wide budget.
+    fn take(&mut self, ty: &[u8], payload: &[u8]) -> Result<(), ClientGone> {
+        let item = ty == b"response.output_item.done";
+        if !item && !event::is_terminal_type(ty) {
             return Ok(());
         }
-        self.collected += text.len();
+        self.collected += payload.len();
         if self.collected > self.max {
             self.error = Some(event::error_value(
                 502,
@@ -126,8 +128,8 @@ impl Downstream for JsonDown {
             ));
             return Err(ClientGone);
         }
-        let v: Value = serde_json::from_str(&text).unwrap_or_default();
-        if ty == "response.output_item.done" {
+        let v: Value = serde_json::from_slice(payload).unwrap_or_default();
+        if item {
             let index = v["output_index"]
                 .as_u64()
                 .unwrap_or(self.items.len() as u64);
@@ -136,6 +138,37 @@ impl Downstream for JsonDown {
             self.terminal = Some(v);
         }
         Ok(())
+    }
+}
+
+impl Downstream for JsonDown {
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ClientGone> {
+        let ty = event::sniff_type(&text).unwrap_or_default();
+        self.take(ty.as_bytes(), text.as_bytes())
+    }
+
+    fn raw_frames(&self) -> bool {
+        true
+    }
+
+    /// The run's frames one by one through [`JsonDown::take`], their types read raw (a run's
+    /// frames are written `type` first with a plain type): most are deltas, skipped without
+    /// a decode; the body is only built at the end, so nothing has to wait.
+    fn try_feed_run(&mut self, run: &RawRun) -> Result<bool, ClientGone> {
+        for r in &run.payloads {
+            let payload = &run.frames[r.clone()];
+            match event::raw_type(payload) {
+                Some(ty) => self.take(ty, payload)?,
+                // Not in a run (the run's filter takes only frames with a raw type); read as
+                // a frame fed alone would be, should one be.
+                None => {
+                    let text = std::str::from_utf8(payload).unwrap_or_default();
+                    let ty = event::sniff_type(text).unwrap_or_default();
+                    self.take(ty.as_bytes(), payload)?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     async fn flush(&mut self) -> Result<(), ClientGone> {
