@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 #[doc(hidden)]
 pub mod reference;
-mod scan;
+pub(crate) mod scan;
 
 /// Client event types that start a turn.
 pub const RESPONSE_CREATE: &str = "response.create";

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{HttpDown, Reply, copy_headers, error_response};
-use crate::event;
+use crate::event::{self, scan};
 use crate::pump::RawRun;
 use crate::server::json_error;
 use crate::turn::engine::{ClientGone, Downstream};
@@ -19,15 +19,28 @@ use crate::turn::engine::{ClientGone, Downstream};
 /// `stream` false or absent: one JSON response built from the terminal event.
 pub(super) struct JsonDown {
     reply: oneshot::Sender<Reply>,
-    /// `response.output_item.done` items by `output_index`.
-    items: Vec<(u64, Value)>,
+    /// The `response.output_item.done` frames, verbatim: parsed only if the terminal's
+    /// `output` is empty.
+    items: Vec<String>,
     collected: usize,
     max: usize,
     /// The collected bytes, held in the gateway-wide budget until the reply is built.
     lease: crate::gateway::BudgetLease,
-    terminal: Option<Value>,
+    /// The terminal frame, verbatim, and its kind.
+    terminal: Option<(String, Terminal)>,
     error: Option<Value>,
     headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The terminal's kind, as far as the body is concerned.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Terminal {
+    /// `response.completed` or `response.incomplete`: the response is the body.
+    Response,
+    /// `response.failed`: its error, with a status from its code.
+    Failed,
+    /// An upstream `error` event.
+    Error,
 }
 
 impl JsonDown {
@@ -52,35 +65,35 @@ impl JsonDown {
         if let Some(e) = self.error.take() {
             return error_response(&e);
         }
-        let Some(t) = self.terminal.take() else {
+        let Some((t, kind)) = self.terminal.take() else {
             return json_error(
                 StatusCode::BAD_GATEWAY,
                 "stream_incomplete",
                 "the upstream ended the turn without a terminal event",
             );
         };
-        match t["type"].as_str().unwrap_or_default() {
-            "response.completed" | "response.incomplete" => {
-                let mut response = t["response"].clone();
-                let empty = response["output"].as_array().is_none_or(Vec::is_empty);
-                if empty && !self.items.is_empty() {
-                    let mut items = std::mem::take(&mut self.items);
-                    items.sort_by_key(|(i, _)| *i);
-                    response["output"] =
-                        Value::Array(items.into_iter().map(|(_, item)| item).collect());
+        match kind {
+            Terminal::Response => match self.response_body(&t) {
+                Some(body) => {
+                    let mut r = (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
+                        .into_response();
+                    for (name, value) in std::mem::take(&mut self.headers) {
+                        r.headers_mut().insert(name, value);
+                    }
+                    r
                 }
-                let mut r = (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    response.to_string(),
-                )
-                    .into_response();
-                for (name, value) in std::mem::take(&mut self.headers) {
-                    r.headers_mut().insert(name, value);
-                }
-                r
-            }
-            "response.failed" => {
+                None => json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "invalid_upstream_response",
+                    "the upstream's terminal event holds no response object",
+                ),
+            },
+            Terminal::Failed => {
+                let t: Value = serde_json::from_str(&t).unwrap_or_default();
                 let error = t["response"]["error"].clone();
                 let code = error["code"].as_str().unwrap_or_default();
                 let status = match code {
@@ -96,20 +109,63 @@ impl JsonDown {
                 };
                 error_response(&json!({"status": status, "error": error}))
             }
-            // An upstream `error` frame.
-            _ => error_response(&t),
+            Terminal::Error => error_response(&serde_json::from_str(&t).unwrap_or_default()),
         }
     }
-}
 
-impl JsonDown {
+    /// The body of a completed (or incomplete) response: the terminal's `response` as the
+    /// upstream wrote it (checked to be one JSON object) when its `output` holds items or
+    /// none were collected; otherwise rebuilt, with the collected items in `output_index`
+    /// order as its `output`. `None` when the terminal holds no `response` object.
+    fn response_body(&mut self, t: &str) -> Option<String> {
+        let raw = scan::find(t, &["response"]).filter(|r| r.starts_with('{'));
+        let filled = raw
+            .and_then(|r| scan::find(r, &["output"]))
+            .is_some_and(|o| o.starts_with('[') && !o[1..].trim_start().starts_with(']'));
+        if let Some(raw) = raw
+            && (filled || self.items.is_empty())
+            && serde_json::from_str::<serde::de::IgnoredAny>(raw).is_ok()
+        {
+            return Some(raw.to_string());
+        }
+        let mut t: Value = serde_json::from_str(t).ok()?;
+        let Some(Value::Object(mut response)) = t.get_mut("response").map(Value::take) else {
+            return None;
+        };
+        let empty = response
+            .get("output")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+        if empty && !self.items.is_empty() {
+            let mut items: Vec<(u64, Value)> = std::mem::take(&mut self.items)
+                .iter()
+                .enumerate()
+                .map(|(n, frame)| {
+                    let mut v: Value = serde_json::from_str(frame).unwrap_or_default();
+                    let index = v["output_index"].as_u64().unwrap_or(n as u64);
+                    (
+                        index,
+                        v.get_mut("item").map(Value::take).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            items.sort_by_key(|(i, _)| *i);
+            let output = items.into_iter().map(|(_, item)| item).collect();
+            response.insert("output".into(), Value::Array(output));
+        }
+        Some(Value::Object(response).to_string())
+    }
+
     /// Keeps one upstream frame if the body is built from it (an `output_item.done`, the
     /// terminal), within `http.max_response_size` and the gateway-wide budget.
     fn take(&mut self, ty: &[u8], payload: &[u8]) -> Result<(), ClientGone> {
-        let item = ty == b"response.output_item.done";
-        if !item && !event::is_terminal_type(ty) {
-            return Ok(());
-        }
+        let kind = match ty {
+            b"response.output_item.done" => None,
+            b"response.completed" | b"response.incomplete" => Some(Terminal::Response),
+            b"response.failed" => Some(Terminal::Failed),
+            b"error" => Some(Terminal::Error),
+            _ => return Ok(()),
+        };
         self.collected += payload.len();
         if self.collected > self.max {
             self.error = Some(event::error_value(
@@ -128,14 +184,11 @@ impl JsonDown {
             ));
             return Err(ClientGone);
         }
-        let v: Value = serde_json::from_slice(payload).unwrap_or_default();
-        if item {
-            let index = v["output_index"]
-                .as_u64()
-                .unwrap_or(self.items.len() as u64);
-            self.items.push((index, v["item"].clone()));
-        } else {
-            self.terminal = Some(v);
+        // Upstream frames were checked to be UTF-8 when read: this copies, never replaces.
+        let text = String::from_utf8_lossy(payload).into_owned();
+        match kind {
+            None => self.items.push(text),
+            Some(kind) => self.terminal = Some((text, kind)),
         }
         Ok(())
     }
@@ -205,5 +258,124 @@ impl HttpDown for JsonDown {
     async fn finish(mut self) {
         let response = self.build();
         let _ = self.reply.send(Reply::Full(response));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body's status and JSON after `frames` (type, payload) were taken.
+    async fn body_of(frames: &[&str]) -> (StatusCode, Value, String) {
+        let (reply, _) = oneshot::channel();
+        let mut d = JsonDown::new(reply, 1 << 20, crate::gateway::Budget::new(1 << 20).lease());
+        for f in frames {
+            let ty = event::sniff_type(f).unwrap_or_default();
+            d.take(ty.as_bytes(), f.as_bytes()).unwrap();
+        }
+        let r = d.build();
+        let status = r.status();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        (status, serde_json::from_str(&text).unwrap(), text)
+    }
+
+    /// The body as the whole terminal parsed into a value made it (the reading before the
+    /// verbatim path), for a terminal whose `response` is an object or absent.
+    fn reference(frames: &[&str]) -> Value {
+        let t: Value = serde_json::from_str(frames.last().unwrap()).unwrap();
+        let mut response = t["response"].clone();
+        let empty = response["output"].as_array().is_none_or(Vec::is_empty);
+        let mut items: Vec<(u64, Value)> = frames[..frames.len() - 1]
+            .iter()
+            .map(|f| serde_json::from_str::<Value>(f).unwrap())
+            .filter(|v| v["type"] == "response.output_item.done")
+            .enumerate()
+            .map(|(n, v)| {
+                (
+                    v["output_index"].as_u64().unwrap_or(n as u64),
+                    v["item"].clone(),
+                )
+            })
+            .collect();
+        if empty && !items.is_empty() {
+            items.sort_by_key(|(i, _)| *i);
+            response["output"] = items.into_iter().map(|(_, item)| item).collect();
+        }
+        response
+    }
+
+    const ITEM0: &str = r#"{"type":"response.output_item.done","output_index":0,"item":{"id":"m0","content":[{"text":"a"}]}}"#;
+    const ITEM1: &str =
+        r#"{"type":"response.output_item.done","output_index":1,"item":{"id":"m1"}}"#;
+    const DELTA: &str = r#"{"type":"response.output_text.delta","delta":"a"}"#;
+
+    #[tokio::test]
+    async fn a_response_with_output_is_sent_as_the_upstream_wrote_it() {
+        let t = r#"{"type":"response.completed","response":{"id":"r1","z":1,"a":{"b":[1, 2]},"output":[{"id":"m0"}]},"sequence_number":9}"#;
+        let (status, _, text) = body_of(&[ITEM0, DELTA, t]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            text, r#"{"id":"r1","z":1,"a":{"b":[1, 2]},"output":[{"id":"m0"}]}"#,
+            "verbatim: its key order and spacing kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_output_is_filled_from_the_items_in_index_order() {
+        let t = r#"{"type":"response.incomplete","response":{"id":"r1","output":[ ],"status":"incomplete"}}"#;
+        let (status, v, _) = body_of(&[ITEM1, DELTA, ITEM0, t]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            v["output"],
+            json!([{"id": "m0", "content": [{"text": "a"}]}, {"id": "m1"}])
+        );
+        assert_eq!(v["status"], "incomplete");
+    }
+
+    /// Whatever the terminal's shape, the body is what parsing the whole terminal made of it.
+    #[tokio::test]
+    async fn bodies_are_what_the_parsed_terminal_made() {
+        let terminals = [
+            r#"{"type":"response.completed","response":{"id":"r","output":[]}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","output":null}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","output":{"a":1}}}"#,
+            r#"{"type":"response.completed","response":{"id":"r"}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","output":[1]}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","output":"[x]"}}"#,
+            r#"{"type":"response.completed","response":{"id":"r\"}","output":[],"x":"\u00e9"}}"#,
+            r#"{"type":"response.completed", "response" : { "output" : [ ] , "id":"r" } }"#,
+        ];
+        for t in terminals {
+            for frames in [vec![t], vec![ITEM0, t], vec![ITEM1, DELTA, ITEM0, t]] {
+                let (status, v, _) = body_of(&frames).await;
+                assert_eq!(status, StatusCode::OK, "{frames:?}");
+                assert_eq!(v, reference(&frames), "{frames:?}");
+            }
+        }
+    }
+
+    /// A terminal without a `response` object, or not JSON, is a 502 (when the whole
+    /// terminal was parsed into a value, filling a string's `output` panicked, and a null
+    /// `response` was answered 200 with the body `null`).
+    #[tokio::test]
+    async fn a_response_that_is_not_an_object_is_a_bad_gateway() {
+        for t in [
+            r#"{"type":"response.completed","response":"oops"}"#,
+            r#"{"type":"response.completed","response":null}"#,
+            r#"{"type":"response.completed"}"#,
+            r#"{"type":"response.completed","response":[1]}"#,
+            r#"{"type":"response.completed","response":{"id":"r","output":[1}}"#,
+            r#"{"type":"response.completed","response":{"id":"r""#,
+        ] {
+            for frames in [vec![t], vec![ITEM0, t]] {
+                let (status, v, _) = body_of(&frames).await;
+                assert_eq!(status, StatusCode::BAD_GATEWAY, "{frames:?}");
+                assert_eq!(
+                    v["error"]["code"], "invalid_upstream_response",
+                    "{frames:?}"
+                );
+            }
+        }
     }
 }
