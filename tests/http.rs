@@ -111,26 +111,27 @@ fn ends_failed_naming_its_response(events: &[Value]) -> &Value {
     last
 }
 
-/// With the upstream's answers arriving many frames per read (the mock at speed), the SSE
-/// stream takes the runs of frames a read left buffered without decoding them one by one
-/// (counted by `wsgate_relay_raw_frames_total`, in a gateway process of its own) and still
-/// relays every frame byte for byte, in order, one event each, and ends each turn.
-#[tokio::test]
-async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
+/// Runs each of `directives` as one POST (`stream` as given) of one thread, through a gateway
+/// process of its own in front of the mock at speed (the upstream's answers arrive many frames
+/// per read); `check` gets each directive, its reply and the upstream frames of its turn.
+/// Then asserts that every frame went in the engine's raw runs (counted by
+/// `wsgate_relay_raw_frames_total`), and returns the mock and the gateway.
+async fn in_runs(
+    stream: bool,
+    directives: &[&str],
+    check: impl Fn(&str, &HttpReply, &[String]),
+) -> (MockUpstream, GatewayProcess) {
     let mock = speed_mock().await;
     let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
-    let thread = unique("sse-runs");
+    let thread = unique("runs");
     let mut relayed = 0;
-    for directive in [
-        "[[mock: deltas=5]]",
-        "[[mock: deltas=40, custom]]",
-        "[[mock: deltas=3, incomplete]]",
-    ] {
+    for directive in directives {
         let before = mock
             .connections()
             .first()
             .map_or(0, |c| c.sent_frames().len());
-        let r = post_sse(gw.addr, &thread, directive).await;
+        let body = http_body(directive, stream, json!({}));
+        let r = http_request(gw.addr, "POST", SSE, &codex(&thread), body).await;
         assert_eq!(r.status, 200, "{directive}: {}", r.text());
         let conns = mock.connections();
         assert_eq!(
@@ -139,11 +140,7 @@ async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
             "{directive}: one pooled upstream connection"
         );
         let frames = conns[0].sent_frames();
-        assert_eq!(
-            r.text(),
-            sse_of(&frames[before..]),
-            "{directive}: byte for byte, in order"
-        );
+        check(directive, &r, &frames[before..]);
         relayed += frames.len() - before;
     }
     let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
@@ -153,6 +150,27 @@ async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
         Some(relayed as f64),
         "frames relayed in runs of {relayed}"
     );
+    (mock, gw)
+}
+
+/// The SSE stream takes the runs of frames a read left buffered without decoding them one by
+/// one and still relays every frame byte for byte, in order, one event each, and ends each
+/// turn.
+#[tokio::test]
+async fn a_streamed_post_takes_runs_of_frames_and_stays_byte_for_byte() {
+    let directives = [
+        "[[mock: deltas=5]]",
+        "[[mock: deltas=40, custom]]",
+        "[[mock: deltas=3, incomplete]]",
+    ];
+    let (_mock, gw) = in_runs(true, &directives, |directive, r, frames| {
+        assert_eq!(
+            r.text(),
+            sse_of(frames),
+            "{directive}: byte for byte, in order"
+        );
+    })
+    .await;
     // A stream cut after its `response.created` went out in a run: the one synthetic
     // `response.failed` names the created's response id.
     let cut = post_sse(
@@ -182,51 +200,26 @@ fn json_of(frames: &[String]) -> Value {
     response
 }
 
-/// A non-streaming POST takes the runs of frames a read left buffered as the SSE stream does
-/// (counted by `wsgate_relay_raw_frames_total`, in a gateway process of its own), keeping only
-/// the items and the terminal, and builds the body the frames call for: the terminal's
-/// response, its `output` filled from the items when the upstream's is empty.
+/// A non-streaming POST takes the runs of frames a read left buffered as the SSE stream does,
+/// keeping only the items and the terminal, and builds the body the frames call for: the
+/// terminal's response, its `output` filled from the items when the upstream's is empty.
 #[tokio::test]
 async fn a_non_streaming_post_takes_runs_of_frames_and_builds_the_same_body() {
-    let mock = speed_mock().await;
-    let gw = GatewayProcess::start(&test_yaml(&mock.url(), &["acct-a"], ""));
-    let thread = unique("json-runs");
-    let mut relayed = 0;
-    for directive in [
+    let directives = [
         "[[mock: deltas=40, empty_output]]",
         "[[mock: deltas=40, custom]]",
         "[[mock: deltas=30, incomplete, empty_output]]",
         "[[mock: deltas=30, tool]]",
-    ] {
-        let before = mock
-            .connections()
-            .first()
-            .map_or(0, |c| c.sent_frames().len());
-        let r = http_request(
-            gw.addr,
-            "POST",
-            SSE,
-            &codex(&thread),
-            http_body(directive, false, json!({})),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{directive}: {}", r.text());
-        let frames = mock.connections()[0].sent_frames();
-        let expected = json_of(&frames[before..]);
+    ];
+    in_runs(false, &directives, |directive, r, frames| {
+        let expected = json_of(frames);
         assert!(
             !expected["output"].as_array().unwrap().is_empty(),
             "{directive}: the turn has output"
         );
         assert_eq!(r.json(), expected, "{directive}");
-        relayed += frames.len() - before;
-    }
-    let (_, metrics) = http_get(gw.addr, "/metrics", None).await;
-    let raw = prom_value(&metrics, "wsgate_relay_raw_frames_total", &[]);
-    assert_eq!(
-        raw,
-        Some(relayed as f64),
-        "frames relayed in runs of {relayed}"
-    );
+    })
+    .await;
 }
 
 #[tokio::test]
