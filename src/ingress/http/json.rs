@@ -265,7 +265,7 @@ impl HttpDown for JsonDown {
 mod tests {
     use super::*;
 
-    /// The body's status and JSON after `frames` (type, payload) were taken.
+    /// The body's status, JSON and text after the upstream `frames` were taken, in order.
     async fn body_of(frames: &[&str]) -> (StatusCode, Value, String) {
         let (reply, _) = oneshot::channel();
         let mut d = JsonDown::new(reply, 1 << 20, crate::gateway::Budget::new(1 << 20).lease());
@@ -281,7 +281,7 @@ mod tests {
     }
 
     /// The body as the whole terminal parsed into a value made it (the reading before the
-    /// verbatim path), for a terminal whose `response` is an object or absent.
+    /// verbatim path), for a terminal whose `response` is an object.
     fn reference(frames: &[&str]) -> Value {
         let t: Value = serde_json::from_str(frames.last().unwrap()).unwrap();
         let mut response = t["response"].clone();
