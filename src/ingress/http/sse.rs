@@ -132,6 +132,10 @@ impl SseDown {
     }
 }
 
+/// What an event adds to its frame's payload, at most, for a type of up to 48 bytes:
+/// `event: `, the type and its line break, `data: `, the line break and the blank line.
+const EVENT_OVERHEAD: usize = 7 + 48 + 1 + 6 + 2;
+
 /// Appends one server-sent event to `buf`: `event: <ty>` when the frame has a type, then the
 /// frame as `data:` lines, then the blank line that ends the event. A frame is one JSON text
 /// and the upstream writes none with a raw line break (JSON escapes them in strings), so the
@@ -186,6 +190,10 @@ impl Downstream for SseDown {
             return Ok(false);
         }
         self.start()?;
+        // The run's events in one allocation, not grown event by event: its frames (their
+        // headers included) plus each event's lines, for a type of up to 48 bytes.
+        self.buf
+            .reserve(run.frames.len() + run.payloads.len() * EVENT_OVERHEAD);
         for payload in payloads() {
             self.push_frame(event::raw_type(payload), payload);
         }
