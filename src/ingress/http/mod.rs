@@ -147,17 +147,17 @@ pub(crate) async fn responses(gw: Gateway, peer: SocketAddr, req: Request) -> Re
     };
     let codex = parts.headers.contains_key("originator");
     let write_timeout = config.relay.client_write_timeout;
+    // The turn's future is boxed: the task then holds a pointer, where tokio would copy the
+    // whole future (the engine and the downstream) when it is spawned and when it ends.
     if create.stream {
         let down = SseDown::new(reply, codex, write_timeout);
-        shared
-            .sessions
-            .spawn(drive(shared.clone(), engine, down, turn).instrument(span));
+        let turn = Box::pin(drive(shared.clone(), engine, down, turn).instrument(span));
+        shared.sessions.spawn(turn);
     } else {
         let max = config.http.max_response_size.as_u64() as usize;
         let down = JsonDown::new(reply, max, shared.buffered.lease());
-        shared
-            .sessions
-            .spawn(drive(shared.clone(), engine, down, turn).instrument(span));
+        let turn = Box::pin(drive(shared.clone(), engine, down, turn).instrument(span));
+        shared.sessions.spawn(turn);
     }
     match replied.await {
         Ok(Reply::Full(r)) => r,
