@@ -779,3 +779,40 @@ async fn a_collected_json_response_is_bounded_by_its_size_and_by_the_gateway_wid
     gw.assert_quiescent("json size").await;
     gw.stop().await;
 }
+
+/// The load generator's HTTP modes (the benchmark's workload (e) and `--http-json`) read
+/// every event of a streamed answer, however its events fall into the body's chunks (long
+/// deltas, many per chunk), and one body per non-streaming turn: the same events as over
+/// WebSocket, no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_reads_every_event_over_http() {
+    let mock = speed_mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let run = |http, http_json, label: &str| {
+        wsgate::loadgen::run(wsgate::loadgen::LoadgenConfig {
+            key: Some(CLIENT_KEY.into()),
+            sessions: 2,
+            turns: 3,
+            deltas: 2000,
+            delta_size: 300,
+            think_jitter: 0.0,
+            connect_concurrency: 2,
+            run_id: unique(label),
+            http,
+            http_json,
+            ..wsgate::loadgen::LoadgenConfig::new(gw.url(), label)
+        })
+    };
+    let ws = run(false, false, "lg-ws").await;
+    let sse = run(true, false, "lg-sse").await;
+    let json = run(true, true, "lg-json").await;
+    for r in [&ws, &sse, &json] {
+        assert_eq!(r.errors, 0, "{}: {:?}", r.label, r.first_error);
+        assert_eq!(r.turns_ok, 6, "{}", r.label);
+    }
+    assert!(ws.events > 6 * 2000, "{}", ws.events);
+    assert_eq!(sse.events, ws.events, "every event of every streamed turn");
+    assert_eq!(sse.event_latency_us.count, ws.event_latency_us.count);
+    assert_eq!(json.events, 6, "one body per non-streaming turn");
+    gw.stop().await;
+}

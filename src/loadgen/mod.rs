@@ -71,6 +71,34 @@ pub struct LoadgenConfig {
     pub http_json: bool,
 }
 
+impl LoadgenConfig {
+    /// A run against `url` labelled `label` (also its conversation-id prefix), with the
+    /// command line's defaults: 8 sessions of 10 turns of 10 deltas, no think time, WebSocket.
+    pub fn new(url: impl Into<String>, label: &str) -> LoadgenConfig {
+        LoadgenConfig {
+            url: url.into(),
+            key: None,
+            sessions: 8,
+            turns: 10,
+            deltas: 10,
+            delta_size: 0,
+            delta_interval: Duration::ZERO,
+            think: Duration::ZERO,
+            think_jitter: 0.5,
+            reconnect_every_turn: false,
+            idle_hold: None,
+            rss_pid: None,
+            cpu_pid: None,
+            mock_url: None,
+            connect_concurrency: 128,
+            label: label.into(),
+            run_id: label.into(),
+            http: false,
+            http_json: false,
+        }
+    }
+}
+
 /// A run's result.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -108,6 +136,52 @@ pub struct Report {
     pub mock: Option<Value>,
     /// Upstream connections the mock accepted during this run.
     pub upstream_connections_opened: Option<u64>,
+}
+
+/// The load generator's reader of a server-sent event stream: body chunks in, each complete
+/// event's `data:` line out, however events fall into chunks.
+#[derive(Default)]
+struct SseReader {
+    /// Bytes of events not yet complete (an event may span chunks, a character too).
+    pending: Vec<u8>,
+    /// How much of `pending` was searched for an event's end without finding one (less one
+    /// byte: the `\n\n` may straddle two chunks), so a long event arriving in many chunks
+    /// is searched once, not again from its start at every chunk.
+    searched: usize,
+}
+
+impl SseReader {
+    /// Adds a chunk and hands `on_event` the `data:` line of every event it completes; the
+    /// first error `on_event` returns, or an event still arriving past [`MAX_SSE_EVENT`]
+    /// (bounded as a WebSocket message is), ends the stream.
+    fn push(
+        &mut self,
+        chunk: &[u8],
+        mut on_event: impl FnMut(&str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        self.pending.extend_from_slice(chunk);
+        // Every complete event of the buffer, then the rest moved to its front once (a drain
+        // per event made the load generator, not the gateway, the bottleneck).
+        let mut at = 0;
+        while let Some(len) = memchr::memmem::find(&self.pending[at.max(self.searched)..], b"\n\n")
+        {
+            let end = at.max(self.searched) + len;
+            let block = String::from_utf8_lossy(&self.pending[at..end]);
+            at = end + 2;
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                on_event(data)?;
+            }
+        }
+        self.pending.drain(..at);
+        self.searched = self.pending.len().saturating_sub(1);
+        if self.pending.len() > MAX_SSE_EVENT {
+            return Err(format!(
+                "an SSE event longer than {} MiB",
+                MAX_SSE_EVENT >> 20
+            ));
+        }
+        Ok(())
+    }
 }
 
 type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
@@ -225,8 +299,7 @@ impl Ctx {
         }
         let mut body = resp.into_body();
         let mut first = true;
-        // Bytes of events not yet complete (an event may span body chunks, a character too).
-        let mut pending: Vec<u8> = Vec::new();
+        let mut reader = SseReader::default();
         let mut id = None;
         loop {
             let frame = tokio::time::timeout(Duration::from_secs(120), body.frame())
@@ -241,16 +314,7 @@ impl Ctx {
                 first = false;
                 stats.first_event(sent);
             }
-            pending.extend_from_slice(&data);
-            // Every complete event of the buffer, then the rest moved to its front once (a
-            // drain per event made the load generator, not the gateway, the bottleneck).
-            let mut at = 0;
-            while let Some(len) = memchr::memmem::find(&pending[at..], b"\n\n") {
-                let block = String::from_utf8_lossy(&pending[at..at + len]);
-                at += len + 2;
-                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                    continue;
-                };
+            reader.push(&data, |data| {
                 stats.event(data);
                 match event::sniff_type(data).as_deref() {
                     Some("response.completed") => id = event::response_id(data),
@@ -259,15 +323,8 @@ impl Ctx {
                     }
                     _ => {}
                 }
-            }
-            pending.drain(..at);
-            // What is left is one event still arriving: bounded as a WebSocket message is.
-            if pending.len() > MAX_SSE_EVENT {
-                return Err(format!(
-                    "an SSE event longer than {} MiB",
-                    MAX_SSE_EVENT >> 20
-                ));
-            }
+                Ok(())
+            })?;
         }
         id.map(Some)
             .ok_or_else(|| "the stream ended without response.completed".into())
@@ -605,6 +662,40 @@ pub fn table(r: &Report) -> String {
 mod tests {
     use super::*;
 
+    /// Split at every byte (one chunk boundary) or into single bytes, a stream reads as the
+    /// same events: `data:` lines only, comments and blank events skipped.
+    #[test]
+    fn sse_events_are_read_whatever_the_chunks() {
+        let stream = "event: a\ndata: {\"x\":\"\u{e9}\"}\n\n: keepalive\n\ndata: {}\n\nevent: b\ndata: [1]\n\n";
+        let read = |chunks: &[&[u8]]| {
+            let mut r = SseReader::default();
+            let mut events = Vec::new();
+            for c in chunks {
+                r.push(c, |d| {
+                    events.push(d.to_string());
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert!(r.pending.is_empty(), "nothing left over");
+            events
+        };
+        let whole = read(&[stream.as_bytes()]);
+        assert_eq!(whole, ["{\"x\":\"\u{e9}\"}", "{}", "[1]"]);
+        let b = stream.as_bytes();
+        for cut in 1..b.len() {
+            assert_eq!(read(&[&b[..cut], &b[cut..]]), whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = b.chunks(1).collect();
+        assert_eq!(read(&bytes), whole, "byte by byte");
+        // The handler's error ends the stream.
+        let mut r = SseReader::default();
+        assert_eq!(
+            r.push(stream.as_bytes(), |_| Err("stop".into())),
+            Err("stop".into())
+        );
+    }
+
     /// The CPU a run cost the target, split into user space and kernel, per million events:
     /// here the target is this process (the mock and the load generator both run in it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,25 +707,15 @@ mod tests {
         .await
         .expect("mock starts");
         let report = run(LoadgenConfig {
-            url: mock.url(),
-            key: None,
             sessions: 2,
             turns: 20,
             deltas: 1000,
             delta_size: 16,
-            delta_interval: Duration::ZERO,
-            think: Duration::ZERO,
             think_jitter: 0.0,
-            reconnect_every_turn: false,
-            idle_hold: None,
-            rss_pid: None,
             cpu_pid: Some(std::process::id()),
-            mock_url: None,
             connect_concurrency: 2,
-            label: "cpu".into(),
             run_id: "cpu-split".into(),
-            http: false,
-            http_json: false,
+            ..LoadgenConfig::new(mock.url(), "cpu")
         })
         .await;
         assert_eq!(report.errors, 0, "{:?}", report.first_error);
