@@ -816,3 +816,80 @@ async fn the_load_generator_reads_every_event_over_http() {
     assert_eq!(json.events, 6, "one body per non-streaming turn");
     gw.stop().await;
 }
+
+/// Peak resident set size of a process, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The members of a create body the gateway reads are checked without building what they
+/// hold: a `model`, `stream`, `background`, `previous_response_id` or `prompt_cache_key` that
+/// is an 8 MiB array of numbers costs its bytes, not a parsed tree of them (~16x: 32 bytes a
+/// number), which no budget counts. Measured as the gateway process's peak RSS.
+#[tokio::test]
+async fn a_large_member_of_a_create_body_is_not_built_into_a_tree() {
+    let mock = mock().await;
+    let yaml = test_yaml(&mock.url(), &["acct-a"], "http:\n  max_body_size: 16MiB\n");
+    let gw = GatewayProcess::start(&yaml);
+    // Warm: one small refused body, so what the first request allocates is in the baseline.
+    let r = http_request(
+        gw.addr,
+        "POST",
+        SSE,
+        &codex("warm"),
+        br#"{"model":"m"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let before = peak_rss_kib(gw.child.id());
+    assert!(before > 0, "VmHWM is readable");
+    let numbers = vec!["0"; 4 << 20].join(",");
+    for member in [
+        "model",
+        "stream",
+        "background",
+        "previous_response_id",
+        "prompt_cache_key",
+        "input",
+    ] {
+        // `input: null` written last refuses every body once all of it has been read.
+        let body = format!(r#"{{"model":"m","{member}":[{numbers}],"input":null}}"#);
+        assert!(body.len() > 8 << 20);
+        let r = http_request(gw.addr, "POST", SSE, &codex(member), body.into_bytes()).await;
+        assert_eq!(r.status, 400, "{member}: {}", r.text());
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    let grown = peak_rss_kib(gw.child.id()).saturating_sub(before);
+    // The body's bytes (8 MiB, collected once, in hyper's buffers meanwhile) and no tree.
+    assert!(
+        grown < 48 * 1024,
+        "peak RSS grew {grown} KiB reading 8 MiB bodies"
+    );
+    assert_eq!(mock.accepted(), 0, "nothing dialed for refused bodies");
+    // A body with a `type` of its own goes upstream retyped, member by member, not rebuilt
+    // from a tree (here 8 MiB of tools: the body, its frame and the frame's write).
+    let thread = unique("typed");
+    let body = format!(
+        r#"{{"type":"x","model":"m","tools":[{numbers}],"input":"[[mock: deltas=2]]","stream":true}}"#
+    );
+    let r = http_request(gw.addr, "POST", SSE, &codex(&thread), body.into_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("response.completed"), "{}", r.text());
+    let grown = peak_rss_kib(gw.child.id()).saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "peak RSS grew {grown} KiB relaying an 8 MiB typed body"
+    );
+    let conn = mock
+        .connections()
+        .into_iter()
+        .find(|c| c.header("thread-id") == Some(thread.as_str()))
+        .unwrap();
+    assert_eq!(conn.received_types(), ["response.create"]);
+    assert_eq!(conn.user_texts(), ["[[mock: deltas=2]]"]);
+}

@@ -1,10 +1,11 @@
 //! A Responses create body (`POST`) checked and turned into the one `response.create` frame
 //! the upstream gets. The body is read once, field by field: only the members the gateway acts
 //! on are kept (`model` and `input` checked, `stream`, `background`, `previous_response_id`,
-//! `prompt_cache_key`); every other value (the instructions, the tools, the input history: tens
-//! of kilobytes for a Codex turn) is skipped without being built. A member written twice counts
-//! from its last writing, as it would in a parsed object. The body then goes upstream as it
-//! is, behind the event type.
+//! `prompt_cache_key`), and of those only a string or a boolean is kept; every other value
+//! (the instructions, the tools, the input history: tens of kilobytes for a Codex turn, or a
+//! hostile array in a member we read) is skipped without being built, so reading a body costs
+//! no memory beyond its bytes. A member written twice counts from its last writing, as it
+//! would in a parsed object. The body then goes upstream as it is, behind the event type.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -12,8 +13,8 @@ use std::fmt;
 use axum::response::Response;
 use http::StatusCode;
 use serde::Deserialize;
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use serde_json::{Value, json};
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::event;
@@ -42,30 +43,24 @@ pub(super) fn parse_create(body: &[u8], max_frame: usize) -> Result<CreateReques
     let text = std::str::from_utf8(body).map_err(|_| invalid("the body is not UTF-8 JSON"))?;
     let f: Fields = serde_json::from_str(text)
         .map_err(|e| invalid(format!("the body is not a JSON object: {e}")))?;
-    if !f.model.as_ref().is_some_and(Value::is_string) {
+    if !matches!(f.model, Some(Small::Str(_))) {
         return Err(invalid("`model` (a string) is required"));
     }
     if !f.input {
         return Err(invalid("`input` is required"));
     }
-    if f.background.as_ref().and_then(Value::as_bool) == Some(true) {
+    if matches!(f.background, Some(Small::Bool(true))) {
         return Err(invalid(
             "`background: true` is not supported by this gateway (its upstream is WebSocket mode)",
         ));
     }
-    let string = |v: Option<Value>| match v {
-        Some(Value::String(s)) => Some(s),
-        _ => None,
-    };
-    let stream = f.stream.as_ref().and_then(Value::as_bool) == Some(true);
-    let previous = string(f.previous).filter(|p| !p.is_empty());
-    let cache_key = string(f.cache_key);
+    let stream = matches!(f.stream, Some(Small::Bool(true)));
+    let previous = f.previous.and_then(Small::string).filter(|p| !p.is_empty());
+    let cache_key = f.cache_key.and_then(Small::string);
     let frame = if f.typed {
-        // A body that names a type of its own (rare): its type replaced, re-serialized.
-        let mut v: serde_json::Map<String, Value> = serde_json::from_str(text)
-            .map_err(|e| invalid(format!("the body is not a JSON object: {e}")))?;
-        v.insert("type".into(), json!(event::RESPONSE_CREATE));
-        Value::Object(v).to_string()
+        // A body that names a type of its own (rare): its `type` members left out, the rest
+        // copied member by member as written.
+        retyped(text).map_err(|e| invalid(format!("the body is not a JSON object: {e}")))?
     } else {
         // Spliced, not re-serialized.
         let rest = text.trim_start().strip_prefix('{').unwrap_or_default();
@@ -94,32 +89,130 @@ pub(super) fn parse_create(body: &[u8], max_frame: usize) -> Result<CreateReques
 }
 
 /// The members of a create body the gateway reads, each from its last writing; the small ones
-/// as values (their type is checked), `input` as whether it is there and not null.
+/// as what their type makes them to the gateway, `input` as whether it is there and not null.
 #[derive(Default)]
-struct Fields {
-    model: Option<Value>,
+struct Fields<'a> {
+    model: Option<Small<'a>>,
     input: bool,
-    stream: Option<Value>,
-    background: Option<Value>,
-    previous: Option<Value>,
-    cache_key: Option<Value>,
+    stream: Option<Small<'a>>,
+    background: Option<Small<'a>>,
+    previous: Option<Small<'a>>,
+    cache_key: Option<Small<'a>>,
     /// The body has a `type` member.
     typed: bool,
+}
+
+/// A member's value as far as the gateway reads it: a string, a boolean, or anything else
+/// (a number, null, an array, an object), which is checked as JSON and skipped, never built.
+#[derive(Debug, PartialEq)]
+enum Small<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Other,
+}
+
+impl Small<'_> {
+    fn string(self) -> Option<String> {
+        match self {
+            Small::Str(s) => Some(s.into_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Small<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SmallVisitor;
+        impl<'de> Visitor<'de> for SmallVisitor {
+            type Value = Small<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Small<'de>, E> {
+                Ok(Small::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Small<'de>, E> {
+                Ok(Small::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Small<'de>, E> {
+                Ok(Small::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Small<'de>, E> {
+                Ok(Small::Bool(v))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Small<'de>, E> {
+                Ok(Small::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Small<'de>, E> {
+                Ok(Small::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Small<'de>, E> {
+                Ok(Small::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Small<'de>, E> {
+                Ok(Small::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Small<'de>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Small::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Small<'de>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Small::Other)
+            }
+        }
+        d.deserialize_any(SmallVisitor)
+    }
+}
+
+/// `text` (a JSON object) as a `response.create` frame: its `type` members (however their
+/// name is escaped) left out, every other member copied as written, no value parsed into a
+/// tree.
+fn retyped(text: &str) -> serde_json::Result<String> {
+    struct Retyped(String);
+    impl<'de> Visitor<'de> for Retyped {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<M: MapAccess<'de>>(mut self, mut map: M) -> Result<String, M::Error> {
+            let out = &mut self.0;
+            while let Some(Key(key)) = map.next_key()? {
+                let value: &RawValue = map.next_value()?;
+                if key == "type" {
+                    continue;
+                }
+                out.push(',');
+                // The name as JSON again (escapes, if it had any, written anew).
+                out.push_str(&serde_json::to_string(&key).map_err(de::Error::custom)?);
+                out.push(':');
+                out.push_str(value.get());
+            }
+            out.push('}');
+            Ok(self.0)
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 32);
+    out.push_str(&format!("{{\"type\":\"{}\"", event::RESPONSE_CREATE));
+    let mut d = serde_json::Deserializer::from_str(text);
+    let frame = serde::Deserializer::deserialize_map(&mut d, Retyped(out))?;
+    d.end()?;
+    Ok(frame)
 }
 
 /// A member name, borrowed from the body unless it has escapes.
 #[derive(Deserialize)]
 struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
-impl<'de> Deserialize<'de> for Fields {
+impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct FieldsVisitor;
         impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields;
+            type Value = Fields<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields, M::Error> {
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'de>, M::Error> {
                 let mut f = Fields::default();
                 while let Some(Key(key)) = map.next_key()? {
                     match &*key {
@@ -145,6 +238,7 @@ impl<'de> Deserialize<'de> for Fields {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     #[test]
     fn create_bodies_become_one_frame() {
@@ -234,5 +328,59 @@ mod tests {
                 .map(|c| (c.stream, c.previous, c.cache_key));
             assert_eq!(ours, reference(body), "{body}");
         }
+    }
+
+    #[test]
+    fn small_members_keep_strings_and_booleans_only() {
+        fn small(v: &str) -> Small<'_> {
+            serde_json::from_str(v).unwrap()
+        }
+        assert_eq!(small(r#""m""#), Small::Str(Cow::Borrowed("m")));
+        assert!(matches!(small(r#""\u00e9""#), Small::Str(Cow::Owned(s)) if s == "é"));
+        assert_eq!(small("true"), Small::Bool(true));
+        for other in [
+            "null",
+            "0",
+            "-1",
+            "1.5e3",
+            "[]",
+            "[1,[2,{\"a\":[]}]]",
+            r#"{"a":{"b":1}}"#,
+        ] {
+            assert_eq!(small(other), Small::Other, "{other}");
+        }
+        // Skipped, still checked: malformed JSON inside a skipped value is refused.
+        for bad in ["[1,", r#"{"a"}"#, "[tru]"] {
+            assert!(serde_json::from_str::<Small>(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A typed body's frame is its members (its `type`s left out, however written) behind
+    /// `"type":"response.create"`, each as written: the object it parses to is the body's
+    /// object with its type replaced, as the reading it replaced made it.
+    #[test]
+    fn a_typed_body_is_retyped_member_by_member() {
+        let bodies = [
+            r#"{"type":"x","model":"m","input":[]}"#,
+            r#"{"model":"m","input":"x","type":"response.cancel"}"#,
+            r#"{"typ\u0065":"response.inject","model":"m","input":"x"}"#,
+            r#"{"type":1,"model":"m","type":{"a":[1]},"input":"x","type":null}"#,
+            r#" { "type" : "x" , "model" : "m" , "input" : [ { "a" : "b\"}" } ] , "t\"k" : 1e5 } "#,
+            r#"{"type":"x","model":"m","input":"x","input":null,"model":"n"}"#,
+        ];
+        for body in bodies {
+            let frame = retyped(body).unwrap();
+            assert!(frame.starts_with(r#"{"type":"response.create""#), "{frame}");
+            let ours: serde_json::Map<String, Value> = serde_json::from_str(&frame).unwrap();
+            let mut theirs: serde_json::Map<String, Value> = serde_json::from_str(body).unwrap();
+            theirs.insert("type".into(), json!(event::RESPONSE_CREATE));
+            assert_eq!(ours, theirs, "{body}");
+            // Exactly one `type` member: nothing a client writes reaches the upstream as the
+            // event's type.
+            assert_eq!(frame.matches(r#""type""#).count(), 1, "{frame}");
+        }
+        assert!(retyped(r#"{"type":"x","model":"m""#).is_err());
+        assert!(retyped(r#"{"type":"x"} {}"#).is_err());
+        assert!(retyped("[]").is_err());
     }
 }
