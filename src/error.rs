@@ -52,8 +52,13 @@ pub enum DialError {
     /// TLS handshake failed (untrusted certificate, name mismatch, ...).
     #[error("upstream TLS failed: {0}")]
     Tls(String),
-    /// The upstream answered the upgrade with a non-101 HTTP status.
-    #[error("upstream refused the upgrade with HTTP {status}: {body}")]
+    /// The upstream answered the upgrade with a non-101 HTTP status. `body` is untrusted text
+    /// as the upstream wrote it (at most [`MAX_REFUSAL_BODY`] bytes); the message shows it
+    /// escaped and cut.
+    #[error(
+        "upstream refused the upgrade with HTTP {status}: {}",
+        crate::telemetry::escape(body, 512)
+    )]
     Status { status: u16, body: String },
     /// Anything else in the WebSocket handshake.
     #[error("upstream handshake failed: {0}")]
@@ -109,6 +114,10 @@ impl DialError {
         }
     }
 }
+
+/// A handshake refusal's body is kept up to this many bytes, enough for the real API's error
+/// objects (pretty-printed, with a message of a few hundred characters).
+pub const MAX_REFUSAL_BODY: usize = 4096;
 
 /// `error.code` / `error.type` values of a handshake refusal that blame the credential.
 const CREDENTIAL_CODES: &[&str] = &[

@@ -188,12 +188,14 @@ impl Dialer {
 fn map_dial_error(e: tungstenite::Error) -> DialError {
     match e {
         tungstenite::Error::Http(resp) => {
+            // As written (the real API's refusals are pretty-printed JSON, read whole to
+            // classify them); escaped where it is shown (`DialError`'s message).
             let body = resp
                 .body()
                 .as_ref()
-                // Untrusted text: escaped for the logs and messages it ends up in.
                 .map(|b| {
-                    crate::telemetry::escape(&String::from_utf8_lossy(&b[..b.len().min(512)]), 512)
+                    String::from_utf8_lossy(&b[..b.len().min(crate::error::MAX_REFUSAL_BODY)])
+                        .into_owned()
                 })
                 .unwrap_or_default();
             DialError::Status {
@@ -402,5 +404,44 @@ mod tests {
         assert!(UpstreamUrl::parse("ws://127.0.0.1:9/v1/responses").is_ok());
         assert!(UpstreamUrl::parse("https://api.openai.com/v1/responses").is_err());
         assert!(UpstreamUrl::parse("not a url").is_err());
+    }
+
+    fn refused(status: u16, body: &str) -> DialError {
+        let mut resp = http::Response::new(Some(body.as_bytes().to_vec()));
+        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        map_dial_error(tungstenite::Error::Http(Box::new(resp)))
+    }
+
+    /// The real API writes its refusals as pretty-printed JSON: they are classified as
+    /// written, and shown escaped (one log line each).
+    #[test]
+    fn a_pretty_printed_refusal_is_read_as_written_and_shown_escaped() {
+        let pretty = |status: u16, code: &str| {
+            let body = serde_json::to_string_pretty(&serde_json::json!({"error": {
+                "message": "x".repeat(300),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": code,
+            }}))
+            .unwrap();
+            assert!(body.len() > 400 && body.contains('\n'));
+            refused(status, &body)
+        };
+        assert!(pretty(403, "account_deactivated").refuses_credential());
+        assert!(pretty(401, "invalid_api_key").refuses_credential());
+        assert!(
+            !pretty(401, "mismatched_organization").refuses_credential(),
+            "the organization header, not the key"
+        );
+        assert!(!pretty(403, "unsupported_country_region_territory").refuses_credential());
+        let shown = pretty(403, "account_deactivated").to_string();
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.contains("\\n"), "{shown}");
+        assert!(shown.chars().count() < 600, "cut: {shown}");
+        // What is kept is bounded.
+        let DialError::Status { body, .. } = refused(401, &"y".repeat(1 << 20)) else {
+            panic!("a status refusal");
+        };
+        assert_eq!(body.len(), crate::error::MAX_REFUSAL_BODY);
     }
 }

@@ -150,6 +150,37 @@ async fn handshake_401_fails_over_to_another_account() {
     gw.stop().await;
 }
 
+/// The real API refuses a deactivated account's handshake with a 403 whose pretty-printed
+/// error object names `account_deactivated`: read as written, it blames the credential, so
+/// the turn fails over to the healthy account instead of failing.
+#[tokio::test]
+async fn a_pretty_printed_403_about_the_account_fails_over_to_another_account() {
+    let mock = MockUpstream::start(MockConfig {
+        require_keys: vec![account_key("acct-b")],
+        key_refusal: (403, "account_deactivated"),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let gw = start_gateway(&mock, &["acct-a", "acct-b"], |_| {}).await;
+    for _ in 0..3 {
+        let conv = unique("deactivated");
+        let mut s = gw.connect(&conv).await;
+        let t = s.turn(&create_body(Some(&conv), "hi", None)).await.unwrap();
+        assert!(t.is_completed(), "{:?}", t.terminal());
+        s.close().await;
+    }
+    assert_eq!(gw.gateway.account_state("acct-a"), Some("auth_failed"));
+    let refused = log_lines(&["upstream dial failed", "403"]);
+    assert_eq!(refused.len(), 1, "acct-a is tried once: {refused:?}");
+    assert!(
+        refused[0].contains("account_deactivated"),
+        "the refusal's body is on the log line (escaped: one line): {}",
+        refused[0]
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn silent_idle_upstream_is_evicted_within_two_ping_intervals() {
     let mock = mock().await;

@@ -59,8 +59,11 @@ pub struct MockConfig {
     pub reject_status: Option<u16>,
     /// Largest message accepted.
     pub max_message_size: usize,
-    /// Accepted `authorization` values; others get HTTP 401. Empty = accept any.
+    /// Accepted `authorization` values; others get [`MockConfig::key_refusal`]. Empty =
+    /// accept any.
     pub require_keys: Vec<String>,
+    /// The HTTP status and `error.code` a refused key gets (default 401 `invalid_api_key`).
+    pub key_refusal: (u16, &'static str),
     /// Simulated cost of a fresh connection: its first turn waits this long (cold cache).
     pub fresh_cost: Duration,
     /// Benchmark mode: deltas carry `ts_ns` (send time, ns since the Unix epoch) and are
@@ -91,6 +94,7 @@ impl Default for MockConfig {
             reject_status: None,
             max_message_size: 64 << 20,
             require_keys: Vec::new(),
+            key_refusal: (401, "invalid_api_key"),
             fresh_cost: Duration::ZERO,
             speed: false,
             organization: None,
@@ -348,6 +352,17 @@ impl Drop for OpenGuard {
     }
 }
 
+/// An upgrade refusal's body as the real API writes it: a pretty-printed error object.
+fn refusal_body(kind: &str, code: &str, message: &str) -> String {
+    let v = serde_json::json!({"error": {
+        "message": message,
+        "type": kind,
+        "param": null,
+        "code": code,
+    }});
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
 async fn serve_conn<S>(state: Arc<MockState>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -383,18 +398,28 @@ where
             .config
             .max_open
             .is_some_and(|max| state.open.load(Ordering::Acquire) >= max);
+        let (refused_status, refused_code) = state.config.key_refusal;
         let status = match reject {
             Some(s) => Some((s, format!("mock rejects with {s}"))),
-            None if !keys.is_empty() && !keys.iter().any(|k| k == auth) => {
-                Some((401, "mock rejects with 401".into()))
-            }
+            None if !keys.is_empty() && !keys.iter().any(|k| k == auth) => Some((
+                refused_status,
+                refusal_body(
+                    "invalid_request_error",
+                    refused_code,
+                    "Incorrect API key provided",
+                ),
+            )),
             None if foreign_org => Some((
                 401,
-                r#"{"error":{"type":"invalid_request_error","code":"mismatched_organization","message":"OpenAI-Organization header should match organization for API key"}}"#.into(),
+                refusal_body(
+                    "invalid_request_error",
+                    "mismatched_organization",
+                    "OpenAI-Organization header should match organization for API key",
+                ),
             )),
             None if full => Some((
                 429,
-                r#"{"error":{"type":"requests","code":"rate_limit_exceeded","message":"too many connections"}}"#.into(),
+                refusal_body("requests", "rate_limit_exceeded", "too many connections"),
             )),
             None => None,
         };
