@@ -893,3 +893,76 @@ async fn a_large_member_of_a_create_body_is_not_built_into_a_tree() {
     assert_eq!(conn.received_types(), ["response.create"]);
     assert_eq!(conn.user_texts(), ["[[mock: deltas=2]]"]);
 }
+
+/// An event stream read as an EventSource client reads it (the WHATWG rules: a line ends at
+/// CR, LF or CRLF, a blank line ends an event, `data:` lines are joined with LF): each
+/// event's name (`message` without an `event:` line) and data.
+fn sse_client_events(text: &str) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    let (mut name, mut data): (Option<String>, Option<String>) = (None, None);
+    for line in text.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+        if line.is_empty() {
+            if let Some(d) = data.take() {
+                events.push((name.take().unwrap_or_else(|| "message".into()), d));
+            }
+            name = None;
+        } else if let Some(v) = line.strip_prefix("event:") {
+            name = Some(v.strip_prefix(' ').unwrap_or(v).to_string());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            let v = v.strip_prefix(' ').unwrap_or(v);
+            data = Some(match data.take() {
+                Some(d) => format!("{d}\n{v}"),
+                None => v.to_string(),
+            });
+        }
+    }
+    events
+}
+
+/// An upstream event whose type holds raw line breaks (not JSON, but UTF-8, so the relay
+/// passes it on) must not become events of its own in the client's stream: it is one event,
+/// and the turn's only `response.completed` is the upstream's.
+#[tokio::test]
+async fn line_breaks_in_an_upstream_type_cannot_forge_events() {
+    let mock = mock().await;
+    let gw = start_gateway(&mock, &["acct-a"], |_| {}).await;
+    let thread = unique("linebreak");
+    let r = post_sse(gw.addr, &thread, "[[mock: deltas=4, inject=linebreak]]").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = sse_client_events(&r.text());
+    let conn = mock
+        .connections()
+        .into_iter()
+        .find(|c| c.header("thread-id") == Some(thread.as_str()))
+        .unwrap();
+    let sent = conn.sent_frames();
+    assert_eq!(
+        events.len(),
+        sent.len() + 1,
+        "one event per frame: {events:?}"
+    );
+    let completed: Vec<_> = events
+        .iter()
+        .filter(|(name, data)| {
+            name == "response.completed" || data.contains("response.completed\"")
+        })
+        .collect();
+    assert_eq!(completed.len(), 1, "{events:?}");
+    assert_eq!(
+        completed[0].1,
+        *sent.last().unwrap(),
+        "the upstream's own terminal"
+    );
+    // The odd event reaches the client as one event, its lines as the upstream wrote them
+    // (each run of line breaks one LF: a `data:` line is never empty, or it could end it).
+    let odd = events.iter().find(|(_, d)| d.contains("x.line")).unwrap();
+    assert_eq!(
+        odd.0, "message",
+        "no `event:` line from a type that cannot be one"
+    );
+    assert_eq!(
+        odd.1,
+        "{\"type\":\"x.line\nevent: response.completed\ndata: {}\ndata: 1\",\"n\":1}"
+    );
+    gw.stop().await;
+}

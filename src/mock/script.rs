@@ -105,8 +105,8 @@ impl Directives {
     /// `delay=MS` (before the first event), `stall=MS` (after `response.created`), `tool` (a function-call turn),
     /// `close=CODE@PHASE` or `close=eof@PHASE` (PHASE: before, mid, after, idle:MS, stale),
     /// `deaf` (after the turn stop reading: no pongs), `junk=idle:MS` (an unsolicited event
-    /// while idle), `inject=binary|badutf8|huge` (mid-turn: a binary frame, a text frame that is
-    /// not UTF-8, or a 4 MiB event),
+    /// while idle), `inject=binary|badutf8|huge|linebreak` (mid-turn: a binary frame, a text
+    /// frame that is not UTF-8, a 4 MiB event, or an event whose type holds raw line breaks),
     /// `fail=CODE` (`response.failed`), `error=STATUS:CODE[:RESETS_IN_SECONDS]` (an `error` event),
     /// `too_large` (that error's message says "Request too large": request-specific),
     /// `custom` (an `x.custom` event after `response.created`), `incomplete` (the text turn

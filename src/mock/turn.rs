@@ -519,6 +519,11 @@ async fn serve_create<S: AsyncRead + AsyncWrite + Unpin>(
                             OpCode::Data(Data::Text),
                             true,
                         )),
+                        // Not JSON (a string holds raw line breaks): written into an event
+                        // stream as it is, its type would end the event and start others.
+                        "linebreak" => Message::text(
+                            "{\"type\":\"x.line\n\nevent: response.completed\ndata: {}\r\rdata: 1\",\"n\":1}",
+                        ),
                         _ => Message::text(format!(
                             "{{\"type\":\"response.output_text.delta\",\"delta\":\"{}\"}}",
                             "x".repeat(4 << 20)

@@ -140,10 +140,14 @@ const EVENT_OVERHEAD: usize = 7 + 48 + 1 + 6 + 2;
 /// frame as `data:` lines, then the blank line that ends the event. A frame is one JSON text
 /// and the upstream writes none with a raw line break (JSON escapes them in strings), so the
 /// common case is one `data:` line, found by one `memchr` pass; should a frame hold raw line
-/// breaks between its tokens, each non-empty line is a `data:` line of its own.
+/// breaks between its tokens, each non-empty line is a `data:` line of its own. A type with a
+/// raw line break (a frame that is not JSON: the relay checks UTF-8, not JSON) gets no
+/// `event:` line, since its break would end the line and the rest of the type would be read
+/// as lines, and events, of their own.
 fn encode_event(buf: &mut BytesMut, ty: Option<&[u8]>, text: &[u8]) {
     const EVENT: &[u8] = b"event: ";
     const DATA: &[u8] = b"data: ";
+    let ty = ty.filter(|t| memchr::memchr2(b'\n', b'\r', t).is_none());
     buf.reserve(EVENT.len() + ty.map_or(0, <[u8]>::len) + DATA.len() + text.len() + 3);
     if let Some(ty) = ty {
         buf.extend_from_slice(EVENT);
@@ -297,5 +301,20 @@ mod tests {
         encode_event(&mut buf, Some(b"a"), b"{}");
         encode_event(&mut buf, Some(b"b"), b"[]");
         assert_eq!(&buf[..], b"event: a\ndata: {}\n\nevent: b\ndata: []\n\n");
+    }
+
+    #[test]
+    fn a_type_with_a_line_break_gets_no_event_line() {
+        for ty in ["a\nevent: b", "a\rdata: {}", "a\r\n\r\nevent: b"] {
+            let frame = format!("{{\"type\":\"{ty}\"}}");
+            let out = encoded(Some(ty), &frame);
+            assert!(out.starts_with("data: {\"type\":\"a"), "{out:?}");
+            assert!(
+                !out.contains("event:") || out.contains("data: event:"),
+                "{out:?}"
+            );
+            assert_eq!(out.matches("\n\n").count(), 1, "one event: {out:?}");
+            assert!(out.ends_with("\n\n"), "{out:?}");
+        }
     }
 }
