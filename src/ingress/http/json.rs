@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, StatusCode, header};
+use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -93,8 +94,9 @@ impl JsonDown {
                 ),
             },
             Terminal::Failed => {
-                let t: Value = serde_json::from_str(&t).unwrap_or_default();
-                let error = t["response"]["error"].clone();
+                let error = scan::find(&t, &["response", "error"])
+                    .map(super::upstream_error_object)
+                    .unwrap_or_default();
                 let code = error["code"].as_str().unwrap_or_default();
                 let status = match code {
                     c if c.contains("rate_limit")
@@ -109,51 +111,74 @@ impl JsonDown {
                 };
                 error_response(&json!({"status": status, "error": error}))
             }
-            Terminal::Error => error_response(&serde_json::from_str(&t).unwrap_or_default()),
+            Terminal::Error => error_response(&super::upstream_error(&t)),
         }
     }
 
     /// The body of a completed (or incomplete) response: the terminal's `response` as the
     /// upstream wrote it (checked to be one JSON object) when its `output` holds items or
-    /// none were collected; otherwise rebuilt, with the collected items in `output_index`
-    /// order as its `output`. `None` when the terminal holds no `response` object.
+    /// none were collected; otherwise the same with the collected items, in `output_index`
+    /// order, spliced in as its `output` (each item as written: nothing is parsed into a
+    /// tree, which would cost many times the bytes the budget counted). `None` when the
+    /// terminal holds no `response` object.
     fn response_body(&mut self, t: &str) -> Option<String> {
-        let raw = scan::find(t, &["response"]).filter(|r| r.starts_with('{'));
-        let filled = raw
-            .and_then(|r| scan::find(r, &["output"]))
+        let raw = scan::find(t, &["response"]).filter(|r| r.starts_with('{'))?;
+        serde_json::from_str::<IgnoredAny>(raw).ok()?;
+        let filled = scan::find(raw, &["output"])
             .is_some_and(|o| o.starts_with('[') && !o[1..].trim_start().starts_with(']'));
-        if let Some(raw) = raw
-            && (filled || self.items.is_empty())
-            && serde_json::from_str::<serde::de::IgnoredAny>(raw).is_ok()
-        {
+        if filled || self.items.is_empty() {
             return Some(raw.to_string());
         }
-        let mut t: Value = serde_json::from_str(t).ok()?;
-        let Some(Value::Object(mut response)) = t.get_mut("response").map(Value::take) else {
-            return None;
-        };
-        let empty = response
-            .get("output")
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty);
-        if empty && !self.items.is_empty() {
-            let mut items: Vec<(u64, Value)> = std::mem::take(&mut self.items)
-                .iter()
-                .enumerate()
-                .map(|(n, frame)| {
-                    let mut v: Value = serde_json::from_str(frame).unwrap_or_default();
-                    let index = v["output_index"].as_u64().unwrap_or(n as u64);
-                    (
-                        index,
-                        v.get_mut("item").map(Value::take).unwrap_or_default(),
-                    )
-                })
-                .collect();
-            items.sort_by_key(|(i, _)| *i);
-            let output = items.into_iter().map(|(_, item)| item).collect();
-            response.insert("output".into(), Value::Array(output));
+        // The `output` member to fill (its last writing, as a parsed object has it) and the
+        // object's end.
+        let mut members = scan::members(raw);
+        let mut output = None;
+        while let Some((key, at)) = members.next_key() {
+            let value = members.value(at)?;
+            if key == b"output" {
+                output = Some((at, value));
+            }
         }
-        Some(Value::Object(response).to_string())
+        let close = members.end()? - 1;
+        let mut items: Vec<(u64, &str)> = self
+            .items
+            .iter()
+            .enumerate()
+            .map(|(n, frame)| {
+                let index = scan::find(frame, &["output_index"]).and_then(scan::unsigned);
+                let item = scan::find(frame, &["item"])
+                    .filter(|i| serde_json::from_str::<IgnoredAny>(i).is_ok())
+                    .unwrap_or("null");
+                (index.unwrap_or(n as u64), item)
+            })
+            .collect();
+        items.sort_by_key(|(i, _)| *i);
+        let len = items.iter().map(|(_, i)| i.len() + 1).sum::<usize>();
+        let mut body = String::with_capacity(raw.len() + len + 16);
+        let rest = match output {
+            Some((at, value)) => {
+                body.push_str(&raw[..at]);
+                &raw[at + value.len()..]
+            }
+            None => {
+                body.push_str(&raw[..close]);
+                if !raw[1..close].trim().is_empty() {
+                    body.push(',');
+                }
+                body.push_str("\"output\":");
+                &raw[close..]
+            }
+        };
+        body.push('[');
+        for (n, (_, item)) in items.iter().enumerate() {
+            if n > 0 {
+                body.push(',');
+            }
+            body.push_str(item);
+        }
+        body.push(']');
+        body.push_str(rest);
+        Some(body)
     }
 
     /// Keeps one upstream frame if the body is built from it (an `output_item.done`, the
@@ -353,6 +378,64 @@ mod tests {
                 assert_eq!(v, reference(&frames), "{frames:?}");
             }
         }
+    }
+
+    /// Items are spliced in as written: a missing `output` is added at the end (after a
+    /// comma only when the object has members), an item frame whose `item` is not JSON
+    /// stands as `null`, and the last writing of a twice-written empty `output` is the one
+    /// filled.
+    #[tokio::test]
+    async fn items_are_spliced_in_as_written() {
+        let spaced = r#"{"type":"response.output_item.done","output_index":0,"item": { "id" : "m0" , "n":[1, 2] }}"#;
+        let (_, _, text) =
+            body_of(&[spaced, r#"{"type":"response.completed","response":{}}"#]).await;
+        assert_eq!(text, r#"{"output":[{ "id" : "m0" , "n":[1, 2] }]}"#);
+        let (_, _, text) = body_of(&[
+            spaced,
+            r#"{"type":"response.completed","response":{ "id":"r" }}"#,
+        ])
+        .await;
+        assert_eq!(
+            text,
+            r#"{ "id":"r" ,"output":[{ "id" : "m0" , "n":[1, 2] }]}"#
+        );
+        let broken = r#"{"type":"response.output_item.done","output_index":1,"item":{"id":}"#;
+        let t = r#"{"type":"response.completed","response":{"output":[],"id":"r","output":null}}"#;
+        let (status, v, _) = body_of(&[broken, ITEM0, t]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            v["output"],
+            json!([{"id": "m0", "content": [{"text": "a"}]}, null])
+        );
+    }
+
+    /// An upstream error too long to parse (no real one is) is answered with its status and
+    /// code, not parsed into a tree many times its size.
+    #[tokio::test]
+    async fn an_error_too_long_to_parse_keeps_its_status_and_code() {
+        let junk = vec!["0"; 40_000].join(",");
+        let failed = format!(
+            r#"{{"type":"response.failed","response":{{"id":"r","error":{{"code":"rate_limit_exceeded","message":"m","junk":[{junk}]}}}}}}"#
+        );
+        let (status, v, _) = body_of(&[&failed]).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(
+            v["error"]["message"],
+            "the upstream's error was too large to relay"
+        );
+        let error = format!(
+            r#"{{"type":"error","status":503,"error":{{"code":"overloaded","junk":[{junk}]}}}}"#
+        );
+        let (status, v, _) = body_of(&[&error]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["error"]["code"], "overloaded");
+        // Short ones are answered as they were.
+        let (status, v, _) =
+            body_of(&[r#"{"type":"error","status":400,"error":{"code":"bad","message":"why"}}"#])
+                .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"]["message"], "why");
     }
 
     /// A terminal without a `response` object, or not JSON, is a 502 (when the whole

@@ -258,6 +258,43 @@ async fn drive<D: HttpDown>(shared: Arc<Shared>, mut engine: Engine, mut down: D
 /// An error response from a WebSocket-shaped `error` value (top-level `status`, nested
 /// `error`, optional `headers`): the status, `{"error": ...}`, and the `headers` pairs as
 /// HTTP headers (the inverse of how the upstream moved HTTP errors onto WebSocket).
+/// An upstream error (an `error` event, a failed response's `error` object) is parsed into a
+/// value to answer with when it is at most this long: a parsed tree costs up to ~16 times its
+/// text and no budget counts it. A longer one (none is, from a real upstream) is answered
+/// with its status and code, read in place.
+const MAX_PARSED_ERROR: usize = 64 * 1024;
+
+/// The upstream `error` event `text` as the value [`error_response`] answers with.
+fn upstream_error(text: &str) -> Value {
+    if text.len() <= MAX_PARSED_ERROR {
+        return serde_json::from_str(text).unwrap_or_default();
+    }
+    let status = crate::event::scan::find(text, &["status"]).and_then(crate::event::scan::unsigned);
+    let code = crate::event::scan::find(text, &["error", "code"]);
+    json!({ "status": status, "error": too_large_error(code) })
+}
+
+/// A failed response's `error` object (its text in the terminal) as a value.
+fn upstream_error_object(text: &str) -> Value {
+    if text.len() <= MAX_PARSED_ERROR {
+        return serde_json::from_str(text).unwrap_or_default();
+    }
+    too_large_error(crate::event::scan::find(text, &["code"]))
+}
+
+/// The error object answered for an upstream error too long to parse: its code (if short).
+fn too_large_error(code: Option<&str>) -> Value {
+    let code = code
+        .filter(|c| c.len() <= 256)
+        .and_then(crate::event::scan::string);
+    json!({
+        "message": "the upstream's error was too large to relay",
+        "type": "server_error",
+        "param": null,
+        "code": code,
+    })
+}
+
 fn error_response(v: &Value) -> Response {
     let status = v["status"]
         .as_u64()

@@ -171,8 +171,7 @@ impl Downstream for SseDown {
         let ty = event::sniff_type(&text);
         if self.reply.is_some() && ty.as_deref() == Some("error") {
             // Perhaps the turn's only event: an HTTP status then.
-            let v: Value = serde_json::from_str(&text).unwrap_or_default();
-            self.pending_error = Some((v, Some(text)));
+            self.pending_error = Some((super::upstream_error(&text), Some(text)));
             return Ok(());
         }
         self.start()?;
