@@ -321,11 +321,13 @@ fn error_response(v: &Value) -> Response {
             let (Ok(name), Some(val)) = (HeaderName::from_bytes(k.as_bytes()), val.as_str()) else {
                 continue;
             };
-            let forbidden = matches!(
-                name.as_str(),
-                "content-length" | "content-type" | "transfer-encoding" | "connection"
-            );
-            if let (false, Ok(val)) = (forbidden, HeaderValue::from_str(val)) {
+            // The rate-limit headers the upstream reports (`x-codex-*`, `x-ratelimit-*`,
+            // `openai-*`, `retry-after`); nothing that would frame the response or act in the
+            // client (cookies, redirects, caching, CORS).
+            let n = name.as_str();
+            let relayed = (n.starts_with("x-") || n.starts_with("openai-") || n == "retry-after")
+                && !n.starts_with("x-forwarded-");
+            if let (true, Ok(val)) = (relayed, HeaderValue::from_str(val)) {
                 h.insert(name, val);
             }
         }
@@ -356,14 +358,37 @@ mod tests {
 
     #[test]
     fn upstream_errors_become_http_errors() {
-        let v = json!({"type": "error", "status": 429, "error": {"type": "usage_limit_reached", "code": "usage_limit_reached", "message": "x"}, "headers": {"x-codex-primary-used-percent": "100.0", "content-length": "9"}});
+        let v = json!({"type": "error", "status": 429, "error": {"type": "usage_limit_reached", "code": "usage_limit_reached", "message": "x"}, "headers": {
+            "x-codex-primary-used-percent": "100.0",
+            "x-ratelimit-remaining-requests": "0",
+            "openai-processing-ms": "12",
+            "retry-after": "30",
+            "content-length": "9",
+            "set-cookie": "session=evil",
+            "location": "https://evil.example/",
+            "access-control-allow-origin": "*",
+            "connection": "close",
+            "x-forwarded-for": "10.0.0.1",
+        }});
         let r = error_response(&v);
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["x-codex-primary-used-percent"], "100.0");
+        assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(r.headers()["openai-processing-ms"], "12");
+        assert_eq!(r.headers()["retry-after"], "30");
         assert_ne!(
             r.headers().get("content-length").map(|v| v.as_bytes()),
             Some(&b"9"[..])
         );
+        for name in [
+            "set-cookie",
+            "location",
+            "access-control-allow-origin",
+            "connection",
+            "x-forwarded-for",
+        ] {
+            assert!(r.headers().get(name).is_none(), "{name}");
+        }
         assert_eq!(error_response(&json!({"status": 200})).status(), 502);
     }
 }
