@@ -17,6 +17,14 @@ async fn mock() -> MockUpstream {
 
 const SSE: &str = "/v1/responses";
 
+/// What the mock saw of the connection that carried `thread`.
+fn conn_of(mock: &MockUpstream, thread: &str) -> std::sync::Arc<wsgate::mock::ConnRecord> {
+    mock.connections()
+        .into_iter()
+        .find(|c| c.header("thread-id") == Some(thread))
+        .unwrap_or_else(|| panic!("no upstream connection for {thread}"))
+}
+
 /// A streamed `POST` of a Codex-like client on `thread`, the mock's script `directive`.
 async fn post_sse(addr: std::net::SocketAddr, thread: &str, directive: &str) -> HttpReply {
     http_request(
@@ -66,11 +74,7 @@ async fn a_streamed_post_relays_every_upstream_frame_byte_for_byte() {
             r.headers["x-models-etag"], "mock-etag",
             "the upstream 101's headers"
         );
-        let conn = mock
-            .connections()
-            .into_iter()
-            .find(|c| c.header("thread-id") == Some(thread.as_str()))
-            .unwrap();
+        let conn = conn_of(&mock, &thread);
         let frames = conn.sent_frames();
         assert!(frames.iter().any(|f| f.contains(terminal)));
         if directive.contains("custom") {
@@ -458,11 +462,7 @@ async fn request_encodings_and_bounds() {
         h.push(("content-encoding", encoding));
         let r = http_request(gw.addr, "POST", SSE, &h, body).await;
         assert_eq!(r.status, 200, "{encoding}: {}", r.text());
-        let conn = mock
-            .connections()
-            .into_iter()
-            .find(|c| c.header("thread-id") == Some(thread.as_str()))
-            .unwrap();
+        let conn = conn_of(&mock, &thread);
         assert_eq!(conn.user_texts(), ["compressed hello"], "{encoding}");
         assert!(conn.header("content-encoding").is_none());
     }
@@ -885,11 +885,7 @@ async fn a_large_member_of_a_create_body_is_not_built_into_a_tree() {
         grown < 64 * 1024,
         "peak RSS grew {grown} KiB relaying an 8 MiB typed body"
     );
-    let conn = mock
-        .connections()
-        .into_iter()
-        .find(|c| c.header("thread-id") == Some(thread.as_str()))
-        .unwrap();
+    let conn = conn_of(&mock, &thread);
     assert_eq!(conn.received_types(), ["response.create"]);
     assert_eq!(conn.user_texts(), ["[[mock: deltas=2]]"]);
 }
@@ -930,11 +926,7 @@ async fn line_breaks_in_an_upstream_type_cannot_forge_events() {
     let r = post_sse(gw.addr, &thread, "[[mock: deltas=4, inject=linebreak]]").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let events = sse_client_events(&r.text());
-    let conn = mock
-        .connections()
-        .into_iter()
-        .find(|c| c.header("thread-id") == Some(thread.as_str()))
-        .unwrap();
+    let conn = conn_of(&mock, &thread);
     let sent = conn.sent_frames();
     assert_eq!(
         events.len(),
