@@ -62,7 +62,8 @@ impl SseReader {
     }
 }
 
-type HttpSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+pub(super) type HttpSender =
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
 impl Ctx {
     /// One turn over HTTP: a streamed `POST`; returns the completed response id.
@@ -181,45 +182,24 @@ impl Ctx {
         tokio::spawn(conn);
         Ok(sender)
     }
+}
 
-    /// An HTTP session: one kept-alive connection, `turns` streamed POSTs.
-    pub(super) async fn http_session(&self, conversation: &str, mut stats: Stats) -> Stats {
-        let mut sender = None;
-        let mut prev: Option<String> = None;
-        for t in 0..self.cfg.turns {
-            if t > 0 && !self.cfg.think.is_zero() {
-                tokio::time::sleep(self.think(conversation, t)).await;
-            }
-            if self.cfg.reconnect_every_turn {
-                sender = None;
-                prev = None;
-            }
-            if sender.is_none() {
-                match self.http_connect().await {
-                    Ok(s) => sender = Some(s),
-                    Err(e) => {
-                        stats.error(e);
-                        continue;
-                    }
-                }
-            }
-            let Some(s) = sender.as_mut() else { continue };
-            match self
-                .http_turn(s, conversation, prev.as_deref(), &mut stats)
-                .await
-            {
-                Ok(id) => {
-                    stats.turns_ok += 1;
-                    prev = id;
-                }
-                Err(e) => {
-                    stats.error(e);
-                    sender = None;
-                    prev = None;
-                }
-            }
-        }
-        stats
+/// An HTTP session's connection: one kept-alive HTTP/1.1 connection, a `POST` per turn.
+impl super::Conn for HttpSender {
+    type Error = String;
+
+    async fn open(ctx: &Ctx, _conversation: &str) -> Result<HttpSender, String> {
+        ctx.http_connect().await
+    }
+
+    async fn turn(
+        &mut self,
+        ctx: &Ctx,
+        conversation: &str,
+        prev: Option<&str>,
+        stats: &mut Stats,
+    ) -> Result<Option<String>, String> {
+        ctx.http_turn(self, conversation, prev, stats).await
     }
 }
 

@@ -209,42 +209,39 @@ impl Ctx {
         think_time(self.cfg.think, self.cfg.think_jitter, session, turn)
     }
 
-    /// Session `i`, recording into `stats` (made before the clock started).
-    async fn session(&self, i: usize, mut stats: Stats) -> (Stats, Option<Client>) {
-        let conversation = format!("{}-{i}", self.cfg.run_id);
-        if self.cfg.http {
-            return (self.http_session(&conversation, stats).await, None);
-        }
-        let mut client: Option<Client> = None;
+    /// `turns` turns of `conversation` on one connection of kind `C`: continuations on it,
+    /// a new connection (and a full request) after a failed turn or, with
+    /// `reconnect_every_turn`, before every turn. Returns the connection still open.
+    async fn turns<C: Conn>(
+        &self,
+        conversation: &str,
+        turns: usize,
+        mut stats: Stats,
+    ) -> (Stats, Option<C>) {
+        let mut conn: Option<C> = None;
         let mut prev: Option<String> = None;
-        let turns = if self.cfg.idle_hold.is_some() {
-            1
-        } else {
-            self.cfg.turns
-        };
         for t in 0..turns {
             if t > 0 && !self.cfg.think.is_zero() {
-                tokio::time::sleep(self.think(&conversation, t)).await;
+                tokio::time::sleep(self.think(conversation, t)).await;
             }
             if self.cfg.reconnect_every_turn
-                && let Some(c) = client.take()
+                && let Some(c) = conn.take()
             {
-                // Codex exits or reconnects without a close handshake.
-                c.abort();
+                c.abandon();
                 prev = None;
             }
-            if client.is_none() {
-                match self.connect(&conversation).await {
-                    Ok(c) => client = Some(c),
+            if conn.is_none() {
+                match C::open(self, conversation).await {
+                    Ok(c) => conn = Some(c),
                     Err(e) => {
                         stats.error(e);
                         continue;
                     }
                 }
             }
-            let Some(c) = client.as_mut() else { continue };
-            match self
-                .turn(c, &conversation, prev.as_deref(), &mut stats)
+            let Some(c) = conn.as_mut() else { continue };
+            match c
+                .turn(self, conversation, prev.as_deref(), &mut stats)
                 .await
             {
                 Ok(id) => {
@@ -253,11 +250,29 @@ impl Ctx {
                 }
                 Err(e) => {
                     stats.error(e);
-                    client = None;
+                    conn = None;
                     prev = None;
                 }
             }
         }
+        (stats, conn)
+    }
+
+    /// Session `i`, recording into `stats` (made before the clock started).
+    async fn session(&self, i: usize, stats: Stats) -> (Stats, Option<Client>) {
+        let conversation = format!("{}-{i}", self.cfg.run_id);
+        if self.cfg.http {
+            let (stats, _) = self
+                .turns::<http::HttpSender>(&conversation, self.cfg.turns, stats)
+                .await;
+            return (stats, None);
+        }
+        let turns = if self.cfg.idle_hold.is_some() {
+            1
+        } else {
+            self.cfg.turns
+        };
+        let (stats, client) = self.turns::<Client>(&conversation, turns, stats).await;
         if self.cfg.idle_hold.is_some() {
             return (stats, client);
         }
@@ -265,6 +280,46 @@ impl Ctx {
             c.close().await;
         }
         (stats, None)
+    }
+}
+
+/// One session's connection to the target, over WebSocket ([`Client`]) or HTTP
+/// ([`http::HttpSender`]): what [`Ctx::turns`] opens, runs turns on and drops.
+trait Conn: Sized {
+    type Error: std::fmt::Display;
+    async fn open(ctx: &Ctx, conversation: &str) -> Result<Self, Self::Error>;
+    /// One turn; the completed response's id.
+    async fn turn(
+        &mut self,
+        ctx: &Ctx,
+        conversation: &str,
+        prev: Option<&str>,
+        stats: &mut Stats,
+    ) -> Result<Option<String>, Self::Error>;
+    /// Dropped before a reconnect.
+    fn abandon(self) {}
+}
+
+impl Conn for Client {
+    type Error = ClientError;
+
+    async fn open(ctx: &Ctx, conversation: &str) -> Result<Client, ClientError> {
+        ctx.connect(conversation).await
+    }
+
+    async fn turn(
+        &mut self,
+        ctx: &Ctx,
+        conversation: &str,
+        prev: Option<&str>,
+        stats: &mut Stats,
+    ) -> Result<Option<String>, ClientError> {
+        ctx.turn(self, conversation, prev, stats).await
+    }
+
+    /// Codex exits or reconnects without a close handshake.
+    fn abandon(self) {
+        self.abort();
     }
 }
 
