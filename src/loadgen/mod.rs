@@ -141,21 +141,6 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn connect(&self, conversation: &str) -> Result<Client, ClientError> {
-        let _permit = self.connects.acquire().await;
-        let auth = self.cfg.key.as_ref().map(|k| format!("Bearer {k}"));
-        let mut headers = vec![
-            ("session-id", conversation),
-            ("openai-beta", "responses_websockets=2026-02-06"),
-        ];
-        if let Some(a) = &auth {
-            headers.push(("authorization", a.as_str()));
-        }
-        let mut c = Client::connect(&self.cfg.url, &headers).await?;
-        c.set_timeout(Duration::from_secs(120));
-        Ok(c)
-    }
-
     /// The prompt that asks the mock for this load's turn shape.
     fn load_text(&self) -> String {
         let mut text = format!(
@@ -170,38 +155,6 @@ impl Ctx {
         }
         text.push_str("]]");
         text
-    }
-
-    /// One turn; returns the completed response id.
-    async fn turn(
-        &self,
-        c: &mut Client,
-        conversation: &str,
-        prev: Option<&str>,
-        stats: &mut Stats,
-    ) -> Result<Option<String>, ClientError> {
-        let text = self.load_text();
-        let body = create_text(Some(conversation), &text, prev);
-        let sent = Instant::now();
-        c.send_text(&body).await?;
-        let mut first = true;
-        loop {
-            let frame = c.recv_text().await?;
-            if first {
-                first = false;
-                stats.first_event(sent);
-            }
-            stats.event(&frame);
-            let Some(ty) = event::sniff_type(&frame) else {
-                continue;
-            };
-            if event::is_terminal(&ty) {
-                if ty != "response.completed" {
-                    return Err(ClientError::TurnFailed(frame.chars().take(200).collect()));
-                }
-                return Ok(event::response_id(&frame));
-            }
-        }
     }
 
     /// The pause before turn `turn` of `session` (see [`LoadgenConfig::think_jitter`]).
@@ -304,7 +257,18 @@ impl Conn for Client {
     type Error = ClientError;
 
     async fn open(ctx: &Ctx, conversation: &str) -> Result<Client, ClientError> {
-        ctx.connect(conversation).await
+        let _permit = ctx.connects.acquire().await;
+        let auth = ctx.cfg.key.as_ref().map(|k| format!("Bearer {k}"));
+        let mut headers = vec![
+            ("session-id", conversation),
+            ("openai-beta", "responses_websockets=2026-02-06"),
+        ];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let mut c = Client::connect(&ctx.cfg.url, &headers).await?;
+        c.set_timeout(Duration::from_secs(120));
+        Ok(c)
     }
 
     async fn turn(
@@ -314,7 +278,28 @@ impl Conn for Client {
         prev: Option<&str>,
         stats: &mut Stats,
     ) -> Result<Option<String>, ClientError> {
-        ctx.turn(self, conversation, prev, stats).await
+        let text = ctx.load_text();
+        let body = create_text(Some(conversation), &text, prev);
+        let sent = Instant::now();
+        self.send_text(&body).await?;
+        let mut first = true;
+        loop {
+            let frame = self.recv_text().await?;
+            if first {
+                first = false;
+                stats.first_event(sent);
+            }
+            stats.event(&frame);
+            let Some(ty) = event::sniff_type(&frame) else {
+                continue;
+            };
+            if event::is_terminal(&ty) {
+                if ty != "response.completed" {
+                    return Err(ClientError::TurnFailed(frame.chars().take(200).collect()));
+                }
+                return Ok(event::response_id(&frame));
+            }
+        }
     }
 
     /// Codex exits or reconnects without a close handshake.
